@@ -1,0 +1,127 @@
+"""The single backend table of our ops (STYLE.md practice 3).
+
+Each op has an ordered list of backends; the first whose `applies(*tensors)` holds wins.
+Order: CUDA `_C`, Triton, CPU `_C`, then the torch reference, which always applies.
+Falling back to the reference warns once per op and process. `DETAILFLOW_BACKEND`
+(torch | cpu | cuda | triton) forces a backend for debugging and side-by-side benchmarks.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+BACKEND_ENV = "DETAILFLOW_BACKEND"
+BACKENDS = ("cuda", "triton", "cpu", "torch")
+
+# Must match csrc/include/dispatch.h DType.
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2,
+               torch.int64: 3, torch.int32: 4, torch.int8: 5}
+
+
+def _load_extension():
+    try:
+        from detailflow_engine import _C  # noqa: WPS433 - optional compiled extension
+    except ImportError as exc:  # built without a compiler, or a broken build
+        return None, f"{type(exc).__name__}: {exc}"
+    return _C, None
+
+
+_C, _C_IMPORT_ERROR = _load_extension()
+
+
+def extension():
+    """The compiled extension module, or None when it is absent."""
+    return _C
+
+
+def build_info() -> dict:
+    """What the extension was built with ({} plus the import error when it is absent)."""
+    if _C is None:
+        return {"cpu": False, "cuda": False, "import_error": _C_IMPORT_ERROR}
+    return dict(_C.build_info())
+
+
+def has_cpu_kernels() -> bool:
+    return _C is not None and bool(getattr(_C, "has_cpu", False))
+
+
+def has_cuda_kernels() -> bool:
+    return _C is not None and bool(getattr(_C, "has_cuda", False))
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    applies: Callable[..., bool]
+    fn: Callable
+
+
+_TABLE: Dict[str, List[Backend]] = {}
+_WARNED: set = set()
+
+
+def register(op: str, name: str, fn: Callable, applies: Optional[Callable[..., bool]] = None) -> None:
+    """Add a backend for `op`. Call order does not matter: entries are kept in BACKENDS order."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    entries = [b for b in _TABLE.get(op, []) if b.name != name]
+    entries.append(Backend(name, applies or (lambda *a, **k: True), fn))
+    entries.sort(key=lambda b: BACKENDS.index(b.name))
+    _TABLE[op] = entries
+
+
+def forced_backend() -> Optional[str]:
+    value = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if not value:
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={value!r} is not one of {BACKENDS}")
+    return value
+
+
+def pick(op: str, *args, **kwargs) -> Backend:
+    """The backend that runs `op` for these arguments."""
+    entries = _TABLE.get(op)
+    if not entries:
+        raise KeyError(f"no backends registered for op {op!r}")
+    forced = forced_backend()
+    if forced is not None:
+        for b in entries:
+            if b.name == forced:
+                if not b.applies(*args, **kwargs):
+                    raise RuntimeError(f"{BACKEND_ENV}={forced} but that backend of {op} does not "
+                                       f"apply to these inputs (device/dtype/build)")
+                return b
+        raise RuntimeError(f"{BACKEND_ENV}={forced} but {op} has no such backend "
+                           f"(registered: {[b.name for b in entries]})")
+    for b in entries:
+        if b.applies(*args, **kwargs):
+            if b.name == "torch" and op not in _WARNED:
+                _WARNED.add(op)
+                why = _C_IMPORT_ERROR or "no compiled backend applies to these inputs"
+                warnings.warn(f"detailflow_engine: {op} is falling back to the torch reference ({why})",
+                              UserWarning, stacklevel=3)
+            return b
+    raise RuntimeError(f"no backend of {op} applies")  # unreachable: torch always applies
+
+
+def table() -> Dict[str, List[str]]:
+    """op -> backend names, in priority order (for reports and tests)."""
+    return {op: [b.name for b in entries] for op, entries in _TABLE.items()}
+
+
+def num_threads() -> int:
+    """OpenMP threads for CPU kernels follow torch's intra-op setting."""
+    return max(1, torch.get_num_threads())
