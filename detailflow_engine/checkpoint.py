@@ -1,0 +1,481 @@
+"""Safe loading of official DetailFlow checkpoints, and conversion to safetensors folders.
+
+On disk (DESIGN.md section 6) a model is a folder::
+
+    <model>/config.json          official ModelArgs.__dict__
+    <model>/config.yaml          training arguments
+    <model>/checkpoints/<N>.pt   {'model', 'ema'?, 'optimizer', 'steps', 'args', ...}
+
+and a folder written by :func:`save_safetensors_folder` is::
+
+    <out>/config.json  <out>/config.yaml   (byte-for-byte copies)
+    <out>/model.safetensors                (one state dict, training-only tensors dropped)
+
+Where things are looked up
+  * ``path`` is a folder: its ``config.json``/``config.yaml``; the weights are the
+    ``checkpoints/*.pt`` with the largest integer stem (``16.pt``, ``0016000.pt``) or the single
+    ``*.safetensors`` in the folder or in ``checkpoints/``. A folder holding both ``.pt`` and
+    ``.safetensors`` weights is ambiguous and refused (pass the file).
+  * ``path`` is a ``.pt`` / ``.safetensors`` file: configs two levels up (the official layout,
+    ``<model>/checkpoints/<N>.pt``), else beside the file. Errors name every place looked at.
+
+Which weights (``ema``)
+  * ``None`` (default): the prior uses ``'ema'`` when present, else ``'model'``; the tokenizer
+    uses ``'model'`` (the official evaluation loads the VQ without EMA).
+  * ``True``/``False``: exactly ``'ema'``/``'model'``; if absent, :class:`CheckpointError` names
+    the path and the keys present. A safetensors folder holds one state dict and records which
+    in its metadata (``detailflow.which``, ``'model'`` when not recorded); an explicit request
+    for the other one is refused.
+
+Safety
+  ``torch.load(..., weights_only=True)`` with exactly ``argparse.Namespace`` added to the
+  allowed globals (the ``args`` entry of training checkpoints). Any other global (a function
+  such as ``os.system``, a custom class) is refused by torch's restricted unpickler before it is
+  called, and reported with its name. Note that globals a process adds itself with
+  ``torch.serialization.add_safe_globals`` are honoured by torch too.
+
+Memory
+  Zip-format ``.pt`` files are loaded with ``mmap=True``: tensors are views of the mapped file,
+  so dropping training-only tensors, the optimizer state and the unused 'model'/'ema' twin never
+  reads their bytes. The kept tensors stay mmap-backed (pages are read on first touch); a model's
+  ``load_state_dict`` copies them (with ``assign=True`` they stay file-backed, so do not modify
+  or delete the file while the model lives). Legacy (pre-zip) ``.pt`` files cannot be mapped and
+  are read whole. Safetensors files are opened with ``safe_open`` and only kept keys are read
+  (those tensors are ordinary in-memory tensors).
+
+Errors
+  Every problem raises :class:`CheckpointError` (a ``ValueError``) naming the path and/or key.
+  Config problems raise :class:`CheckpointConfigError`, which is both a ``CheckpointError`` and
+  a :class:`detailflow_engine.config.ConfigError`, so either ``except`` clause catches them.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+
+from detailflow_engine.config import (ConfigError, PriorConfig, TokenizerConfig,
+                                      read_config_files)
+
+__all__ = [
+    "CheckpointError", "CheckpointConfigError", "ConfigError", "LoadedCheckpoint",
+    "TOKENIZER_TRAINING_PREFIXES", "PRIOR_TRAINING_PREFIXES", "KINDS",
+    "load_checkpoint", "check_state_dict", "save_safetensors_folder", "find_weights",
+]
+
+KINDS = ("tokenizer", "prior")
+
+# Tensors the official VQModel only needs for training (REPA alignment tower, global-token
+# loss, correction-training refinement, codebook usage statistics). Matched as key prefixes.
+TOKENIZER_TRAINING_PREFIXES: tuple[str, ...] = (
+    "repa_model.", "global_token_proj.", "projection.", "refine_conv.",
+    "encoder.refined_tokens", "quantize.codebook_used",
+)
+PRIOR_TRAINING_PREFIXES: tuple[str, ...] = ()
+
+SAFETENSORS_NAME = "model.safetensors"
+_META_WHICH = "detailflow.which"
+_META_KIND = "detailflow.kind"
+_MAX_NAMES = 5  # names reported per category in check_state_dict
+
+
+class CheckpointError(ValueError):
+    """A checkpoint (or its model folder) is missing, unsafe, corrupt or does not fit the model."""
+
+
+class CheckpointConfigError(CheckpointError, ConfigError):
+    """A model folder's config.json/config.yaml is missing, unreadable or describes an unknown model."""
+
+
+@dataclass
+class LoadedCheckpoint:
+    """One state dict ready for a model's ``load_state_dict``, with its typed config.
+
+    ``state_dict`` tensors may be mmap-backed views of ``weights_path`` (see module docstring).
+    """
+
+    kind: str                      # 'tokenizer' | 'prior'
+    config: Union[TokenizerConfig, PriorConfig]
+    state_dict: dict[str, torch.Tensor]
+    folder: Path                   # the model folder (where config.json/config.yaml are)
+    weights_path: Path             # the .pt or .safetensors file read
+    which: str                     # 'model' | 'ema'
+    skipped: list[str] = field(default_factory=list)  # training-only keys dropped, unread
+
+
+# --------------------------------------------------------------------------- locating files
+
+def _step_of(path: Path) -> Optional[int]:
+    return int(path.stem) if path.stem.isdigit() else None
+
+
+def find_weights(folder: Path) -> Path:
+    """The weights file of a model folder (see module docstring for the rules)."""
+    folder = Path(folder)
+    ckpt_dir = folder / "checkpoints"
+    pts = sorted(p for p in ckpt_dir.glob("*.pt") if p.is_file()) if ckpt_dir.is_dir() else []
+    sts = sorted(p for d in (folder, ckpt_dir) if d.is_dir()
+                 for p in d.glob("*.safetensors") if p.is_file())
+    if pts and sts:
+        raise CheckpointError(
+            f"{folder}: ambiguous weights, found both .pt ({_names(pts)}) and .safetensors "
+            f"({_names(sts)}); pass the file to load")
+    if sts:
+        if len(sts) > 1:
+            raise CheckpointError(f"{folder}: several .safetensors files ({_names(sts)}); pass the file to load")
+        return sts[0]
+    if pts:
+        stepped = [p for p in pts if _step_of(p) is not None]
+        if stepped:
+            return max(stepped, key=lambda p: (_step_of(p), p.name))
+        if len(pts) == 1:
+            return pts[0]
+        raise CheckpointError(
+            f"{ckpt_dir}: several .pt files and none named by an integer step ({_names(pts)}); "
+            f"pass the file to load")
+    raise CheckpointError(
+        f"{folder}: no weights found: expected {ckpt_dir}/<step>.pt or a single .safetensors "
+        f"in {folder} or {ckpt_dir}")
+
+
+def _names(paths: Sequence[Path], limit: int = _MAX_NAMES) -> str:
+    shown = ", ".join(p.name for p in paths[:limit])
+    return shown + (f", ... ({len(paths)} in all)" if len(paths) > limit else "")
+
+
+def _config_folder(weights: Path) -> Path:
+    """Where a weights file's configs are: two levels up (official layout), else beside it."""
+    candidates = [weights.parent.parent, weights.parent]
+    for folder in candidates:
+        if (folder / "config.json").is_file() and (folder / "config.yaml").is_file():
+            return folder
+    looked = " and ".join(str(c) for c in candidates)
+    missing = [str(c / n) for c in candidates for n in ("config.json", "config.yaml")
+               if not (c / n).is_file()]
+    raise CheckpointConfigError(
+        f"{weights}: no config.json + config.yaml found for this checkpoint; looked in {looked} "
+        f"(missing: {', '.join(missing)})")
+
+
+def _read_config(kind: str, folder: Path):
+    try:
+        cfg, ycfg = read_config_files(folder)
+        cls = TokenizerConfig if kind == "tokenizer" else PriorConfig
+        return cls.from_dicts(cfg, ycfg, where=str(folder / "config.json"))
+    except CheckpointConfigError:
+        raise
+    except ConfigError as exc:
+        msg = str(exc)
+        if str(folder) not in msg:
+            msg = f"{folder / 'config.json'}: {msg}"
+        if "missing keys" in msg:
+            msg += f" (is {folder} a {kind} model folder?)"
+        raise CheckpointConfigError(msg) from exc
+    except (TypeError, ValueError) as exc:  # a field of the wrong type, e.g. "image_size": "big"
+        raise CheckpointConfigError(f"{folder / 'config.json'}: invalid {kind} config: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- reading weights
+
+def _ansi_free(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def _torch_load(path: Path):
+    """torch.load with weights_only, argparse.Namespace as the only extra global, mmap if possible."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from exc
+    if head.startswith(b"PK\x03\x04"):
+        mmap = True
+    elif head.startswith(b"\x80"):  # legacy (pre-1.6) torch.save format: a pickle stream
+        mmap = False
+    else:
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint (neither a zip archive nor a legacy torch pickle; "
+            f"starts with {head!r})")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as exc:
+        msg = _ansi_free(str(exc))
+        m = re.search(r"GLOBAL ([\w.]+)", msg)
+        if m:
+            raise CheckpointError(
+                f"{path}: refused to load: the pickle needs global {m.group(1)}, which is not "
+                f"allowed (only tensors, plain containers and argparse.Namespace are); "
+                f"it was not executed") from None
+        m = re.search(r"WeightsUnpickler error: ([^\n]*)", msg)
+        detail = m.group(1) if m else msg.strip().splitlines()[0] if msg.strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: refused to load an unsafe or corrupt pickle: {detail}") from None
+    except Exception as exc:  # noqa: BLE001 - truncated zip, bad records, ...: re-raised with the path
+        lines = _ansi_free(str(exc)).strip().splitlines()
+        first = lines[0].split(". ")[0] if lines else ""  # torch appends paragraphs of advice
+        raise CheckpointError(
+            f"{path}: corrupt or truncated checkpoint ({type(exc).__name__}: {first})") from None
+
+
+def _pick(path: Path, obj, kind: str, ema: Optional[bool]) -> tuple[str, dict]:
+    if not isinstance(obj, dict):
+        raise CheckpointError(
+            f"{path} is not a DetailFlow checkpoint: it holds a {type(obj).__name__}, "
+            f"expected a dict with a 'model' entry")
+    keys = sorted(str(k) for k in obj)
+    if ema is None:
+        want = ["ema", "model"] if kind == "prior" else ["model"]
+    else:
+        want = ["ema" if ema else "model"]
+    for which in want:
+        if which in obj:
+            break
+    else:
+        what = ("'ema'" if ema else "'model'") if ema is not None else " or ".join(repr(w) for w in want)
+        raise CheckpointError(
+            f"{path}: no {what} state dict in this checkpoint (keys present: {keys[:20]})")
+    sd = obj[which]
+    if not isinstance(sd, Mapping):
+        raise CheckpointError(f"{path}: entry {which!r} holds a {type(sd).__name__}, expected a state dict")
+    return which, sd
+
+
+def _split(path: Path, which: str, names: Iterable[str], skip: tuple[str, ...]):
+    kept, skipped = [], []
+    for name in names:
+        if not isinstance(name, str):
+            raise CheckpointError(f"{path}: {which!r} state dict has a non-string key {name!r}")
+        (skipped if skip and name.startswith(skip) else kept).append(name)
+    return kept, skipped
+
+
+def _load_pt(path: Path, kind: str, ema: Optional[bool], skip: tuple[str, ...]):
+    obj = _torch_load(path)
+    which, sd = _pick(path, obj, kind, ema)
+    kept, skipped = _split(path, which, sd.keys(), skip)
+    state = {}
+    for name in kept:
+        value = sd[name]
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(
+                f"{path}: {which}[{name!r}] is a {type(value).__name__}, expected a tensor")
+        state[name] = value
+    del obj, sd  # drops the optimizer state, the other twin and skipped tensors, never read
+    return which, state, skipped
+
+
+def _safetensors():
+    try:
+        import safetensors  # noqa: F401
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise CheckpointError("the safetensors package is needed: pip install safetensors") from exc
+    return safe_open, save_file
+
+
+def _load_safetensors(path: Path, kind: str, ema: Optional[bool], skip: tuple[str, ...]):
+    safe_open, _ = _safetensors()
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            recorded_kind = meta.get(_META_KIND)
+            if recorded_kind is not None and recorded_kind != kind:
+                raise CheckpointError(f"{path} holds a {recorded_kind} state dict, not a {kind}")
+            which = meta.get(_META_WHICH, "model")
+            if ema is not None and which != ("ema" if ema else "model"):
+                raise CheckpointError(
+                    f"{path} holds only the {which!r} weights (metadata {_META_WHICH}); "
+                    f"ema={ema} asks for {'ema' if ema else 'model'!r}")
+            kept, skipped = _split(path, which, list(f.keys()), skip)
+            state = {name: f.get_tensor(name) for name in kept}  # only kept keys are read
+    except CheckpointError:
+        raise
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.strerror or exc}") from None
+    except Exception as exc:  # noqa: BLE001 - SafetensorError (bad header, truncated), OSError
+        raise CheckpointError(f"{path}: corrupt or unreadable safetensors file ({type(exc).__name__}: "
+                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
+    return which, state, skipped
+
+
+def load_checkpoint(path: Union[str, os.PathLike], kind: str, ema: Optional[bool] = None,
+                    skip_prefixes: Optional[Sequence[str]] = None) -> LoadedCheckpoint:
+    """Load one official (or converted) model's config and inference state dict.
+
+    Args:
+        path: a model folder, a ``.pt`` file or a ``.safetensors`` file (rules in the module
+            docstring).
+        kind: ``"tokenizer"`` or ``"prior"``; selects the config type and the defaults.
+        ema: which weights of a ``.pt``: ``None`` = prior 'ema' if present else 'model',
+            tokenizer 'model'; ``True``/``False`` = exactly 'ema'/'model'.
+        skip_prefixes: key prefixes to drop without reading; ``None`` = the training-only
+            tensors of ``kind`` (:data:`TOKENIZER_TRAINING_PREFIXES` / :data:`PRIOR_TRAINING_PREFIXES`).
+
+    Returns:
+        :class:`LoadedCheckpoint`. Raises :class:`CheckpointError` (config problems:
+        :class:`CheckpointConfigError`) naming the path and/or key.
+    """
+    if kind not in KINDS:
+        raise CheckpointError(f"kind must be 'tokenizer' or 'prior', got {kind!r}")
+    if ema is not None and not isinstance(ema, bool):
+        raise CheckpointError(f"ema must be None, True or False, got {ema!r}")
+    if skip_prefixes is None:
+        skip = TOKENIZER_TRAINING_PREFIXES if kind == "tokenizer" else PRIOR_TRAINING_PREFIXES
+    elif isinstance(skip_prefixes, str):
+        raise CheckpointError(f"skip_prefixes must be a sequence of strings, got the string {skip_prefixes!r}")
+    else:
+        skip = tuple(skip_prefixes)
+    path = Path(path)
+    if path.is_dir():
+        folder = path
+        config = _read_config(kind, folder)  # config errors first: they name the expected files
+        weights = find_weights(folder)
+    elif path.is_file():
+        if path.suffix not in (".pt", ".pth", ".bin", ".safetensors"):
+            raise CheckpointError(f"{path}: unknown checkpoint file type {path.suffix!r} "
+                                  f"(expected .pt or .safetensors, or a model folder)")
+        weights = path
+        folder = _config_folder(weights)
+        config = _read_config(kind, folder)
+    else:
+        raise CheckpointError(f"checkpoint not found: {path} (expected a model folder, a .pt or a .safetensors file)")
+
+    loader = _load_safetensors if weights.suffix == ".safetensors" else _load_pt
+    which, state, skipped = loader(weights, kind, ema, skip)
+    if not state:
+        raise CheckpointError(f"{weights}: the {which!r} state dict is empty"
+                              + (f" after skipping {len(skipped)} training-only keys" if skipped else ""))
+    return LoadedCheckpoint(kind=kind, config=config, state_dict=state, folder=folder,
+                            weights_path=weights, which=which, skipped=skipped)
+
+
+# --------------------------------------------------------------------------- checking
+
+def _shape(value) -> tuple[int, ...]:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    return tuple(int(d) for d in value)
+
+
+def check_state_dict(expected: Mapping[str, Union[torch.Size, Sequence[int], torch.Tensor]],
+                     state_dict: Mapping[str, torch.Tensor], where: str) -> None:
+    """Compare a state dict with a model's expected ``{key: shape}`` before ``load_state_dict``.
+
+    ``expected`` values may be shapes or tensors (e.g. ``model.state_dict()`` of a meta-device
+    model). Raises :class:`CheckpointError` starting with ``where`` and listing up to five names
+    per category: missing keys, unexpected keys, shape mismatches (key, expected, found).
+    """
+    exp = {k: _shape(v) for k, v in expected.items()}
+    got = {k: _shape(v) for k, v in state_dict.items()}
+    missing = [k for k in exp if k not in got]
+    unexpected = [k for k in got if k not in exp]
+    mismatched = [k for k in exp if k in got and exp[k] != got[k]]
+    if not (missing or unexpected or mismatched):
+        return
+
+    def listing(names, fmt=str):
+        shown = "; ".join(fmt(n) for n in names[:_MAX_NAMES])
+        more = f"; ... and {len(names) - _MAX_NAMES} more" if len(names) > _MAX_NAMES else ""
+        return f"{shown}{more}"
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing key(s): {listing(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s): {listing(unexpected)}")
+    if mismatched:
+        parts.append(f"{len(mismatched)} shape mismatch(es): " + listing(
+            mismatched, lambda k: f"{k} expected {exp[k]} found {got[k]}"))
+    raise CheckpointError(f"{where}: state dict does not match the model: " + " | ".join(parts))
+
+
+# --------------------------------------------------------------------------- writing
+
+def _atomic_place(tmp: Path, dst: Path, overwrite: bool) -> None:
+    if overwrite:
+        os.replace(tmp, dst)
+        return
+    try:
+        os.link(tmp, dst)  # fails if dst exists: no window in which data could be lost
+    except FileExistsError:
+        raise CheckpointError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)") from None
+    except OSError:  # file system without hard links
+        if dst.exists():
+            raise CheckpointError(f"{dst} already exists (pass overwrite=True / --overwrite to replace it)") from None
+        os.replace(tmp, dst)
+        return
+    os.unlink(tmp)
+
+
+def save_safetensors_folder(loaded: LoadedCheckpoint, out_dir: Union[str, os.PathLike],
+                            overwrite: bool = False) -> Path:
+    """Write ``out_dir/{config.json, config.yaml, model.safetensors}`` and return ``out_dir``.
+
+    The configs are byte-for-byte copies of ``loaded.folder``'s; the safetensors file holds
+    ``loaded.state_dict`` (contiguous) with metadata ``detailflow.kind``/``detailflow.which``.
+    Existing files are refused unless ``overwrite``. Each file is written to a temporary name in
+    ``out_dir`` and renamed into place, so a crash never leaves a half-written file under the
+    final name.
+    """
+    _, save_file = _safetensors()
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"output {out} exists and is not a folder")
+    targets = {"config.json": loaded.folder / "config.json",
+               "config.yaml": loaded.folder / "config.yaml",
+               SAFETENSORS_NAME: None}
+    if not overwrite:
+        existing = [str(out / n) for n in targets if (out / n).exists()]
+        if existing:
+            raise CheckpointError(
+                f"refusing to overwrite existing {', '.join(existing)} (pass overwrite=True / --overwrite)")
+    for name, src in targets.items():
+        if src is not None and not src.is_file():
+            raise CheckpointConfigError(f"missing {name}: expected {src}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    tensors: dict[str, torch.Tensor] = {}
+    seen_storages: set[int] = set()
+    for name, t in loaded.state_dict.items():
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen_storages and t.numel():  # safetensors refuses shared storage: copy
+            t = t.clone()
+        seen_storages.add(t.untyped_storage().data_ptr())
+        tensors[name] = t
+    meta = {"format": "pt", _META_KIND: loaded.kind, _META_WHICH: loaded.which,
+            "detailflow.source": loaded.weights_path.name}
+
+    temps: list[Path] = []
+    try:
+        staged: list[tuple[Path, Path]] = []
+        for name, src in targets.items():
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=out)
+            os.close(fd)
+            tmp = Path(tmp_name)
+            temps.append(tmp)
+            if src is not None:
+                shutil.copyfile(src, tmp)
+            else:
+                save_file(tensors, str(tmp), metadata=meta)
+            staged.append((tmp, out / name))
+        for tmp, dst in staged:
+            _atomic_place(tmp, dst, overwrite)
+    except CheckpointError:
+        raise
+    except OSError as exc:
+        raise CheckpointError(f"cannot write {out}: {exc}") from exc
+    finally:
+        for tmp in temps:
+            if tmp.exists():
+                tmp.unlink()
+    return out
