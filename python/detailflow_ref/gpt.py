@@ -15,15 +15,13 @@ A prefix of ``n`` tokens gives ``1 + n`` positions while ``n < c`` and
 """
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from detailflow_engine.config import PriorConfig, read_config_files
+from detailflow_engine.config import PriorConfig
 
 
 # --------------------------------------------------------------------------- masks, rotary
@@ -263,14 +261,16 @@ class Transformer(nn.Module):
 
 
 def load_prior_checkpoint(path, which: str = "ema", map_location="cpu") -> Transformer:
-    """Build the prior from the configs two levels above ``path`` and load ``ckpt[which]`` strictly."""
-    path = Path(path)
-    cfg_json, cfg_yaml = read_config_files(path.parent.parent)
-    config = PriorConfig.from_dicts(cfg_json, cfg_yaml, where=str(path.parent.parent))
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        ckpt = torch.load(path, weights_only=True, map_location=map_location)
-    if which not in ckpt:
-        raise KeyError(f"{path}: no {which!r} state dict (keys: {sorted(ckpt)})")
-    model = Transformer(config)
-    model.load_state_dict(ckpt[which], strict=True)
-    return model.eval()
+    """Reference prior from a model folder / .pt / .safetensors via the engine's safe loader.
+
+    ``which`` = 'ema' (default; falls back to 'model' when the checkpoint has no EMA) or 'model'.
+    """
+    from detailflow_engine.checkpoint import check_state_dict, load_checkpoint
+
+    if which not in ("ema", "model"):
+        raise ValueError(f"which must be 'ema' or 'model', got {which!r}")
+    loaded = load_checkpoint(path, "prior", ema=None if which == "ema" else False)
+    model = Transformer(loaded.config)
+    check_state_dict(model.state_dict(), loaded.state_dict, where=str(loaded.weights_path))
+    model.load_state_dict(loaded.state_dict, strict=True)
+    return model.to(map_location).eval()

@@ -153,3 +153,14 @@ class VQModel(nn.Module):
     def inference_state_dict(self) -> dict[str, torch.Tensor]:
         """state_dict() without the training-only entries."""
         return {k: v for k, v in self.state_dict().items() if not is_training_only_key(k)}
+
+
+def load_tokenizer_checkpoint(path, map_location="cpu") -> VQModel:
+    """Reference tokenizer (inference variant) from a model folder / .pt / .safetensors via the engine's safe loader."""
+    from detailflow_engine.checkpoint import check_state_dict, load_checkpoint
+
+    loaded = load_checkpoint(path, "tokenizer")
+    model = VQModel(loaded.config)
+    check_state_dict(model.state_dict(), loaded.state_dict, where=str(loaded.weights_path))
+    model.load_state_dict(loaded.state_dict, strict=True)
+    return model.to(map_location).eval()

@@ -1,0 +1,187 @@
+"""labels -> tokens -> pixels: KV-cached group-parallel generation with fused sampling.
+
+One obvious step loop (gpt-fast's generate.py shape): for each step of the plan, embed the
+step's new positions, run them through the cached prior, and sample the step's tokens with
+``group_sample`` (CFG mix, temperature, top-k, top-p, a draw keyed by (image seed, position)).
+An image's tokens therefore depend only on its own seed, never on the batch it rode in.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from detailflow_engine.loading import load_prior, load_tokenizer, resolve_device, resolve_dtype
+from detailflow_engine.ops.group_sample import group_sample
+from detailflow_engine.prior import Prior, Step, step_plan
+from detailflow_engine.tokenizer import Tokenizer
+
+# callback(step, tokens_so_far (B, t), preview) -> None; preview() decodes the prefix on demand.
+Callback = Callable[[Step, torch.Tensor, Callable[[], torch.Tensor]], None]
+
+
+@dataclass
+class GenerationResult:
+    tokens: torch.Tensor  # (B, t) int64
+    pixels: torch.Tensor  # (B, 3, H, W) float32 in [-1, 1]
+    seeds: List[int] = field(default_factory=list)
+    labels: List[int] = field(default_factory=list)
+
+    @property
+    def uint8(self) -> np.ndarray:
+        """(B, H, W, 3) uint8 with the official rounding: clamp(127.5 x + 128, 0, 255) truncated."""
+        x = torch.clamp(127.5 * self.pixels + 128.0, 0, 255).to(torch.uint8)
+        return x.permute(0, 2, 3, 1).cpu().numpy()
+
+    @property
+    def images(self) -> list:
+        from PIL import Image
+
+        return [Image.fromarray(a) for a in self.uint8]
+
+
+def cfg_scale_for_step(cfg_scale: float, step: Step, num_groups: int, gradual_cfg: bool) -> float:
+    """Official gradual CFG: group step i of G scales s by (G - i + 1) / (G + 1); other steps keep s."""
+    if not gradual_cfg or step.group_index is None:
+        return cfg_scale
+    return cfg_scale * (num_groups - step.group_index + 1) / (num_groups + 1)
+
+
+def _seed_list(seed: Union[int, Sequence[int]], batch: int) -> List[int]:
+    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        return [int(seed) + i for i in range(batch)]
+    seeds = [int(s) for s in seed]
+    if len(seeds) != batch:
+        raise ValueError(f"seed is a list of {len(seeds)} seeds but there are {batch} class labels")
+    return seeds
+
+
+class DetailFlowPipeline:
+    """Class labels -> images with a DetailFlow prior and tokenizer. Safe to call from threads."""
+
+    def __init__(self, prior: Prior, tokenizer: Optional[Tokenizer]):
+        """``tokenizer`` may be None for a tokens-only pipeline (generate_tokens)."""
+        self.prior, self.tokenizer = prior, tokenizer
+        self._lock = threading.Lock()  # the KV cache is per pipeline: one generation at a time
+        if tokenizer is None:
+            return
+        pc, tc = prior.config, tokenizer.config
+        if pc.vocab_size != tc.codebook_size:
+            raise ValueError(f"prior vocab_size {pc.vocab_size} != tokenizer codebook_size {tc.codebook_size}: "
+                             f"mismatched checkpoints")
+        if pc.block_size > tc.num_latent_tokens:
+            raise ValueError(f"prior block_size {pc.block_size} > tokenizer num_latent_tokens "
+                             f"{tc.num_latent_tokens}: mismatched checkpoints")
+
+    @classmethod
+    def from_pretrained(cls, prior_path=None, tokenizer_path=None, device=None, dtype=None,
+                        ema: bool = True) -> "DetailFlowPipeline":
+        """Load both models (folders, .pt or .safetensors). With no paths: the embedded default model."""
+        if prior_path is None and tokenizer_path is None:
+            from detailflow_engine.assets import default_model_paths
+
+            prior_path, tokenizer_path = default_model_paths()
+        if prior_path is None or tokenizer_path is None:
+            raise ValueError("give both prior_path and tokenizer_path, or neither for the default model")
+        device, dtype = resolve_device(device), resolve_dtype(dtype)
+        return cls(load_prior(prior_path, ema=ema, device=device, dtype=dtype),
+                   load_tokenizer(tokenizer_path, device=device, dtype=dtype))
+
+    @property
+    def device(self) -> torch.device:
+        return self.prior.output.weight.device
+
+    # ------------------------------------------------------------------ generation
+
+    def _check_args(self, labels, cfg_scale, temperature, top_k, top_p) -> torch.Tensor:
+        n = self.prior.config.num_classes
+        if isinstance(labels, torch.Tensor):
+            labels = labels.tolist()
+        if isinstance(labels, (int, np.integer)):
+            labels = [labels]
+        labels = list(labels)
+        if not labels:
+            raise ValueError("class_labels is empty: give at least one class label")
+        for lab in labels:
+            if isinstance(lab, bool) or not isinstance(lab, (int, np.integer)) or not 0 <= int(lab) < n:
+                raise ValueError(f"class label {lab!r} is outside [0, {n}) for this model")
+        if cfg_scale < 0:
+            raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        return torch.tensor([int(x) for x in labels], dtype=torch.int64, device=self.device)
+
+    @torch.inference_mode()
+    def generate_tokens(self, class_labels, cfg_scale: float = 1.45, temperature: float = 1.0,
+                        top_k: int = 0, top_p: float = 1.0, gradual_cfg: bool = False,
+                        seed: Union[int, Sequence[int]] = 0, num_tokens: Optional[int] = None,
+                        callback: Optional[Callback] = None, return_step_logits: bool = False):
+        """Sample token sequences (B, t); with ``return_step_logits`` also the raw logits of each step.
+
+        CFG runs when cfg_scale > 1: rows [cond | null class] in one batch, mixed as u + s (c - u).
+        cfg_scale <= 1 samples from the conditional logits alone (the official code asserts instead).
+        """
+        labels = self._check_args(class_labels, cfg_scale, temperature, top_k, top_p)
+        cfg = self.prior.config
+        plan = step_plan(cfg, num_tokens)
+        B, T = labels.shape[0], plan[-1].stop
+        seeds = _seed_list(seed, B)
+        seed_t = torch.tensor(seeds, dtype=torch.int64, device=self.device)
+        use_cfg = cfg_scale > 1.0
+        rows = torch.cat([labels, torch.full_like(labels, self.prior.null_class)]) if use_cfg else labels
+        num_groups = T // cfg.group_size  # as the official loop: groups of the tokens generated
+        with self._lock:
+            self.prior.setup_caches(rows.shape[0])
+            tokens = torch.zeros(rows.shape[0], T, dtype=torch.int64, device=self.device)
+            step_logits = []
+            for step in plan:
+                x = self.prior.step_embeddings(rows, tokens, step.start, step.stop)
+                logits = self.prior.forward_step(x, step.start)  # (rows, n, V) fp32
+                if return_step_logits:
+                    step_logits.append(logits.clone())
+                positions = torch.arange(step.start, step.stop, device=self.device)
+                new = group_sample(logits, seed_t, positions,
+                                   cfg_scale=cfg_scale_for_step(cfg_scale, step, num_groups, gradual_cfg),
+                                   temperature=temperature, top_k=int(top_k), top_p=float(top_p))
+                tokens[:B, step.start:step.stop] = new
+                if use_cfg:
+                    tokens[B:, step.start:step.stop] = new  # the null rows continue the same images
+                if callback is not None:
+                    prefix = tokens[:B, :step.stop].clone()
+                    callback(step, prefix, lambda p=prefix: self.tokenizer.decode(p))
+            out = tokens[:B].clone()
+        return (out, seeds, step_logits) if return_step_logits else (out, seeds)
+
+    @torch.inference_mode()
+    def generate(self, class_labels, cfg_scale: float = 1.45, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, gradual_cfg: bool = False, seed: Union[int, Sequence[int]] = 0,
+                 num_tokens: Optional[int] = None, callback: Optional[Callback] = None) -> GenerationResult:
+        """Generate images for class labels.
+
+        Args:
+            class_labels: ints in [0, num_classes) (list, tensor or one int).
+            cfg_scale: guidance scale (> 1 enables CFG); temperature, top_k (0 = off), top_p (1 = off).
+            gradual_cfg: decay the scale over the group steps as the official code does.
+            seed: int (image i uses seed + i) or one seed per image.
+            num_tokens: stop at this step boundary (a coarser image at its schedule size).
+            callback: called after every step as callback(step, tokens_so_far, preview);
+                preview() decodes the current prefix at its schedule size (coarse-to-fine view).
+        Returns:
+            GenerationResult with .tokens (B, t) int64, .pixels (B, 3, H, W), .images (PIL).
+        """
+        if self.tokenizer is None:
+            raise ValueError("this pipeline has no tokenizer: use generate_tokens, or give a tokenizer")
+        tokens, seeds = self.generate_tokens(class_labels, cfg_scale, temperature, top_k, top_p, gradual_cfg,
+                                             seed, num_tokens, callback)
+        with self._lock:
+            pixels = self.tokenizer.decode(tokens)
+        labels = [int(x) for x in (class_labels.tolist() if isinstance(class_labels, torch.Tensor)
+                                   else ([class_labels] if isinstance(class_labels, int) else class_labels))]
+        return GenerationResult(tokens=tokens, pixels=pixels, seeds=seeds, labels=labels)

@@ -1,0 +1,203 @@
+"""Inference GPT prior with a static KV cache (gpt-fast shape).
+
+Parameter names are the official ones (``tok_embeddings``, ``cls_embedding.embedding_table``,
+``layers.N.attention.wqkv``/``wo``, ``feed_forward.w1/w2/w3``, ...), so a diff against
+DetailFlow's ``gpt.py`` stays obvious and official state dicts load strictly.
+
+Why a cache is exact: attention is group-causal, so the keys and values of finished
+positions never change. One generation step feeds only its new positions (1 for the first
+``causal_num`` steps, then exactly one group of ``g``) and attends to the cache with no
+mask: within a step every query sees all earlier positions and its whole group.
+
+Sequence positions (``c`` = causal_num, ``g`` = group_size) and what each position holds::
+
+    q = 0              the class embedding (cond rows: label, null rows: num_classes)
+    1 <= q <= c        tok[q - 1]
+    c < q < c + g      special embedding q - c - 1
+    q >= c + g         tok[q - g]
+
+Logits at position q predict tok[q].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from detailflow_engine.config import PriorConfig
+from detailflow_engine.ops.cache_attention import cache_attention
+from detailflow_engine.schedule import generation_plan
+from detailflow_ref.gpt import apply_rotary, precompute_freqs_cis_2d
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()  # fp32 statistics whatever the weight dtype, as the official RMSNorm
+        xf = xf * torch.rsqrt(torch.mean(xf * xf, dim=-1, keepdim=True) + self.eps)
+        return xf.type_as(x) * self.weight
+
+
+class KVCache(nn.Module):
+    """Fixed buffers (B, H, L_max, d) allocated once per batch size."""
+
+    def __init__(self, batch: int, n_kv_head: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_head, max_len, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        if cfg.n_kv_head != cfg.n_head:
+            raise NotImplementedError("grouped-query attention (n_kv_head != n_head) is not supported")
+        self.n_head, self.head_dim, self.dim = cfg.n_head, cfg.head_dim, cfg.dim
+        self.wqkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, start_pos: int) -> torch.Tensor:
+        b, n, _ = x.shape  # x: (B, n, dim), n = the step's new positions
+        q, k, v = self.wqkv(x).view(b, n, 3, self.n_head, self.head_dim).unbind(2)
+        q = apply_rotary(q, freqs).transpose(1, 2)  # (B, H, n, d)
+        k = apply_rotary(k, freqs).transpose(1, 2)
+        v = v.transpose(1, 2)
+        out = cache_attention(q, k, v, self.kv_cache.k_cache, self.kv_cache.v_cache, start_pos)
+        return self.wo(out.transpose(1, 2).reshape(b, n, self.dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
+        self.w2 = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.feed_forward = FeedForward(cfg)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, start_pos: int) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class LabelEmbedder(nn.Module):
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        self.embedding_table = nn.Embedding(cfg.num_classes + int(cfg.class_dropout_prob > 0), cfg.dim)
+
+
+class SpecialTokenEmbedding(nn.Module):
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        self.special_embeddings = nn.Embedding(cfg.num_special_tokens, cfg.dim)
+
+
+@dataclass(frozen=True)
+class Step:
+    """One decode step: token positions [start, stop) are predicted from sequence positions [start, stop)."""
+
+    index: int
+    start: int
+    stop: int
+    group_index: Optional[int]  # i of a group step (i = start // g), None for class / single steps
+
+
+def step_plan(cfg: PriorConfig, num_tokens: Optional[int] = None) -> list:
+    """Class step, c - 1 single steps, then one step per group: 1 + (c-1) + (T-c)/g steps.
+
+    ``num_tokens`` stops the plan early at a step boundary (a shorter, coarser image).
+    """
+    T = cfg.block_size if num_tokens is None else num_tokens
+    plan = [(a, b) for a, b in generation_plan(cfg.block_size, cfg.group_size, cfg.causal_num) if b <= T]
+    if not plan or plan[-1][1] != T:
+        ends = [b for _, b in generation_plan(cfg.block_size, cfg.group_size, cfg.causal_num)]
+        raise ValueError(f"num_tokens={T} is not a step boundary of the generation plan; valid: {ends}")
+    g = cfg.group_size
+    return [Step(k, a, b, a // g if a >= cfg.causal_num else None) for k, (a, b) in enumerate(plan)]
+
+
+class Prior(nn.Module):
+    """The DetailFlow c2i prior for inference, with official parameter names."""
+
+    def __init__(self, config: PriorConfig):
+        super().__init__()
+        self.config = config
+        self.cls_embedding = LabelEmbedder(config)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.spe_tok_embeddings = SpecialTokenEmbedding(config)
+        # fp32 rotary table (1 + block_size, d/2, 2); not in the state dict, never cast.
+        self.freqs_cis = precompute_freqs_cis_2d(config.block_size, config.group_size, config.head_dim,
+                                                 config.rope_base, config.cls_token_num)
+        self.cache_batch = 0
+
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+    def setup_caches(self, batch: int) -> None:
+        """Allocate the KV cache for `batch` rows (CFG doubles the rows) once; reused while it fits."""
+        if self.cache_batch == batch:
+            return
+        w = self.output.weight
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(batch, self.config.n_kv_head, self.config.block_size,
+                                               self.config.head_dim, w.dtype, w.device)
+        self.freqs_cis = self.freqs_cis.to(w.device)
+        self.cache_batch = batch
+
+    def step_embeddings(self, labels: torch.Tensor, tokens: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Input embeddings of sequence positions [start, stop) -> (B, stop - start, dim).
+
+        labels: (B,) class ids (null rows carry num_classes); tokens: (B, T) tokens so far.
+        """
+        c, g = self.config.causal_num, self.config.group_size
+        parts = []
+        q = start
+        while q < stop:
+            if q == 0:
+                parts.append(self.cls_embedding.embedding_table(labels)[:, None])
+                q += 1
+            elif q <= c:
+                end = min(stop, c + 1)
+                parts.append(self.tok_embeddings(tokens[:, q - 1:end - 1]))
+                q = end
+            elif q < c + g:
+                end = min(stop, c + g)
+                spe = self.spe_tok_embeddings.special_embeddings.weight[q - c - 1:end - c - 1]
+                parts.append(spe[None].expand(labels.shape[0], -1, -1))
+                q = end
+            else:
+                parts.append(self.tok_embeddings(tokens[:, q - g:stop - g]))
+                q = stop
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def forward_step(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """Run new positions [start, start + n) through the model; x: (B, n, dim) -> logits (B, n, V) fp32."""
+        n = x.shape[1]
+        freqs = self.freqs_cis[start:start + n]
+        h = x
+        for layer in self.layers:
+            h = layer(h, freqs, start)
+        return self.output(self.norm(h)).float()
