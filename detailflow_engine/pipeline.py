@@ -18,6 +18,7 @@ from detailflow_engine.loading import load_prior, load_tokenizer, resolve_device
 from detailflow_engine.ops.group_sample import group_sample
 from detailflow_engine.prior import Prior, Step, step_plan
 from detailflow_engine.tokenizer import Tokenizer
+from detailflow_ref.tokenizer import to_uint8  # noqa: F401 - re-exported: previews -> uint8
 
 # callback(step, tokens_so_far (B, t), preview) -> None; preview() decodes the prefix on demand.
 Callback = Callable[[Step, torch.Tensor, Callable[[], torch.Tensor]], None]
@@ -33,8 +34,7 @@ class GenerationResult:
     @property
     def uint8(self) -> np.ndarray:
         """(B, H, W, 3) uint8 with the official rounding: clamp(127.5 x + 128, 0, 255) truncated."""
-        x = torch.clamp(127.5 * self.pixels + 128.0, 0, 255).to(torch.uint8)
-        return x.permute(0, 2, 3, 1).cpu().numpy()
+        return to_uint8(self.pixels).cpu().numpy()
 
     @property
     def images(self) -> list:

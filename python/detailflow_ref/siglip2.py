@@ -52,7 +52,8 @@ def resize_position_table(table: torch.Tensor, grid_h: int, grid_w: int) -> torc
     """(side*side, D) position table -> (grid_h*grid_w, D): bilinear, antialias, align_corners False."""
     side = math.isqrt(table.shape[0])
     dim = table.shape[1]
-    grid = table.reshape(side, side, dim).permute(2, 0, 1).unsqueeze(0)
+    # fp32: CPU has no bf16/fp16 antialiased interpolation (and fp32 is what fp32 weights get anyway)
+    grid = table.float().reshape(side, side, dim).permute(2, 0, 1).unsqueeze(0)
     grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bilinear", align_corners=False, antialias=True)
     return grid.reshape(dim, grid_h * grid_w).transpose(0, 1).to(table.dtype)
 

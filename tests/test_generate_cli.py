@@ -1,0 +1,356 @@
+"""python -m detailflow_engine.generate: outputs, determinism across batch sizes, resume, refusals, bad input.
+
+Runs on the tiny-a fixture (10 classes, 16 tokens, 64x64) through main(argv) in-process; one test
+goes through `python -m` in a subprocess.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from detailflow_engine import outputs
+from detailflow_engine.generate import main
+
+MANIFEST_KEYS = {"file", "index", "class", "seed", "cfg_scale", "temperature", "top_k", "top_p", "gradual_cfg",
+                 "num_tokens", "ckpt", "tokenizer", "dtype"}
+
+
+def model_args(tiny_a):
+    return ["--ckpt", str(tiny_a / "prior"), "--tokenizer", str(tiny_a / "tokenizer"), "--device", "cpu"]
+
+
+def run(tiny_a, out, *extra, capsys=None):
+    rc = main(model_args(tiny_a) + ["--out", str(out)] + [str(x) for x in extra])
+    if capsys is None:
+        return rc
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def pngs(out: Path) -> dict:
+    """{name: bytes} of the per-image PNGs (not the grid, not the strips)."""
+    return {p.name: p.read_bytes() for p in sorted(out.glob("[0-9]" * 6 + ".png"))}
+
+
+def manifest(out: Path) -> list:
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+
+
+def load(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+def snapshot(folder: Path) -> dict:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: one torch thread is faster than two on a shared 2-core machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# The reference run: 6 images cycling through classes 1, 2, 3 with seed 7, batch size 3.
+REF_ARGS = ["--classes", "1,2", "3", "--num-images", 6, "--seed", 7]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_a, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    assert run(tiny_a, out, *REF_ARGS, "--batch-size", 3, "--progressive", "--npz") == 0
+    return out
+
+
+def test_outputs_and_manifest(tiny_a, reference):
+    from detailflow_engine.pipeline import DetailFlowPipeline
+    from detailflow_engine.prior import step_plan
+
+    out = reference
+    files = pngs(out)
+    assert sorted(files) == [f"{i:06d}.png" for i in range(6)]
+    recs = manifest(out)
+    assert len(recs) == len(files) == 6
+    for rec in recs:
+        assert MANIFEST_KEYS <= set(rec), MANIFEST_KEYS - set(rec)
+        assert (out / rec["file"]).is_file()
+    assert [r["index"] for r in recs] == list(range(6))
+    assert [r["file"] for r in recs] == sorted(files)
+    assert [r["class"] for r in recs] == [1, 2, 3, 1, 2, 3]
+    assert [r["seed"] for r in recs] == [7 + i for i in range(6)]
+    assert {(r["cfg_scale"], r["top_k"], r["top_p"], r["num_tokens"], r["dtype"]) for r in recs} == \
+        {(1.45, 0, 1.0, 16, "fp32")}
+    assert recs[0]["ckpt"] == str((tiny_a / "prior").resolve())
+    assert not list(out.glob(outputs.TMP_PREFIX + "*"))
+
+    # the PNGs are the pipeline's images for (class, seed)
+    pipe = DetailFlowPipeline.from_pretrained(tiny_a / "prior", tiny_a / "tokenizer", device="cpu")
+    direct = pipe.generate([r["class"] for r in recs], seed=[r["seed"] for r in recs]).uint8
+    images = np.stack([load(out / r["file"]) for r in recs])
+    np.testing.assert_array_equal(images, direct)
+
+    # grid: 6 images, 3 per row -> 2 rows of 64 px
+    assert load(out / "grid.png").shape == (2 * 64, 3 * 64, 3)
+    # progressive strips: one 64 px panel per scheduled step; the last panel is the final image
+    n_steps = len(step_plan(pipe.prior.config))
+    for i in range(6):
+        strip = load(out / f"{i:06d}_progressive.png")
+        assert strip.shape == (64, n_steps * 64, 3)
+        np.testing.assert_array_equal(strip[:, -64:], images[i])
+    # npz for the ADM evaluator
+    with np.load(out / "samples.npz") as npz:
+        assert npz.files == ["arr_0"]
+        arr = npz["arr_0"]
+    assert arr.dtype == np.uint8 and arr.shape == (6, 64, 64, 3)
+    np.testing.assert_array_equal(arr, images)
+
+
+def test_batch_size_does_not_change_images(tiny_a, reference, tmp_path, capsys):
+    rc, stdout, _ = run(tiny_a, tmp_path / "b1", *REF_ARGS, "--batch-size", 1, capsys=capsys)
+    assert rc == 0
+    assert re.fullmatch(rf"wrote 6 images to {re.escape(str(tmp_path / 'b1'))} in [\d.]+ s "
+                        rf"\([\d.]+ images/s\)\n", stdout), stdout
+    assert pngs(tmp_path / "b1") == pngs(reference)
+
+
+def test_num_per_class(tiny_a, reference, tmp_path):
+    assert run(tiny_a, tmp_path, "--classes", "4 9", "--num-per-class", 2, "--seed", 3) == 0
+    recs = manifest(tmp_path)
+    assert [(r["class"], r["seed"]) for r in recs] == [(4, 3), (4, 4), (9, 5), (9, 6)]
+    assert len(pngs(tmp_path)) == 4
+
+
+def test_resume_after_interrupt(tiny_a, reference, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    real_save, saved = outputs.save_png, []
+
+    def save_then_interrupt(path, array):
+        if len(saved) == 3:
+            raise KeyboardInterrupt
+        real_save(path, array)
+        saved.append(path)
+
+    monkeypatch.setattr(outputs, "save_png", save_then_interrupt)
+    rc, _, err = run(tiny_a, out, *REF_ARGS, "--batch-size", 2, capsys=capsys)
+    assert rc == 130 and "--resume" in err
+    monkeypatch.setattr(outputs, "save_png", real_save)
+    assert len(pngs(out)) == 3 and len(manifest(out)) == 3
+    assert not list(out.glob(outputs.TMP_PREFIX + "*"))
+
+    # without --resume: refused; with it: finishes, byte-identical to the uninterrupted run
+    before = snapshot(out)
+    rc, _, err = run(tiny_a, out, *REF_ARGS, capsys=capsys)
+    assert rc == 2 and err.startswith("error: ") and "--resume" in err
+    assert snapshot(out) == before
+    rc, stdout, _ = run(tiny_a, out, *REF_ARGS, "--batch-size", 3, "--resume", capsys=capsys)
+    assert rc == 0 and "wrote 3 images" in stdout
+    assert pngs(out) == pngs(reference)
+    assert [r["index"] for r in manifest(out)] == list(range(6))
+    assert (out / "grid.png").read_bytes() == (reference / "grid.png").read_bytes()
+
+
+def test_resume_truncated_manifest_and_missing_pngs(tiny_a, reference, tmp_path):
+    out = tmp_path / "run"
+    assert run(tiny_a, out, *REF_ARGS, "--batch-size", 6) == 0
+    lines = (out / "manifest.jsonl").read_text().splitlines(keepends=True)
+    # a killed append: the last record cut in half; image 1's PNG lost; 4 and 5 never recorded
+    (out / "manifest.jsonl").write_text("".join(lines[:3]) + lines[3][:25])
+    for i in (1, 3, 4, 5):
+        (out / f"{i:06d}.png").unlink()
+    assert run(tiny_a, out, *REF_ARGS, "--resume") == 0
+    assert pngs(out) == pngs(reference)
+    recs = manifest(out)
+    assert [r["index"] for r in recs] == list(range(6)) and [r["file"] for r in recs] == sorted(pngs(out))
+
+
+def test_resume_refuses_other_settings(tiny_a, reference, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(tiny_a, out, *REF_ARGS) == 0
+    capsys.readouterr()
+    before = snapshot(out)
+    seed8 = REF_ARGS[:-1] + [8]
+    for args, name in ((REF_ARGS + ["--cfg-scale", 2.0], "cfg_scale"), (REF_ARGS + ["--top-k", 5], "top_k"),
+                       (REF_ARGS + ["--gradual-cfg"], "gradual_cfg"), (seed8, "seed"),
+                       (["--classes", "2,1,3", "--num-images", 6, "--seed", 7], "class")):
+        rc, _, err = run(tiny_a, out, *args, "--resume", capsys=capsys)
+        assert rc == 2 and err.startswith("error: ") and f"{name}=" in err and err.count("\n") == 1, err
+    assert snapshot(out) == before
+
+
+def test_refuses_to_overwrite_then_overwrite(tiny_a, reference, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert run(tiny_a, out, "--classes", 5, "--num-images", 4) == 0
+    capsys.readouterr()
+    before = snapshot(out)
+    rc, _, err = run(tiny_a, out, "--classes", 5, "--num-images", 4, capsys=capsys)
+    assert rc == 2 and err.startswith("error: ") and "--overwrite" in err and "--resume" in err
+    assert err.count("\n") == 1
+    assert snapshot(out) == before
+    # one target file is enough to refuse, even without a manifest
+    (out / "manifest.jsonl").unlink()
+    before = snapshot(out)
+    assert run(tiny_a, out, "--classes", 5, "--num-images", 1) == 2
+    assert snapshot(out) == before
+    # --overwrite replaces the run; the old run's extra images go with its manifest
+    (out / "manifest.jsonl").write_text("".join(json.dumps({"file": f"{i:06d}.png", "index": i}) + "\n"
+                                                for i in range(4)))
+    assert run(tiny_a, out, *REF_ARGS[:2], "--num-images", 2, "--seed", 7, "--overwrite") == 0
+    assert pngs(out) == {k: v for k, v in pngs(reference).items() if k in ("000000.png", "000001.png")}
+    assert [r["index"] for r in manifest(out)] == [0, 1]
+
+
+def _bad_inputs(tiny_a, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    full = tmp_path / "full"  # an existing --out with a previous run in it
+    full.mkdir()
+    (full / "manifest.jsonl").write_text("")
+    (full / "000000.png").write_bytes(b"png")
+    prior, tok = str(tiny_a / "prior"), str(tiny_a / "tokenizer")
+    out = tmp_path / "out"
+    cases = [  # (argv, text expected in the message, folder that must stay untouched)
+        (["--classes", "10"], "class 10 is outside [0, 10)", out),
+        (["--classes", "-1"], "class -1", out),
+        (["--classes", "x"], "'x' is not an integer", out),
+        (["--num-tokens", "5"], "--num-tokens", out),
+        (["--top-p", "0"], "--top-p", out),
+        (["--top-p", "1.5"], "--top-p", out),
+        (["--cfg-scale", "-1"], "--cfg-scale", out),
+        (["--temperature", "-0.5"], "--temperature", out),
+        (["--top-k", "-1"], "--top-k", out),
+        (["--num-images", "0"], "--num-images", out),
+        (["--batch-size", "0"], "--batch-size", out),
+        (["--num-images", "2", "--num-per-class", "2"], "not allowed with", out),
+        (["--resume", "--overwrite"], "not allowed with", out),
+        (["--cfg-scale", "abc"], "--cfg-scale", out),
+        (["--out", str(a_file / "sub")], "is a file, not a folder", a_file),
+        (["--out", str(a_file)], "is not a folder", a_file),
+        (["--out", str(full), "--classes", "3,10"], "class 10 is outside", full),
+        (["--out", str(full), "--resume", "--top-p", "2"], "--top-p", full),
+        (["--out", str(full), "--resume", "--ckpt-typo", "x"], "unrecognized arguments", full),
+    ]
+    model = ["--ckpt", prior, "--tokenizer", tok]
+    cases = [(model + ["--out", str(out)] + argv if "--out" not in argv else model + argv, msg, where)
+             for argv, msg, where in cases]
+    cases += [
+        (["--ckpt", prior, "--out", str(out)], "--ckpt and --tokenizer go together", out),
+        (["--ckpt", str(tmp_path / "nope"), "--tokenizer", tok, "--out", str(out)], "does not exist", out),
+        (["--ckpt", tok, "--tokenizer", tok, "--out", str(out)], "cannot load the model", out),
+        (["--ckpt", prior, "--tokenizer", prior, "--out", str(out)], "cannot load the model", out),
+        (["--ckpt", str(a_file), "--tokenizer", tok, "--out", str(out)], "cannot load the model", out),
+    ]
+    import torch
+
+    if not torch.cuda.is_available():
+        cases.append((model + ["--device", "cuda", "--out", str(out)], "no CUDA GPU", out))
+    return cases
+
+
+def test_bad_input_exits_2_and_leaves_out_alone(tiny_a, tmp_path, capsys):
+    for argv, msg, where in _bad_inputs(tiny_a, tmp_path):
+        before = (where.read_bytes(), where.stat().st_mtime_ns) if where.is_file() else \
+            snapshot(where) if where.is_dir() else None
+        rc = main(argv)
+        err = capsys.readouterr().err
+        assert rc == 2, (argv, err)
+        assert err.startswith("error: ") and err.count("\n") == 1 and msg in err, (argv, err)
+        assert "Traceback" not in err
+        if where.name == "out":
+            assert not where.exists(), argv
+        elif where.is_dir():
+            assert before == snapshot(where), argv
+        else:
+            assert before == (where.read_bytes(), where.stat().st_mtime_ns), argv
+
+
+@pytest.mark.skipif(os.geteuid() == 0 if hasattr(os, "geteuid") else True,
+                    reason="root writes to read-only folders")
+def test_read_only_out(tiny_a, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        for out in (ro, ro / "sub"):
+            assert run(tiny_a, out, "--num-images", 1) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("error: ") and "not writable" in err
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o755)
+
+
+def test_read_only_out_check(tiny_a, tmp_path, monkeypatch, capsys):
+    """The same refusal through a stubbed os.access (runs as root too, where chmod cannot deny)."""
+    import detailflow_engine.generate as gen
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    monkeypatch.setattr(gen.os, "access", lambda path, mode: Path(path) != ro)
+    for out in (ro, ro / "sub"):
+        assert run(tiny_a, out, "--num-images", 1) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "not writable" in err and err.count("\n") == 1
+    assert list(ro.iterdir()) == []
+
+
+def test_bf16_runs_or_refuses_cleanly(tiny_a, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, _, err = run(tiny_a, out, "--dtype", "bf16", "--num-images", 2, capsys=capsys)
+    if rc == 0:
+        assert len(pngs(out)) == 2 and manifest(out)[0]["dtype"] == "bf16"
+    else:  # e.g. an op without a bf16 CPU kernel: one line, --out never created
+        assert rc == 2 and err.splitlines()[-1].startswith("error: ") and "Traceback" not in err, err
+        assert not out.exists()
+
+
+def test_default_model(tmp_path, capsys):
+    from detailflow_engine.assets import default_model_paths
+
+    out = tmp_path / "out"
+    try:
+        default_model_paths()
+    except FileNotFoundError:
+        assert main(["--out", str(out), "--device", "cpu", "--num-images", "2"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "default model" in err and err.count("\n") == 1
+        assert not out.exists()
+        return
+    assert main(["--out", str(out), "--device", "cpu", "--num-images", "2"]) == 0
+    assert len(pngs(out)) == 2 and len(manifest(out)) == 2
+
+
+def python_m(*argv):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "detailflow_engine.generate", *map(str, argv)],
+                          capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_python_m_generates(tiny_a, reference, tmp_path):
+    out = tmp_path / "out"
+    proc = python_m(*model_args(tiny_a), *REF_ARGS, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert re.fullmatch(r"wrote 6 images to .* in [\d.]+ s \([\d.]+ images/s\)\n", proc.stdout), proc.stdout
+    assert "6/6" in proc.stderr  # the tqdm bar
+    assert pngs(out) == pngs(reference)
+
+
+def test_python_m_error_has_no_traceback(tiny_a, tmp_path):
+    out = tmp_path / "out"
+    proc = python_m(*model_args(tiny_a), "--classes", "3,11", "--out", out)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines()[-1] == "error: --classes: class 11 is outside [0, 10) for this model"
+    assert proc.stdout == "" and not out.exists()
