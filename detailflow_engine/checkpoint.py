@@ -417,7 +417,7 @@ def _atomic_place(tmp: Path, dst: Path, overwrite: bool) -> None:
 
 
 def save_safetensors_folder(loaded: LoadedCheckpoint, out_dir: Union[str, os.PathLike],
-                            overwrite: bool = False) -> Path:
+                            overwrite: bool = False, dtype: Optional[torch.dtype] = None) -> Path:
     """Write ``out_dir/{config.json, config.yaml, model.safetensors}`` and return ``out_dir``.
 
     The configs are byte-for-byte copies of ``loaded.folder``'s; the safetensors file holds
@@ -447,6 +447,8 @@ def save_safetensors_folder(loaded: LoadedCheckpoint, out_dir: Union[str, os.Pat
     seen_storages: set[int] = set()
     for name, t in loaded.state_dict.items():
         t = t.detach().to("cpu").contiguous()
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
         ptr = t.untyped_storage().data_ptr()
         if ptr in seen_storages and t.numel():  # safetensors refuses shared storage: copy
             t = t.clone()

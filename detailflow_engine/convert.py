@@ -1,6 +1,6 @@
 """Convert an official DetailFlow model (folder or .pt) into a safetensors model folder.
 
-    python -m detailflow_engine.convert SRC OUT --kind tokenizer|prior [--ema/--no-ema] [--overwrite]
+    python -m detailflow_engine.convert SRC OUT --kind tokenizer|prior [--ema/--no-ema] [--dtype fp16] [--overwrite]
 
 OUT receives config.json and config.yaml (byte-for-byte copies) and model.safetensors (the
 inference weights only: training-only tensors, optimizer state and the unused EMA/model twin are
@@ -14,8 +14,13 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+import torch
+
 from detailflow_engine.checkpoint import (KINDS, CheckpointError, ConfigError, load_checkpoint,
                                           save_safetensors_folder)
+
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="use the 'ema' (--ema) or 'model' (--no-ema) weights; "
                         "default: prior ema if present, tokenizer model")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
+                   help="store floating-point weights in this dtype (default: as in SRC)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files in OUT")
     return p
 
@@ -36,7 +43,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         loaded = load_checkpoint(args.src, args.kind, ema=args.ema)
-        out = save_safetensors_folder(loaded, args.out, overwrite=args.overwrite)
+        out = save_safetensors_folder(loaded, args.out, overwrite=args.overwrite,
+                                      dtype=_DTYPES[args.dtype] if args.dtype else None)
     except (CheckpointError, ConfigError, OSError) as exc:
         msg = " ".join(str(exc).split())  # exactly one line
         print(f"error: {msg}", file=sys.stderr)

@@ -322,3 +322,16 @@ def test_convert_cli_subprocess_bad_input(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr
     assert "config" in lines[0] and str(bad) in lines[0]  # no configs beside or two levels up
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_to_fp16_halves_the_file_and_loads(tiny_a, tmp_path):
+    """--dtype fp16 stores half-precision weights; loading gives the same tensors up to fp16 rounding."""
+    assert convert.main([str(tiny_a / "prior"), str(tmp_path / "p16"), "--kind", "prior", "--dtype", "fp16"]) == 0
+    src = load_checkpoint(tiny_a / "prior", "prior")
+    half = load_checkpoint(tmp_path / "p16", "prior")
+    for name, t in src.state_dict.items():
+        assert half.state_dict[name].dtype == torch.float16
+        torch.testing.assert_close(half.state_dict[name].float(), t, atol=1e-7, rtol=1e-3)
+    from detailflow_engine.loading import load_prior
+
+    assert load_prior(tmp_path / "p16").output.weight.dtype == torch.float32  # cast back to the engine dtype
