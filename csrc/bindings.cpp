@@ -7,10 +7,15 @@
 
 #include <omp.h>
 
+#include <array>
 #include <string>
 
 #include "checks.h"
 #include "dispatch.h"
+#include "cache_attention.h"
+#include "code_search.h"
+#include "group_sample.h"
+#include "vq_lookup.h"
 #if DETAILFLOW_HAS_CUDA
 #include "cuda_info.h"
 #endif
@@ -40,9 +45,128 @@ py::dict build_info() {
 
 }  // namespace
 
+// cache_attention: q/k_new/v_new/out are (B, H, n_q, d) views with unit last stride,
+// k_cache/v_cache contiguous (B, H, L_max, d); see cpu/cache_attention.cpp.
+static void cache_attention_cpu(uintptr_t q, std::array<int64_t, 4> q_s, uintptr_t k_new,
+                                std::array<int64_t, 4> k_s, uintptr_t v_new,
+                                std::array<int64_t, 4> v_s, uintptr_t k_cache, uintptr_t v_cache,
+                                uintptr_t out, std::array<int64_t, 4> out_s, int64_t B, int64_t H,
+                                int64_t n_q, int64_t d, int64_t L_max, int64_t start_pos,
+                                double scale, int dtype, int num_threads) {
+  DF_CHECK_PTR(q); DF_CHECK_PTR(k_new); DF_CHECK_PTR(v_new); DF_CHECK_PTR(k_cache);
+  DF_CHECK_PTR(v_cache); DF_CHECK_PTR(out);
+  DF_CHECK_POSITIVE(B); DF_CHECK_POSITIVE(H); DF_CHECK_POSITIVE(n_q); DF_CHECK_POSITIVE(d);
+  DF_CHECK_NONNEG(start_pos);
+  DF_CHECK(start_pos + n_q <= L_max, "start_pos + n_q must be <= L_max, got " << start_pos
+                                         << " + " << n_q << " > " << L_max);
+  DF_CHECK(q_s[3] == 1 && k_s[3] == 1 && v_s[3] == 1 && out_s[3] == 1,
+           "q, k_new, v_new, out need a unit last stride, got " << q_s[3] << ", " << k_s[3]
+                                                                 << ", " << v_s[3] << ", " << out_s[3]);
+  using detailflow::cpu::BhnStrides;
+  py::gil_scoped_release release;
+  DF_DISPATCH_FLOAT(dtype, "cache_attention", [&] {
+    using P = const scalar_t*;
+    detailflow::cpu::cache_attention<scalar_t>(
+        reinterpret_cast<P>(q), BhnStrides{q_s[0], q_s[1], q_s[2]}, reinterpret_cast<P>(k_new),
+        BhnStrides{k_s[0], k_s[1], k_s[2]}, reinterpret_cast<P>(v_new),
+        BhnStrides{v_s[0], v_s[1], v_s[2]}, reinterpret_cast<scalar_t*>(k_cache),
+        reinterpret_cast<scalar_t*>(v_cache), reinterpret_cast<scalar_t*>(out),
+        BhnStrides{out_s[0], out_s[1], out_s[2]}, B, H, n_q, d, L_max, start_pos,
+        static_cast<float>(scale), num_threads);
+  });
+}
+
+// vq_lookup: codes (B, T) int64; codebook (K, D); weight (C, D); bias (C,) or 0; pos_embed
+// (pos_rows >= T, C) or 0; each with (row, last) strides; out contiguous (B, T, C) in the
+// weight's dtype; see cpu/vq_lookup.cpp. A code outside [0, K) raises, naming it.
+static void vq_lookup_cpu(uintptr_t codes, std::array<int64_t, 2> codes_s, int64_t B, int64_t T,
+                          uintptr_t codebook, std::array<int64_t, 2> cb_s, int64_t K, int64_t D,
+                          int cb_dtype, uintptr_t weight, std::array<int64_t, 2> w_s, int64_t C,
+                          uintptr_t bias, uintptr_t pos, std::array<int64_t, 2> pos_s,
+                          int64_t pos_rows, uintptr_t out, int dtype, int num_threads) {
+  DF_CHECK_PTR(codes); DF_CHECK_PTR(codebook); DF_CHECK_PTR(weight); DF_CHECK_PTR(out);
+  DF_CHECK_POSITIVE(B); DF_CHECK_POSITIVE(T); DF_CHECK_POSITIVE(K); DF_CHECK_POSITIVE(D);
+  DF_CHECK_POSITIVE(C);
+  DF_CHECK(codes_s[1] == 1 && cb_s[1] == 1 && w_s[1] == 1 && (pos == 0 || pos_s[1] == 1),
+           "codes, codebook, weight, pos_embed need a unit last stride");
+  DF_CHECK(pos == 0 || pos_rows >= T, "pos_embed needs >= T = " << T << " rows, got " << pos_rows);
+  const auto* c = reinterpret_cast<const int64_t*>(codes);
+  int64_t bad = -1;
+  {
+    py::gil_scoped_release release;
+    DF_DISPATCH_FLOAT(cb_dtype, "vq_lookup codebook", [&] {
+      using E = scalar_t;
+      DF_DISPATCH_FLOAT(dtype, "vq_lookup weight", [&] {
+        using P = const scalar_t*;
+        bad = detailflow::cpu::vq_lookup<E, scalar_t>(
+            c, B, T, codes_s[0], reinterpret_cast<const E*>(codebook), K, D, cb_s[0],
+            reinterpret_cast<P>(weight), C, w_s[0], reinterpret_cast<P>(bias),
+            reinterpret_cast<P>(pos), pos_s[0], reinterpret_cast<scalar_t*>(out), num_threads);
+      });
+    });
+  }
+  DF_CHECK(bad < 0, "codes must be in [0, " << K << "), got " << c[bad / T * codes_s[0] + bad % T]
+                        << " at (" << bad / T << ", " << bad % T << ")");
+}
+
+// code_search: latents (N, D), codebook (K, D), each with (row, last) strides; out (N,) int64;
+// see cpu/code_search.cpp.
+static void code_search_cpu(uintptr_t latents, std::array<int64_t, 2> lat_s, int64_t N, int64_t D,
+                            int lat_dtype, uintptr_t codebook, std::array<int64_t, 2> cb_s,
+                            int64_t K, int cb_dtype, bool codebook_normalized, uintptr_t out,
+                            int num_threads) {
+  DF_CHECK_PTR(latents); DF_CHECK_PTR(codebook); DF_CHECK_PTR(out);
+  DF_CHECK_POSITIVE(N); DF_CHECK_POSITIVE(D); DF_CHECK_POSITIVE(K);
+  DF_CHECK(K <= INT32_MAX - 64, "K must be < 2^31 - 64 (int32 lane indices), got " << K);
+  DF_CHECK(lat_s[1] == 1 && cb_s[1] == 1, "latents and codebook need a unit last stride, got "
+                                              << lat_s[1] << ", " << cb_s[1]);
+  py::gil_scoped_release release;
+  DF_DISPATCH_FLOAT(lat_dtype, "code_search latents", [&] {
+    using Z = scalar_t;
+    DF_DISPATCH_FLOAT(cb_dtype, "code_search codebook", [&] {
+      detailflow::cpu::code_search<Z, scalar_t>(
+          reinterpret_cast<const Z*>(latents), N, D, lat_s[0],
+          reinterpret_cast<const scalar_t*>(codebook), K, cb_s[0], codebook_normalized,
+          reinterpret_cast<int64_t*>(out), num_threads);
+    });
+  });
+}
+
+// group_sample: logits (R, n_q, V) with strides (stride_row, stride_pos, 1), R = B or 2B (CFG);
+// seeds (B,), positions (n_q,) int64 contiguous; tokens int64 and logprobs float32 (B, n_q)
+// contiguous (logprobs may be 0); see cpu/group_sample.cpp.
+static void group_sample_cpu(uintptr_t logits, int dtype, int64_t R, int64_t n_q, int64_t V,
+                             std::array<int64_t, 3> strides, uintptr_t seeds, uintptr_t positions,
+                             int64_t B, double cfg_scale, double temperature, int64_t top_k,
+                             int64_t top_p24, bool greedy, uintptr_t tokens, uintptr_t logprobs,
+                             int num_threads) {
+  DF_CHECK_PTR(logits); DF_CHECK_PTR(seeds); DF_CHECK_PTR(positions); DF_CHECK_PTR(tokens);
+  DF_CHECK_POSITIVE(B); DF_CHECK_POSITIVE(n_q); DF_CHECK_POSITIVE(V);
+  DF_CHECK(R == B || R == 2 * B, "R must be B or 2B (CFG), got R = " << R << ", B = " << B);
+  DF_CHECK(V <= detailflow::kGsMaxVocab, "V must be < 2^23, got " << V);
+  DF_CHECK(strides[2] == 1, "logits needs a unit last stride, got " << strides[2]);
+  DF_CHECK(top_k == 0 || (top_k >= 2 && top_k < V), "top_k must be 0 or in [2, V), got " << top_k);
+  DF_CHECK(top_p24 >= 0 && top_p24 <= detailflow::kGsTopPOne, "top_p24 must be in [0, 2^24], got " << top_p24);
+  DF_CHECK(temperature > 0.0, "temperature must be > 0, got " << temperature);
+  const detailflow::cpu::GroupSampleParams p{B, n_q, V, strides[0], strides[1], R == 2 * B,
+                                             static_cast<float>(cfg_scale), static_cast<float>(temperature),
+                                             top_k, top_p24, greedy};
+  py::gil_scoped_release release;
+  DF_DISPATCH_FLOAT(dtype, "group_sample", [&] {
+    detailflow::cpu::group_sample<scalar_t>(
+        reinterpret_cast<const scalar_t*>(logits), p, reinterpret_cast<const int64_t*>(seeds),
+        reinterpret_cast<const int64_t*>(positions), reinterpret_cast<int64_t*>(tokens),
+        reinterpret_cast<float*>(logprobs), num_threads);
+  });
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "DetailFlow Engine kernels (C++/OpenMP, optional CUDA); see detailflow_engine/ops";
   m.attr("has_cpu") = true;
   m.attr("has_cuda") = static_cast<bool>(DETAILFLOW_HAS_CUDA);
   m.def("build_info", &build_info, "What this extension was built with");
+  m.def("cache_attention", &cache_attention_cpu, "Append K/V to a static cache, attend (CPU)");
+  m.def("vq_lookup", &vq_lookup_cpu, "Gather + normalize codebook rows, project, + bias + pos (CPU)");
+  m.def("code_search", &code_search_cpu, "Nearest normalized codeword per normalized latent (CPU)");
+  m.def("group_sample", &group_sample_cpu, "CFG + temperature + top-k/top-p + Philox draw (CPU)");
 }

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
+from torch.utils import _python_dispatch
 
 BACKEND_ENV = "DETAILFLOW_BACKEND"
 BACKENDS = ("cuda", "triton", "cpu", "torch")
@@ -125,3 +126,18 @@ def table() -> Dict[str, List[str]]:
 def num_threads() -> int:
     """OpenMP threads for CPU kernels follow torch's intra-op setting."""
     return max(1, torch.get_num_threads())
+
+
+def plain_eager(*tensors) -> bool:
+    """True when nobody can observe an op call: not traced by torch.compile, no dispatch mode
+    (fake or proxy tensors), plain tensors only (None allowed), no autograd.
+
+    Then a wrapper may call the backend directly instead of its `torch.library` custom op, whose
+    Python autograd/ADInplaceOrView layers cost ~17-20 us a call: as much as a whole batch-1 kernel.
+    Wrappers of mutating ops then bump the mutated tensors' versions themselves
+    (`torch.autograd.graph.increment_version`). Traced calls still see one custom op.
+    """
+    if torch.compiler.is_compiling() or _python_dispatch._get_current_dispatch_mode() is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    return all(t is None or (type(t) is torch.Tensor and not (grad and t.requires_grad)) for t in tensors)

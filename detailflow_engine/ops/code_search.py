@@ -1,0 +1,132 @@
+"""code_search: nearest L2-normalized codeword for each L2-normalized latent (VQ encode).
+
+The official VectorQuantizer (DESIGN.md section 6) normalizes the latents z = quant_conv(h) and
+the codebook, forms d = |z|^2 + |e|^2 - 2 z.e for every (latent, codeword) pair and takes
+torch.argmin (lowest index on ties). This op returns the same indices without materializing the
+N x K distance matrix: the CPU kernel blocks over K and keeps a running minimum per row.
+
+Backends (see `_dispatch`): CPU `_C` (csrc/cpu/code_search.cpp), then the torch reference
+`code_search_ref` (the official composition), which is also the test oracle.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from detailflow_engine.ops import _dispatch
+
+__all__ = ["code_search", "code_search_ref", "code_distances_ref", "tolerance"]
+
+_DTYPES = (torch.float32, torch.bfloat16)
+_EPS = 1e-12  # F.normalize's default, as in the official VectorQuantizer
+
+
+def code_distances_ref(latents: Tensor, codebook: Tensor, *, codebook_normalized: bool = False) -> Tensor:
+    """The official distances in fp32: (..., K) = |z|^2 + |e|^2 - 2 z @ e.T, z and e L2-normalized
+    (e as given when codebook_normalized). The test oracle's tie rule compares these."""
+    z = F.normalize(latents.float().reshape(-1, latents.shape[-1]), p=2.0, dim=-1, eps=_EPS)
+    e = codebook.float() if codebook_normalized else F.normalize(codebook.float(), p=2.0, dim=-1, eps=_EPS)
+    d = torch.sum(z ** 2, dim=1, keepdim=True) + torch.sum(e ** 2, dim=1) - 2 * (z @ e.t())
+    return d.reshape(*latents.shape[:-1], codebook.shape[0])
+
+
+def code_search_ref(latents: Tensor, codebook: Tensor, *, codebook_normalized: bool = False) -> Tensor:
+    """Plain-torch reference (fallback and test oracle): argmin of `code_distances_ref`."""
+    return torch.argmin(code_distances_ref(latents, codebook, codebook_normalized=codebook_normalized), dim=-1)
+
+
+def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
+    """(atol, rtol) for this index-valued op: an index is correct when it equals the reference's
+    or when the two indices' reference distances (`code_distances_ref`, fp32 for every input
+    dtype) differ by at most atol + rtol * |d_ref|."""
+    if dtype in _DTYPES:
+        return 1e-6, 0.0
+    raise ValueError(f"code_search has no tolerance for {dtype}")
+
+
+def _desc(t: Tensor) -> str:
+    return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
+
+
+def _validate(latents, codebook, codebook_normalized) -> None:
+    for name, t in (("latents", latents), ("codebook", codebook)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+    if codebook.dtype not in _DTYPES or codebook.dim() != 2 or codebook.shape[0] < 1 or codebook.shape[1] < 1:
+        raise ValueError(f"`codebook` must be float32 or bfloat16 of shape (K, D), K, D >= 1, got {_desc(codebook)}")
+    D = codebook.shape[1]
+    if latents.dtype not in _DTYPES or latents.dim() not in (2, 3) or latents.shape[-1] != D:
+        raise ValueError(f"`latents` must be float32 or bfloat16 of shape (N, D) or (B, T, D) with "
+                         f"D = {D} (from `codebook`), got {_desc(latents)}")
+    if latents.device != codebook.device:
+        raise ValueError(f"`codebook` must be on the device of `latents` ({latents.device}), got {_desc(codebook)}")
+    if not isinstance(codebook_normalized, bool):
+        raise TypeError(f"`codebook_normalized` must be a bool, got {type(codebook_normalized).__name__}")
+
+
+def _run(latents: Tensor, codebook: Tensor, codebook_normalized: bool) -> Tensor:
+    out = torch.empty((latents.shape[0],), dtype=torch.int64, device=latents.device)
+    if out.numel() > 0:
+        _dispatch.pick("code_search", latents, codebook, out).fn(latents, codebook, codebook_normalized, out)
+    return out
+
+
+@torch.library.custom_op("detailflow::code_search", mutates_args=())
+def _code_search_op(latents: Tensor, codebook: Tensor, codebook_normalized: bool) -> Tensor:
+    return _run(latents, codebook, codebook_normalized)
+
+
+@_code_search_op.register_fake
+def _code_search_fake(latents, codebook, codebook_normalized) -> Tensor:
+    return latents.new_empty((latents.shape[0],), dtype=torch.int64)
+
+
+def code_search(latents: Tensor, codebook: Tensor, *, codebook_normalized: bool = False) -> Tensor:
+    """Index of the nearest L2-normalized codeword for each L2-normalized latent.
+
+    Args:
+        latents: (N, D) or (B, T, D) float32 or bfloat16 (e.g. quant_conv's output); any strides.
+        codebook: (K, D) float32 or bfloat16 (the VQ embedding weight, e.g. 8192 x 8).
+        codebook_normalized: the codebook rows already have unit L2 norm; skip normalizing them.
+
+    Returns:
+        int64 (N,) or (B, T): argmin_k |z|^2 + |e_k|^2 - 2 z.e_k with z = latent / max(|latent|,
+        1e-12) and e_k likewise, computed in fp32; ties go to the lowest index (torch.argmin).
+    """
+    _validate(latents, codebook, codebook_normalized)
+    flat = latents.reshape(-1, latents.shape[-1])
+    if _dispatch.plain_eager(flat, codebook):
+        idx = _run(flat, codebook, codebook_normalized)
+    else:
+        idx = torch.ops.detailflow.code_search.default(flat, codebook, codebook_normalized)
+    return idx.reshape(latents.shape[:-1])
+
+
+def _unit_last(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _cpu_impl(latents, codebook, codebook_normalized, out) -> None:
+    latents, codebook = _unit_last(latents), _unit_last(codebook)
+    dt = _dispatch.DTYPE_CODES
+    _dispatch.extension().code_search(
+        latents.data_ptr(), (latents.stride(0), 1), latents.shape[0], latents.shape[1], dt[latents.dtype],
+        codebook.data_ptr(), (codebook.stride(0), 1), codebook.shape[0], dt[codebook.dtype],
+        codebook_normalized, out.data_ptr(), _dispatch.num_threads())
+
+
+def _cpu_applies(latents, codebook, out) -> bool:
+    return (_dispatch.has_cpu_kernels() and hasattr(_dispatch.extension(), "code_search")
+            and latents.device.type == "cpu" and codebook.device.type == "cpu"
+            and latents.dtype in _DTYPES and codebook.dtype in _DTYPES)
+
+
+def _torch_impl(latents, codebook, codebook_normalized, out) -> None:
+    out.copy_(code_search_ref(latents, codebook, codebook_normalized=codebook_normalized))
+
+
+_dispatch.register("code_search", "cpu", _cpu_impl, applies=_cpu_applies)
+_dispatch.register("code_search", "torch", _torch_impl)
