@@ -235,7 +235,10 @@ def _gpt_sizes(name: str):
     if name in GPT_SIZES:
         return GPT_SIZES[name]
     m = _CUSTOM_GPT.match(name)
-    return tuple(map(int, m.groups())) if m else None
+    if not m:
+        return None
+    layers, dim, heads = map(int, m.groups())  # GPT-custom-L{n_layer}-D{dim}-H{n_head}
+    return layers, heads, dim  # the GPT_SIZES order: (n_layer, n_head, dim)
 
 
 def _round_up(n: int, k: int) -> int:
