@@ -21,6 +21,8 @@ from typing import Callable, List, Optional
 
 import torch
 
+from detailflow_engine.schedule import generation_plan
+
 from .sampling import sample
 
 # sampler(logits (B, n, V) after CFG mixing, token_positions (n,) int64) -> tokens (B, n) int64
@@ -45,14 +47,12 @@ class GenerationOutput:
 
 
 def generation_steps(num_tokens: int, group_size: int, causal_num: int) -> List[Step]:
-    """The official step plan: 1 + (c - 1) + (T - c) / g forwards."""
+    """The official step plan: 1 + (c - 1) + (T - c) / g forwards (from the shared schedule)."""
     if num_tokens % group_size or causal_num % group_size or not causal_num <= num_tokens:
         raise ValueError(f"num_tokens={num_tokens} and causal_num={causal_num} must be multiples of "
                          f"group_size={group_size} with causal_num <= num_tokens")
-    steps = [Step(i, i, i + 1, None) for i in range(causal_num)]
-    steps += [Step(i * group_size, i * group_size, (i + 1) * group_size, i)
-              for i in range(causal_num // group_size, num_tokens // group_size)]
-    return steps
+    return [Step(start, start, stop, start // group_size if start >= causal_num else None)
+            for start, stop in generation_plan(num_tokens, group_size, causal_num)]
 
 
 def cfg_scale_for_step(cfg_scale: float, group_index: Optional[int], num_groups: int,
