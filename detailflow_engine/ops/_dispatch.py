@@ -141,3 +141,8 @@ def plain_eager(*tensors) -> bool:
         return False
     grad = torch.is_grad_enabled()
     return all(t is None or (type(t) is torch.Tensor and not (grad and t.requires_grad)) for t in tensors)
+
+
+def describe(t: torch.Tensor) -> str:
+    """'(8192, 16) float16 on cpu': what an argument check reports as found."""
+    return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"

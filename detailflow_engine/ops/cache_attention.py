@@ -53,35 +53,31 @@ def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
     raise ValueError(f"cache_attention has no tolerance for {dtype}")
 
 
-def _shape(t: Tensor) -> str:
-    return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
-
-
 def _validate(q, k_new, v_new, k_cache, v_cache, start_pos, scale, out) -> Tuple[int, float]:
     named = (("q", q), ("k_new", k_new), ("v_new", v_new), ("k_cache", k_cache), ("v_cache", v_cache))
     for name, t in named + ((("out", out),) if out is not None else ()):
         if not isinstance(t, Tensor):
             raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"`{name}` must be 4-D, got {_shape(t)}")
+            raise ValueError(f"`{name}` must be 4-D, got {_dispatch.describe(t)}")
     if q.dtype not in _DTYPES:
-        raise ValueError(f"`q` must be float32 or bfloat16 of shape (B, H, n_q, d), got {_shape(q)}")
+        raise ValueError(f"`q` must be float32 or bfloat16 of shape (B, H, n_q, d), got {_dispatch.describe(q)}")
     B, H, n_q, d = q.shape
     for name, t in named[1:3] + ((("out", out),) if out is not None else ()):
         if tuple(t.shape) != (B, H, n_q, d):
-            raise ValueError(f"`{name}` must have the shape of `q` {(B, H, n_q, d)}, got {_shape(t)}")
+            raise ValueError(f"`{name}` must have the shape of `q` {(B, H, n_q, d)}, got {_dispatch.describe(t)}")
     L_max = k_cache.shape[2]
     for name, t in named[3:]:
         if (t.shape[0], t.shape[1], t.shape[3]) != (B, H, d) or t.shape[2] != L_max:
             raise ValueError(f"`{name}` must be (B, H, L_max, d) = {(B, H, L_max, d)} "
-                             f"(B, H, d from `q`, L_max from `k_cache`), got {_shape(t)}")
+                             f"(B, H, d from `q`, L_max from `k_cache`), got {_dispatch.describe(t)}")
         if not t.is_contiguous():
-            raise ValueError(f"`{name}` must be contiguous, got strides {t.stride()} for {_shape(t)}")
+            raise ValueError(f"`{name}` must be contiguous, got strides {t.stride()} for {_dispatch.describe(t)}")
     for name, t in named[1:] + ((("out", out),) if out is not None else ()):
         if t.dtype != q.dtype:
-            raise ValueError(f"`{name}` must have the dtype of `q` ({q.dtype}), got {_shape(t)}")
+            raise ValueError(f"`{name}` must have the dtype of `q` ({q.dtype}), got {_dispatch.describe(t)}")
         if t.device != q.device:
-            raise ValueError(f"`{name}` must be on the device of `q` ({q.device}), got {_shape(t)}")
+            raise ValueError(f"`{name}` must be on the device of `q` ({q.device}), got {_dispatch.describe(t)}")
     if isinstance(start_pos, bool):
         raise TypeError("`start_pos` must be an int, got bool")
     try:

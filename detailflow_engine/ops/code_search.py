@@ -47,22 +47,18 @@ def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
     raise ValueError(f"code_search has no tolerance for {dtype}")
 
 
-def _desc(t: Tensor) -> str:
-    return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
-
-
 def _validate(latents, codebook, codebook_normalized) -> None:
     for name, t in (("latents", latents), ("codebook", codebook)):
         if not isinstance(t, Tensor):
             raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
     if codebook.dtype not in _DTYPES or codebook.dim() != 2 or codebook.shape[0] < 1 or codebook.shape[1] < 1:
-        raise ValueError(f"`codebook` must be float32 or bfloat16 of shape (K, D), K, D >= 1, got {_desc(codebook)}")
+        raise ValueError(f"`codebook` must be float32 or bfloat16 of shape (K, D), K, D >= 1, got {_dispatch.describe(codebook)}")
     D = codebook.shape[1]
     if latents.dtype not in _DTYPES or latents.dim() not in (2, 3) or latents.shape[-1] != D:
         raise ValueError(f"`latents` must be float32 or bfloat16 of shape (N, D) or (B, T, D) with "
-                         f"D = {D} (from `codebook`), got {_desc(latents)}")
+                         f"D = {D} (from `codebook`), got {_dispatch.describe(latents)}")
     if latents.device != codebook.device:
-        raise ValueError(f"`codebook` must be on the device of `latents` ({latents.device}), got {_desc(codebook)}")
+        raise ValueError(f"`codebook` must be on the device of `latents` ({latents.device}), got {_dispatch.describe(codebook)}")
     if not isinstance(codebook_normalized, bool):
         raise TypeError(f"`codebook_normalized` must be a bool, got {type(codebook_normalized).__name__}")
 

@@ -222,10 +222,6 @@ def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
 # ---------------------------------------------------------------------------------------------
 # Validation
 
-def _desc(t: Tensor) -> str:
-    return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
-
-
 def _real(name: str, v) -> float:
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(f"`{name}` must be a real number, got {type(v).__name__}")
@@ -241,22 +237,22 @@ def _validate(logits, seeds, positions, cfg_scale, temperature, top_k, top_p) ->
             raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
     if logits.dtype not in _DTYPES or logits.dim() != 3 or logits.numel() == 0:
         raise ValueError(f"`logits` must be float32, bfloat16 or float16 of shape (R, n_q, V) with "
-                         f"R, n_q, V >= 1, got {_desc(logits)}")
+                         f"R, n_q, V >= 1, got {_dispatch.describe(logits)}")
     R, n_q, V = logits.shape
     if V > MAX_VOCAB:
         raise ValueError(f"`logits` vocabulary V must be < 2^23 = {MAX_VOCAB + 1}, got V = {V}")
     if seeds.dtype != torch.int64 or seeds.dim() != 1 or seeds.shape[0] < 1:
-        raise ValueError(f"`seeds` must be int64 of shape (B,) with B >= 1, got {_desc(seeds)}")
+        raise ValueError(f"`seeds` must be int64 of shape (B,) with B >= 1, got {_dispatch.describe(seeds)}")
     B = seeds.shape[0]
     if R != B and R != 2 * B:
         raise ValueError(f"`logits` has R = {R} rows but `seeds` has B = {B} images: R must be B "
                          f"(no CFG) or 2B (CFG: conditional rows [0, B), unconditional [B, 2B))")
     if positions.dtype != torch.int64 or tuple(positions.shape) != (n_q,):
         raise ValueError(f"`positions` must be int64 of shape (n_q,) = ({n_q},) (n_q from `logits`), "
-                         f"got {_desc(positions)}")
+                         f"got {_dispatch.describe(positions)}")
     for name, t in (("seeds", seeds), ("positions", positions)):
         if t.device != logits.device:
-            raise ValueError(f"`{name}` must be on the device of `logits` ({logits.device}), got {_desc(t)}")
+            raise ValueError(f"`{name}` must be on the device of `logits` ({logits.device}), got {_dispatch.describe(t)}")
     if positions.device.type == "cpu" and not torch.compiler.is_compiling():
         lo, hi = (int(v) for v in torch.aminmax(positions))
         if lo < 0 or hi >= 1 << 32:

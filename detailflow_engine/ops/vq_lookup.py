@@ -71,10 +71,6 @@ def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
     raise ValueError(f"vq_lookup has no tolerance for {dtype}")
 
 
-def _desc(t: Tensor) -> str:
-    return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
-
-
 def _validate(codes, codebook, weight, bias, pos_embed, out) -> None:
     named = [("codes", codes), ("codebook", codebook), ("weight", weight)]
     named += [(n, t) for n, t in (("bias", bias), ("pos_embed", pos_embed), ("out", out)) if t is not None]
@@ -83,28 +79,28 @@ def _validate(codes, codebook, weight, bias, pos_embed, out) -> None:
             optional = " or None" if name in ("bias", "pos_embed", "out") else ""
             raise TypeError(f"`{name}` must be a torch.Tensor{optional}, got {type(t).__name__}")
     if codes.dtype != torch.int64 or codes.dim() != 2:
-        raise ValueError(f"`codes` must be int64 of shape (B, T), got {_desc(codes)}")
+        raise ValueError(f"`codes` must be int64 of shape (B, T), got {_dispatch.describe(codes)}")
     if codebook.dtype not in _DTYPES or codebook.dim() != 2 or codebook.shape[0] < 1 or codebook.shape[1] < 1:
-        raise ValueError(f"`codebook` must be float32 or bfloat16 of shape (K, D), K, D >= 1, got {_desc(codebook)}")
+        raise ValueError(f"`codebook` must be float32 or bfloat16 of shape (K, D), K, D >= 1, got {_dispatch.describe(codebook)}")
     K, D = codebook.shape
     if weight.dtype not in _DTYPES or weight.dim() != 2 or weight.shape[1] != D or weight.shape[0] < 1:
         raise ValueError(f"`weight` must be float32 or bfloat16 of shape (C, D) with D = {D} "
-                         f"(from `codebook`), got {_desc(weight)}")
+                         f"(from `codebook`), got {_dispatch.describe(weight)}")
     C = weight.shape[0]
     B, T = codes.shape
     if bias is not None and (bias.dtype != weight.dtype or tuple(bias.shape) != (C,)):
         raise ValueError(f"`bias` must be {weight.dtype} of shape (C,) = ({C},) (dtype and C from "
-                         f"`weight`), or None, got {_desc(bias)}")
+                         f"`weight`), or None, got {_dispatch.describe(bias)}")
     if pos_embed is not None:
         ok = pos_embed.dim() == 2 or (pos_embed.dim() == 3 and pos_embed.shape[0] == 1)
         if not ok or pos_embed.shape[-1] != C or pos_embed.shape[-2] < T or pos_embed.dtype != weight.dtype:
             raise ValueError(f"`pos_embed` must be {weight.dtype} of shape (T_max, C) or (1, T_max, C) "
-                             f"with T_max >= T = {T} and C = {C}, or None, got {_desc(pos_embed)}")
+                             f"with T_max >= T = {T} and C = {C}, or None, got {_dispatch.describe(pos_embed)}")
     if out is not None and (tuple(out.shape) != (B, T, C) or out.dtype != weight.dtype):
-        raise ValueError(f"`out` must be {weight.dtype} of shape (B, T, C) = {(B, T, C)}, got {_desc(out)}")
+        raise ValueError(f"`out` must be {weight.dtype} of shape (B, T, C) = {(B, T, C)}, got {_dispatch.describe(out)}")
     for name, t in named[1:]:
         if t.device != codes.device:
-            raise ValueError(f"`{name}` must be on the device of `codes` ({codes.device}), got {_desc(t)}")
+            raise ValueError(f"`{name}` must be on the device of `codes` ({codes.device}), got {_dispatch.describe(t)}")
     if codes.numel() > 0 and not torch.compiler.is_compiling():
         lo, hi = torch.aminmax(codes)
         if int(lo) < 0 or int(hi) >= K:
