@@ -14,6 +14,7 @@
 #include "dispatch.h"
 #include "cache_attention.h"
 #include "code_search.h"
+#include "decode_gemm.h"
 #include "group_sample.h"
 #include "vq_lookup.h"
 #if DETAILFLOW_HAS_CUDA
@@ -160,6 +161,35 @@ static void group_sample_cpu(uintptr_t logits, int dtype, int64_t R, int64_t n_q
   });
 }
 
+// decode_gemm: x (M, K) with row stride ldx, y (M, N) with row stride ldy (unit last strides),
+// packed weights of N x K in the layout of decode_gemm.h (packed_numel elements); returns the
+// name of the inner loop used; see cpu/decode_gemm.cpp.
+static const char* decode_gemm_cpu(uintptr_t x, int64_t M, int64_t K, int64_t ldx, int dtype,
+                                   uintptr_t packed, int64_t packed_numel, int w_dtype, int64_t N,
+                                   uintptr_t y, int64_t ldy, int num_threads) {
+  DF_CHECK_PTR(x); DF_CHECK_PTR(packed); DF_CHECK_PTR(y);
+  DF_CHECK_POSITIVE(M); DF_CHECK_POSITIVE(K); DF_CHECK_POSITIVE(N);
+  DF_CHECK(M == 1 || (ldx >= K && ldy >= N), "row strides must be >= the row lengths, got ldx = "
+                                                 << ldx << " (K = " << K << "), ldy = " << ldy
+                                                 << " (N = " << N << ")");
+  const bool bf16_w = static_cast<detailflow::DType>(w_dtype) == detailflow::DType::BFloat16;
+  DF_CHECK(packed_numel == detailflow::cpu::decode_gemm_packed_numel(N, K, bf16_w),
+           "packed must hold " << detailflow::cpu::decode_gemm_packed_numel(N, K, bf16_w)
+                               << " elements for N = " << N << ", K = " << K << ", got " << packed_numel);
+  const char* variant = nullptr;
+  py::gil_scoped_release release;
+  DF_DISPATCH_FLOAT(dtype, "decode_gemm x", [&] {
+    using X = scalar_t;
+    DF_DISPATCH_FLOAT(w_dtype, "decode_gemm packed", [&] {
+      detailflow::cpu::decode_gemm<X, scalar_t>(reinterpret_cast<const X*>(x), M, K, ldx,
+                                                 reinterpret_cast<const scalar_t*>(packed), N,
+                                                 reinterpret_cast<X*>(y), ldy, num_threads);
+      variant = detailflow::cpu::decode_gemm_variant<X, scalar_t>();
+    });
+  });
+  return variant;
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "DetailFlow Engine kernels (C++/OpenMP, optional CUDA); see detailflow_engine/ops";
   m.attr("has_cpu") = true;
@@ -168,5 +198,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("cache_attention", &cache_attention_cpu, "Append K/V to a static cache, attend (CPU)");
   m.def("vq_lookup", &vq_lookup_cpu, "Gather + normalize codebook rows, project, + bias + pos (CPU)");
   m.def("code_search", &code_search_cpu, "Nearest normalized codeword per normalized latent (CPU)");
+  m.def("decode_gemm", &decode_gemm_cpu, "y = x @ W^T for few rows, W pre-packed (CPU)");
   m.def("group_sample", &group_sample_cpu, "CFG + temperature + top-k/top-p + Philox draw (CPU)");
 }

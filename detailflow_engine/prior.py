@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from detailflow_engine.config import PriorConfig
+from detailflow_engine.linear import replace_linears
 from detailflow_engine.ops.cache_attention import cache_attention
 from detailflow_engine.schedule import generation_plan
 from detailflow_ref.gpt import apply_rotary, precompute_freqs_cis_2d
@@ -157,9 +158,14 @@ class Prior(nn.Module):
         return self.config.num_classes
 
     def setup_caches(self, batch: int) -> None:
-        """Allocate the KV cache for `batch` rows (CFG doubles the rows) once; reused while it fits."""
+        """Allocate the KV cache for `batch` rows (CFG doubles the rows) once; reused while it fits.
+
+        On the CPU this also swaps the linears for pre-packed decode GEMMs (linear.py; once,
+        after loading: state-dict names and values are unchanged).
+        """
         if self.cache_batch == batch:
             return
+        replace_linears(self)
         w = self.output.weight
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch, self.config.n_kv_head, self.config.block_size,

@@ -1,0 +1,467 @@
+// decode_gemm (CPU): the prior's decode-step GEMMs, streaming pre-packed weights at memory speed.
+//
+// Formula: y[m, n] = sum_k x[m, k] * W[n, k]   (y = x @ W^T, a bias-free nn.Linear), for few
+// activation rows M (2 = batch 1 with CFG, 16 = one group of 8 with CFG; any M works, the
+// crossover with F.linear is measured in detailflow_engine/linear.py), fp32 accumulation,
+// y in x's dtype (bf16 rounded to nearest even, as torch).
+//
+// Why: at M = 2..16 the work is 2M flops per weight, so the time is the time to read W once.
+// torch's matmul reaches only 9-28 GB/s there on this CPU; a plain read runs at 45-75 GB/s.
+// Ceiling at M = 16: 16 fp32 FMA lanes per weight, and a Zen 5 core retires ~8 G zmm FMAs/s
+// (measured), i.e. ~33 GB/s of fp32 (or bf16 via vdpbf16ps) weights per core: M = 16 is
+// compute-bound near the read bandwidth, M = 2 is purely bandwidth-bound.
+//
+// Layout contract (decode_gemm.h; packed once at load by detailflow_engine/ops/decode_gemm.py):
+// W is cut into panels of 16 output rows; panel p stores, for each k (fp32) or pair of k
+// (bf16), the 16 rows' weights side by side, so one 64-byte load gives one k of 16 outputs
+// (fp32) or two k of 16 outputs (bf16). Panels are adjacent, so a thread that owns a range of
+// panels (static OpenMP split over N) reads one contiguous slice of the buffer, front to back.
+// x: (M, K) rows with stride ldx, y: (M, N) rows with stride ldy, unit last stride.
+//
+// Inner loop (per thread, per group of NP panels, per tile of MT rows of x): MT x NP zmm
+// accumulators each hold 16 outputs of one row; per k: NP weight loads, MT broadcasts of
+// x[m, k], MT x NP FMAs; no horizontal sums. x is staged once per call (split across the
+// threads) transposed to (k, m), so the MT broadcasts of one k are adjacent. Sums run in
+// blocks of 64 k (accuracy: see kBlock). M > MT: the panel group is read again per row tile,
+// from cache; the last pass prefetches the next group from DRAM (see prefetch_ahead).
+// Variants, chosen at run time (__builtin_cpu_supports; the binary runs on any x86-64):
+//   - avx512-fp32       fp32 W: vfmadd231ps. x bf16 is widened to fp32 when staged (exact).
+//   - avx512-bf16-dot   bf16 W and bf16 x, CPU with avx512_bf16: vdpbf16ps on (W pair, x pair).
+//                       Products of two bf16 are exact in fp32 and accumulate in fp32, so the
+//                       result equals the widening loop up to accumulation order, except that
+//                       vdpbf16ps flushes fp32-denormal (< 1.2e-38) inputs/products to zero.
+//                       x is already bf16, so nothing is rounded. Half the instructions of:
+//   - avx512-bf16-widen bf16 W and fp32 x (or no avx512_bf16): W widened to fp32 with a shift
+//                       and a mask (exact), fp32 FMAs. fp32 x is NOT rounded to bf16 for
+//                       vdpbf16ps: that would add a relative error of up to 2^-9 per element of
+//                       x, which the fp32 caller did not ask for.
+//   - portable          any other CPU: plain loops over the same layout (gcc vectorises them).
+// Tiling, from measurements on one Zen 5 core at M = 1..64 (NP in {1, 2}, MT <= 16): NP = 2
+// panels (2 weight streams, each x broadcast feeds 2 FMAs) and MT <= 12 rows a tile (24
+// accumulators); e.g. M = 2: 1 tile; M = 16: 2 tiles of 8; M = 64: 6 tiles of <= 11. A lone
+// last panel of a thread's range runs with NP = 1.
+//
+// Test:  python -m pytest tests/ops/test_decode_gemm.py -q
+// Bench: python benchmarks/bench_decode_gemm.py   (GB/s of weights vs F.linear and a plain read)
+#include "decode_gemm.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace detailflow::cpu {
+namespace {
+
+constexpr int kP = static_cast<int>(kDecodePanel);
+constexpr int64_t kPrefetchBytes = 4096;  // see prefetch_ahead
+// Blocked summation: each block of kBlock k sums into zeroed registers, then into a total
+// kept in L1 (MT x NP x 64 bytes, touched once a block). One long fp32 chain per output over
+// K = 2816 would err ~5x more than torch's sgemm; in blocks of 64 it is ~1x (measured).
+constexpr int64_t kBlock = 64;
+
+// One micro-kernel call: NP adjacent panels x MT rows of x, the whole K.
+struct Job {
+  const void* w;     // first panel of the group
+  int64_t pstride;   // elements from one panel to the next
+  const void* xs;    // staged x (float (k, m) or uint32 pairs (k2, m)), at this tile's first row
+  int64_t ldxs;      // = M: staged elements per k (or per pair of k)
+  int64_t ksteps;    // K (fp32 W), or ceil(K / 2) pairs (bf16 W)
+  void* y;           // y at (first row of the tile, first column of the group)
+  int64_t ldy;
+  int64_t ncols;     // valid output columns from the group's first column (<= NP * 16)
+  int64_t prefetch;  // bytes from each weight load to the line prefetched with it
+};
+using MicroFn = void (*)(const Job&);
+
+enum class Variant { Fp32, Bf16Dot, Bf16Widen, Portable };
+
+template <typename T>
+constexpr bool kIsBf16 = std::is_same_v<T, bf16>;
+
+// ------------------------------------------------------------------ staging of x
+
+// xs[k * M + m] = float(x[m, k]) for k in [k0, k1); zero for k >= K (the bf16 pad column).
+template <typename X>
+void stage_float(const X* x, int64_t M, int64_t K, int64_t ldx, float* xs, int64_t k0, int64_t k1) {
+  for (int64_t m = 0; m < M; ++m) {
+    const X* row = x + m * ldx;
+    for (int64_t k = k0; k < k1; ++k) xs[k * M + m] = k < K ? to_float(row[k]) : 0.0f;
+  }
+}
+
+// xp[k2 * M + m] = bits(x[m, 2 k2]) | bits(x[m, 2 k2 + 1]) << 16, for k2 in [k0, k1).
+void stage_pairs(const bf16* x, int64_t M, int64_t K, int64_t ldx, uint32_t* xp, int64_t k0,
+                 int64_t k1) {
+  for (int64_t m = 0; m < M; ++m) {
+    const bf16* row = x + m * ldx;
+    for (int64_t k2 = k0; k2 < k1; ++k2) {
+      const uint32_t lo = row[2 * k2].bits;
+      const uint32_t hi = 2 * k2 + 1 < K ? row[2 * k2 + 1].bits : 0u;
+      xp[k2 * M + m] = lo | (hi << 16);
+    }
+  }
+}
+
+// ------------------------------------------------------------------ portable loops
+
+template <typename Wt, typename Y>
+void portable_panel(const Wt* w, const float* xs, int64_t M, int64_t K, Y* y, int64_t ldy,
+                    int64_t ncols) {
+  for (int64_t m = 0; m < M; ++m) {
+    float total[kP] = {};
+    for (int64_t k0 = 0; k0 < K; k0 += kBlock) {  // blocked sums, as the AVX-512 loops
+      float acc[kP] = {};
+      for (int64_t k = k0; k < std::min(K, k0 + kBlock); ++k) {
+        const float xv = xs[k * M + m];
+        // fp32: w[k * 16 + j]; bf16: pairs, w[(k / 2) * 32 + 2 j + k % 2]
+        const Wt* wk = kIsBf16<Wt> ? w + (k / 2) * 2 * kP + (k % 2) : w + k * kP;
+        const int64_t step = kIsBf16<Wt> ? 2 : 1;
+#pragma omp simd
+        for (int j = 0; j < kP; ++j) acc[j] += to_float(wk[j * step]) * xv;
+      }
+      for (int j = 0; j < kP; ++j) total[j] += acc[j];
+    }
+    for (int64_t j = 0; j < ncols; ++j) from_float(total[j], y + m * ldy + j);
+  }
+}
+
+// ------------------------------------------------------------------ AVX-512 micro-kernels
+#if defined(__x86_64__)
+#define DF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,prefer-vector-width=512")))
+#define DF_AVX512_BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,fma,prefer-vector-width=512")))
+#define DF_INLINE inline __attribute__((always_inline))
+
+// gcc 12's _mm512_undefined_* (inside _mm512_cvtepi32_epi16) trips -Wmaybe-uninitialized (PR105593).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// One software prefetch per 64-byte weight line, `Job::prefetch` bytes ahead. One row tile
+// (M <= 12): 4 KB ahead in the same contiguous stream (+15-20% over the hardware prefetcher
+// alone, one Zen 5 core). Several row tiles: only the first pass over a panel group comes
+// from DRAM, so the last pass prefetches the same line of the *next* group instead, and DRAM
+// keeps streaming while the later passes compute from cache (+13% at M = 16).
+template <typename T>
+DF_AVX512 DF_INLINE void prefetch_ahead(const T* p, const Job& j) {
+  _mm_prefetch(reinterpret_cast<const char*>(p) + j.prefetch, _MM_HINT_T0);
+}
+
+DF_AVX512 DF_INLINE void store16(float* y, __m512 v, __mmask16 mk) { _mm512_mask_storeu_ps(y, mk, v); }
+
+// fp32 -> bf16 round-to-nearest-even in integer ops (torch's rounding, NaN stays quiet NaN).
+DF_AVX512 DF_INLINE void store16(bf16* y, __m512 v, __mmask16 mk) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+  _mm256_mask_storeu_epi16(y, mk, _mm512_cvtepi32_epi16(r));
+}
+
+template <typename Y, int MT, int NP>
+DF_AVX512 DF_INLINE void store_tile(const __m512 (&acc)[MT][NP], const Job& j) {
+  Y* y = static_cast<Y*>(j.y);
+#pragma GCC unroll 4
+  for (int p = 0; p < NP; ++p) {
+    const int64_t c = std::min<int64_t>(kP, j.ncols - p * kP);
+    if (c <= 0) break;
+    const __mmask16 mk = c >= kP ? __mmask16(0xffff) : __mmask16((1u << c) - 1u);
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; ++m) store16(y + m * j.ldy + p * kP, acc[m][p], mk);
+  }
+}
+
+
+template <int MT, int NP>
+DF_AVX512 DF_INLINE void zero_tile(__m512 (&acc)[MT][NP]) {
+#pragma GCC unroll 16
+  for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) acc[m][p] = _mm512_setzero_ps();
+}
+
+template <int MT, int NP>
+DF_AVX512 DF_INLINE void add_to_total(const __m512 (&acc)[MT][NP], float (&total)[MT][NP][kP], bool first) {
+#pragma GCC unroll 16
+  for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p)
+      _mm512_store_ps(total[m][p], first ? acc[m][p] : _mm512_add_ps(acc[m][p], _mm512_load_ps(total[m][p])));
+}
+
+template <typename Y, int MT, int NP>
+DF_AVX512 DF_INLINE void store_total(const float (&total)[MT][NP][kP], const Job& j) {
+  __m512 acc[MT][NP];
+#pragma GCC unroll 16
+  for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) acc[m][p] = _mm512_load_ps(total[m][p]);
+  store_tile<Y, MT, NP>(acc, j);
+}
+
+struct Fp32Micro {
+  template <typename Y, int MT, int NP>
+  DF_AVX512 static void run(const Job& j) {
+    const float* w = static_cast<const float*>(j.w);
+    const float* xs = static_cast<const float*>(j.xs);
+    alignas(64) float total[MT][NP][kP];
+    for (int64_t k0 = 0; k0 < j.ksteps; k0 += kBlock) {
+      const int64_t k1 = std::min(j.ksteps, k0 + kBlock);
+      __m512 acc[MT][NP];
+      zero_tile(acc);
+      for (int64_t k = k0; k < k1; ++k) {
+        __m512 wv[NP];
+#pragma GCC unroll 4
+        for (int p = 0; p < NP; ++p) {
+          const float* wp = w + p * j.pstride + k * kP;
+          prefetch_ahead(wp, j);
+          wv[p] = _mm512_loadu_ps(wp);
+        }
+        const float* xk = xs + k * j.ldxs;
+#pragma GCC unroll 16
+        for (int m = 0; m < MT; ++m) {
+          const __m512 b = _mm512_set1_ps(xk[m]);
+#pragma GCC unroll 4
+          for (int p = 0; p < NP; ++p) acc[m][p] = _mm512_fmadd_ps(wv[p], b, acc[m][p]);
+        }
+      }
+      add_to_total(acc, total, k0 == 0);
+    }
+    store_total<Y, MT, NP>(total, j);
+  }
+};
+
+// bf16 pairs widened in registers: the low half of each 32-bit lane is W[n, 2 k2], the high
+// half W[n, 2 k2 + 1]; a bf16 is the top 16 bits of the fp32 of the same value.
+struct Bf16WidenMicro {
+  template <typename Y, int MT, int NP>
+  DF_AVX512 static void run(const Job& j) {
+    const uint16_t* w = static_cast<const uint16_t*>(j.w);
+    const float* xs = static_cast<const float*>(j.xs);
+    const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+    alignas(64) float total[MT][NP][kP];
+    for (int64_t k0 = 0; k0 < j.ksteps; k0 += kBlock / 2) {
+      const int64_t k1 = std::min(j.ksteps, k0 + kBlock / 2);
+      __m512 acc[MT][NP];
+      zero_tile(acc);
+      for (int64_t k2 = k0; k2 < k1; ++k2) {
+        __m512 even[NP], odd[NP];
+#pragma GCC unroll 4
+        for (int p = 0; p < NP; ++p) {
+          const uint16_t* wp = w + p * j.pstride + k2 * 2 * kP;
+          prefetch_ahead(wp, j);
+          const __m512i raw = _mm512_loadu_si512(wp);
+          even[p] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+          odd[p] = _mm512_castsi512_ps(_mm512_and_si512(raw, hi_mask));
+        }
+        const float* x0 = xs + 2 * k2 * j.ldxs;
+        const float* x1 = x0 + j.ldxs;
+#pragma GCC unroll 16
+        for (int m = 0; m < MT; ++m) {
+          const __m512 b0 = _mm512_set1_ps(x0[m]);
+          const __m512 b1 = _mm512_set1_ps(x1[m]);
+#pragma GCC unroll 4
+          for (int p = 0; p < NP; ++p)
+            acc[m][p] = _mm512_fmadd_ps(odd[p], b1, _mm512_fmadd_ps(even[p], b0, acc[m][p]));
+        }
+      }
+      add_to_total(acc, total, k0 == 0);
+    }
+    store_total<Y, MT, NP>(total, j);
+  }
+};
+
+// vdpbf16ps: acc[i] += W[n_i, 2k2] x[m, 2k2] + W[n_i, 2k2+1] x[m, 2k2+1], x pair broadcast.
+struct Bf16DotMicro {
+  template <typename Y, int MT, int NP>
+  DF_AVX512_BF16 static void run(const Job& j) {
+    const uint16_t* w = static_cast<const uint16_t*>(j.w);
+    const uint32_t* xp = static_cast<const uint32_t*>(j.xs);
+    alignas(64) float total[MT][NP][kP];
+    for (int64_t k0 = 0; k0 < j.ksteps; k0 += kBlock / 2) {
+      const int64_t k1 = std::min(j.ksteps, k0 + kBlock / 2);
+      __m512 acc[MT][NP];
+      zero_tile(acc);
+      for (int64_t k2 = k0; k2 < k1; ++k2) {
+        __m512bh wv[NP];
+#pragma GCC unroll 4
+        for (int p = 0; p < NP; ++p) {
+          const uint16_t* wp = w + p * j.pstride + k2 * 2 * kP;
+          prefetch_ahead(wp, j);
+          wv[p] = (__m512bh)_mm512_loadu_si512(wp);
+        }
+        const uint32_t* xk = xp + k2 * j.ldxs;
+#pragma GCC unroll 16
+        for (int m = 0; m < MT; ++m) {
+          const __m512bh b = (__m512bh)_mm512_set1_epi32(static_cast<int>(xk[m]));
+#pragma GCC unroll 4
+          for (int p = 0; p < NP; ++p) acc[m][p] = _mm512_dpbf16_ps(acc[m][p], wv[p], b);
+        }
+      }
+      add_to_total(acc, total, k0 == 0);
+    }
+    store_total<Y, MT, NP>(total, j);
+  }
+};
+
+// Rows of x per tile: 2 x 12 accumulators + the weight and broadcast registers fit in 32 zmm.
+constexpr int kMaxRows = 12;
+
+template <typename Micro, typename Y, int NP, size_t... I>
+constexpr std::array<MicroFn, sizeof...(I)> micro_row(std::index_sequence<I...>) {
+  return {{&Micro::template run<Y, static_cast<int>(I) + 1, NP>...}};
+}
+
+template <typename Micro, typename Y>
+MicroFn micro_for(int np, int mt) {
+  static constexpr auto r1 = micro_row<Micro, Y, 1>(std::make_index_sequence<kMaxRows>());
+  static constexpr auto r2 = micro_row<Micro, Y, 2>(std::make_index_sequence<kMaxRows>());
+  return np == 2 ? r2[mt - 1] : r1[mt - 1];
+}
+#pragma GCC diagnostic pop
+#endif  // __x86_64__
+
+bool cpu_has_avx512() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512_bf16() {
+#if defined(__x86_64__)
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+template <typename X, typename Wt>
+Variant pick_variant() {
+  static const bool avx512 = cpu_has_avx512();
+  static const bool dot = cpu_has_avx512_bf16();
+  if (!avx512) return Variant::Portable;
+  if constexpr (!kIsBf16<Wt>) return Variant::Fp32;
+  return kIsBf16<X> && dot ? Variant::Bf16Dot : Variant::Bf16Widen;
+}
+
+// The tile plan for M rows: NP panels per micro-call, and M split into equal-ish row tiles.
+struct Tiles {
+  int np;
+  int64_t count, rows;  // `count` tiles of `rows` rows (the last may be shorter)
+};
+
+// Two panels per call always (each x broadcast feeds 2 FMAs; 2 streams for the prefetcher);
+// at most 12 rows a tile. M = 16 -> 2 tiles of 8, M = 64 -> 6 tiles of 11 (the last 9).
+Tiles plan_tiles(int64_t M) {
+  const int64_t count = (M + kMaxRows - 1) / kMaxRows;
+  return {2, count, (M + count - 1) / count};
+}
+
+}  // namespace
+
+template <typename X, typename Wt>
+const char* decode_gemm_variant() {
+  switch (pick_variant<X, Wt>()) {
+    case Variant::Fp32: return "avx512-fp32";
+    case Variant::Bf16Dot: return "avx512-bf16-dot";
+    case Variant::Bf16Widen: return "avx512-bf16-widen";
+    default: return "portable";
+  }
+}
+
+template <typename X, typename Wt>
+void decode_gemm(const X* x, int64_t M, int64_t K, int64_t ldx, const Wt* packed, int64_t N,
+                 X* y, int64_t ldy, int num_threads) {
+  const Variant variant = pick_variant<X, Wt>();
+  const bool pairs = variant == Variant::Bf16Dot;
+  const int64_t Kp = kIsBf16<Wt> ? (K + 1) / 2 * 2 : K;  // packed k extent (bf16: even)
+  const int64_t pstride = Kp * kP;
+  const int64_t panels = (N + kP - 1) / kP;
+  const int64_t stage_steps = pairs ? Kp / 2 : Kp;  // staged k steps (pairs or single k)
+  const int64_t ksteps = kIsBf16<Wt> ? Kp / 2 : Kp;
+  const Tiles tiles = plan_tiles(M);
+
+  // Staged x: float (Kp, M) or uint32 pairs (Kp / 2, M); 4 bytes per element either way.
+  thread_local std::vector<float> stage_buf;
+  if (stage_buf.size() < static_cast<size_t>(stage_steps * M)) stage_buf.resize(stage_steps * M);
+  float* xs = stage_buf.data();
+
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, panels)));
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    {
+      const int64_t k0 = stage_steps * t / T, k1 = stage_steps * (t + 1) / T;
+      if constexpr (kIsBf16<X>) {
+        if (pairs) {
+          stage_pairs(x, M, K, ldx, reinterpret_cast<uint32_t*>(xs), k0, k1);
+        } else {
+          stage_float(x, M, K, ldx, xs, k0, k1);
+        }
+      } else {
+        stage_float(x, M, K, ldx, xs, k0, k1);
+      }
+    }
+#pragma omp barrier
+    // Static split over panels: thread t streams panels [p0, p1), one contiguous slice.
+    const int64_t p0 = panels * t / T, p1 = panels * (t + 1) / T;
+    if (variant == Variant::Portable) {
+      for (int64_t p = p0; p < p1; ++p)
+        portable_panel(packed + p * pstride, xs, M, K, y + p * kP, ldy,
+                       std::min<int64_t>(kP, N - p * kP));
+    } else {
+#if defined(__x86_64__)
+      for (int64_t p = p0; p < p1; p += tiles.np) {
+        const int np = static_cast<int>(std::min<int64_t>(tiles.np, p1 - p));
+        for (int64_t m0 = 0; m0 < M; m0 += tiles.rows) {
+          const int mt = static_cast<int>(std::min<int64_t>(tiles.rows, M - m0));
+          MicroFn fn;
+          if (variant == Variant::Fp32) {
+            fn = micro_for<Fp32Micro, X>(np, mt);
+          } else if (variant == Variant::Bf16Dot) {
+            fn = micro_for<Bf16DotMicro, X>(np, mt);
+          } else {
+            fn = micro_for<Bf16WidenMicro, X>(np, mt);
+          }
+          const bool next_group = tiles.count > 1 && m0 + tiles.rows >= M;  // last of several passes
+          const Job job{packed + p * pstride, pstride,
+                        pairs ? static_cast<const void*>(reinterpret_cast<const uint32_t*>(xs) + m0)
+                              : static_cast<const void*>(xs + m0),
+                        M, ksteps, y + m0 * ldy + p * kP, ldy, N - p * kP,
+                        next_group ? np * pstride * static_cast<int64_t>(sizeof(Wt)) : kPrefetchBytes};
+          fn(job);
+        }
+      }
+#endif
+    }
+  }
+}
+
+template void decode_gemm<float, float>(const float*, int64_t, int64_t, int64_t, const float*,
+                                        int64_t, float*, int64_t, int);
+template void decode_gemm<float, bf16>(const float*, int64_t, int64_t, int64_t, const bf16*,
+                                       int64_t, float*, int64_t, int);
+template void decode_gemm<bf16, float>(const bf16*, int64_t, int64_t, int64_t, const float*,
+                                       int64_t, bf16*, int64_t, int);
+template void decode_gemm<bf16, bf16>(const bf16*, int64_t, int64_t, int64_t, const bf16*,
+                                      int64_t, bf16*, int64_t, int);
+template const char* decode_gemm_variant<float, float>();
+template const char* decode_gemm_variant<float, bf16>();
+template const char* decode_gemm_variant<bf16, float>();
+template const char* decode_gemm_variant<bf16, bf16>();
+
+}  // namespace detailflow::cpu

@@ -1,0 +1,184 @@
+"""decode_gemm (y = x @ W^T on a pre-packed W, few rows) vs decode_gemm_ref; DecodeLinear swap."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from detailflow_engine.linear import DecodeLinear, replace_linears
+from detailflow_engine.ops import _dispatch
+from detailflow_engine.ops.decode_gemm import PANEL, decode_gemm, decode_gemm_ref, pack_weight, tolerance
+
+F32, BF16 = torch.float32, torch.bfloat16
+needs_cpu_kernels = pytest.mark.skipif(
+    not (_dispatch.has_cpu_kernels() and hasattr(_dispatch.extension(), "decode_gemm")),
+    reason="the _C extension with the decode_gemm CPU kernel is not built")
+
+
+def make(M, N, K, x_dtype=F32, w_dtype=F32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(M, K, generator=g).to(x_dtype), torch.randn(N, K, generator=g).to(w_dtype)
+
+
+def check(x, w, *, out=None, packed=None):
+    """STYLE 5 rule against the fp32 reference; bf16 outputs also within 1 ulp of it."""
+    ref32 = decode_gemm_ref(x.float(), w)  # reference first, fp32 output (not rounded to x's dtype)
+    result = decode_gemm(x, packed or pack_weight(w), out=out)
+    if out is not None:
+        assert result is out
+    assert result.shape == (*x.shape[:-1], w.shape[0]) and result.dtype == x.dtype
+    # torch at the kernel's own precision: F.linear in the common dtype (mixed dtypes: fp32 math
+    # rounded to x's dtype, i.e. decode_gemm_ref)
+    lowp = F.linear(x, w) if x.dtype == w.dtype else decode_gemm_ref(x, w)
+    err = (result.float() - ref32).abs()
+    lowp_err = (lowp.float() - ref32).abs().max().item() if ref32.numel() else 0.0
+    atol, rtol = tolerance(x.dtype)
+    scale = ref32.abs().max().item() if ref32.numel() else 0.0
+    bound = 2 * lowp_err + atol + rtol * scale
+    if err.numel():
+        assert err.max().item() <= bound, (f"max|kernel-ref32|={err.max().item():.3g} mean={err.mean().item():.3g} "
+                                           f"> bound {bound:.3g} (max|torch_lowp-ref32|={lowp_err:.3g})")
+    if x.dtype == BF16 and err.numel():
+        # an fp32 sum of the same exact products, rounded once to bf16: within 1/2 ulp of ref32
+        # (<= 2^-8 |y|) plus the accumulation-order difference (~1e-6 of max|y|); 1 ulp allowed
+        excess = (err - (2 ** -7 * ref32.abs() + 1e-5 * scale)).max().item()
+        assert excess <= 0, f"bf16 output differs from the reference by more than 1 ulp (excess {excess:.3g})"
+    return result
+
+
+# (M, N, K): M tiles hold <= 12 rows, panels 16 rows, bf16 packs k in pairs.
+SHAPES = [
+    pytest.param(1, 1, 1, id="smallest"),
+    pytest.param(1, 7, 19, id="M1-odd"),
+    pytest.param(2, 19, 33, id="M2-odd"),
+    pytest.param(3, 33, 7, id="M3-K7"),
+    pytest.param(5, 111, 769, id="M5-N111-K769"),
+    pytest.param(13, 17, 111, id="M13-two-tiles"),
+    pytest.param(16, 48, 64, id="M16-two-tiles"),
+    pytest.param(33, 19, 33, id="M33-three-tiles"),
+    pytest.param(64, 769, 19, id="M64-six-tiles"),
+    pytest.param(2, 3072, 1024, id="real-wqkv-M2"),
+    pytest.param(16, 1024, 2816, id="real-w2-M16"),
+    pytest.param(16, 8192, 1024, id="real-output-M16"),
+]
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_matches_reference(M, N, K, dtype):
+    check(*make(M, N, K, dtype, dtype))
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [(F32, BF16), (BF16, F32)], ids=["x32-wbf16", "xbf16-w32"])
+@pytest.mark.parametrize("M,N,K", [(1, 7, 19), (2, 33, 111), (16, 40, 769)])
+def test_mixed_dtypes(M, N, K, x_dtype, w_dtype):
+    check(*make(M, N, K, x_dtype, w_dtype))
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_packed_layout_is_exact(dtype):
+    """The documented layout, values bit-exact, zero padding (N 19 -> 32 rows, bf16 K 7 -> 8)."""
+    N, K = 19, 7
+    w = torch.randn(N, K).to(dtype)
+    p = pack_weight(w)
+    np_, kp = -(-N // PANEL), K + (K % 2 if dtype == BF16 else 0)
+    padded = torch.zeros(np_ * PANEL, kp, dtype=dtype)
+    padded[:N, :K] = w
+    if dtype == F32:  # packed[p, k, j] = W[16 p + j, k]
+        assert p.packed.shape == (np_, K, PANEL)
+        unpacked = p.packed.transpose(1, 2).reshape(np_ * PANEL, K)
+    else:  # packed[p, k2, j, t] = W[16 p + j, 2 k2 + t]
+        assert p.packed.shape == (np_, kp // 2, PANEL, 2)
+        unpacked = p.packed.permute(0, 2, 1, 3).reshape(np_ * PANEL, kp)
+    assert p.packed.is_contiguous() and torch.equal(unpacked, padded)
+    assert (p.N, p.K, p.dtype) == (N, K, dtype) and p.weight.data_ptr() == w.data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_strided_x_leading_dims_and_out(dtype):
+    """x as a slice of a wider tensor (row stride > K, and a non-unit last stride), (B, n, K)
+    inputs, out= given contiguous and transposed."""
+    N, K = 40, 33
+    _, w = make(1, N, K, dtype, dtype)
+    packed = pack_weight(w)
+    wide = torch.randn(6, 2 * K + 3).to(dtype)
+    check(wide[:, 3:K + 3], w, packed=packed)  # row stride 2K + 3
+    check(wide[:, ::2][:, :K], w, packed=packed)  # last stride 2
+    check(torch.randn(2, 8, K).to(dtype), w, packed=packed)
+    out = torch.full((5, N), float("nan"), dtype=dtype)
+    check(torch.randn(5, K).to(dtype), w, packed=packed, out=out)
+    out_t = torch.full((N, 5), float("nan"), dtype=dtype).t()
+    check(torch.randn(5, K).to(dtype), w, packed=packed, out=out_t)
+    x_row_broadcast = torch.randn(1, K).to(dtype).expand(4, K)  # row stride 0
+    check(x_row_broadcast, w, packed=packed)
+
+
+def test_zero_rows_and_inference_mode():
+    x, w = make(0, 9, 5)
+    assert decode_gemm(x, pack_weight(w)).shape == (0, 9)
+    with torch.inference_mode():
+        check(*make(3, 20, 17, BF16, BF16))
+
+
+def test_opcheck():
+    x, w = make(3, 20, 17)
+    p = pack_weight(w)
+    torch.library.opcheck(torch.ops.detailflow.decode_gemm.default, (x, p.packed, w, torch.empty(3, 20)))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpu_kernels)])
+def test_forced_backend(backend, monkeypatch):
+    monkeypatch.setenv(_dispatch.BACKEND_ENV, backend)
+    check(*make(16, 40, 66, BF16, BF16))
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_decode_linear_swap(dtype):
+    """replace_linears keeps the state dict; few rows run the kernel, many rows F.linear
+    (exactly), and a changed weight is repacked."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(33, 40, bias=False), nn.Linear(40, 7, bias=True)).to(dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    replace_linears(model, max_rows=8)
+    assert type(model[0]) is DecodeLinear and type(model[1]) is nn.Linear  # biased ones stay
+    after = model.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
+    with torch.no_grad():
+        x = torch.randn(2, 4, 33).to(dtype)  # 8 rows: the kernel
+        check(x, model[0].weight.detach(), packed=model[0]._packed)
+        y = model[0](x)
+        assert (y.float() - F.linear(x, model[0].weight).float()).abs().max() <= 2 ** -6 * y.float().abs().max()
+        x_big = torch.randn(9, 33).to(dtype)  # 9 rows: F.linear
+        assert torch.equal(model[0](x_big), F.linear(x_big, model[0].weight))
+        model[0].weight.mul_(2)  # in place: the packed copy must follow
+        torch.testing.assert_close(model[0](x), F.linear(x, model[0].weight), atol=1e-4, rtol=2e-2)
+        model.load_state_dict(before)
+        torch.testing.assert_close(model[0](x), y, atol=0, rtol=0)
+
+
+def _bad(**overrides):
+    x, w = make(2, 5, 7)
+    args = dict(x=x, packed=pack_weight(w))
+    args.update(overrides)
+    out = args.pop("out", None)
+    return lambda: decode_gemm(args["x"], args["packed"], out=out)
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (_bad(packed=torch.randn(5, 7)), TypeError, "`packed` must be a PackedWeight"),
+    (_bad(x=[1.0] * 7), TypeError, "`x` must be a torch.Tensor"),
+    (_bad(x=torch.randn(2, 8)), ValueError, r"`x` must be float32 or bfloat16 of shape \(..., K\) with K = 7, got \(2, 8\)"),
+    (_bad(x=torch.randn(2, 7, dtype=torch.float16)), ValueError, "`x` must be float32 or bfloat16"),
+    (_bad(x=torch.randn(2, 7, device="meta")), ValueError, "`x` must be on the device of `packed`"),
+    (_bad(out=torch.empty(2, 4)), ValueError, r"`out` must be float32 of shape \(2, 5\)"),
+    (_bad(out=torch.empty(2, 5, dtype=torch.bfloat16)), ValueError, "`out` must be float32"),
+    (lambda: pack_weight(torch.randn(5)), ValueError, r"`weight` must be float32 or bfloat16 of shape \(N, K\)"),
+    (lambda: pack_weight(torch.randn(5, 0)), ValueError, "with N, K >= 1"),
+    (lambda: pack_weight(torch.randn(5, 7, dtype=torch.float16)), ValueError, "`weight` must be float32 or bfloat16"),
+    (lambda: pack_weight(None), TypeError, "`weight` must be a torch.Tensor"),
+])
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
