@@ -4,9 +4,12 @@ gpt-fast's quantize.py shape: `DecodeLinear` holds the same weight Parameter (st
 values unchanged) plus a packed copy for the decode GEMM, and `replace_linears(model)` swaps every
 bias-free nn.Linear of a model for one. A call with at most `max_rows` rows (all leading dims
 together) runs `decode_gemm`; more rows run F.linear (torch's matmul, oneDNN/MKL), which wins
-once the product is compute-bound. The crossover was measured with
-`python benchmarks/bench_decode_gemm.py --crossover` (GPT-L shapes, 2 threads, see there):
-ours vs F.linear, summed over the 5 GPT-L matrices.
+once the product is compute-bound. Crossover, measured with
+`python benchmarks/bench_decode_gemm.py --crossover` (sum over the 5 GPT-L matrices, 2 Zen 5
+threads, torch 2.13, quiet machine): F.linear time / ours, bf16: 2.00x at M = 16, 1.32x at 64,
+1.03x at 128, 1.07x at 192, 0.95x at 256 -> 192; fp32 (MKL's sgemm is slow on this CPU):
+3.79x at 16, 2.27x at 128, 2.07x at 256 -> 256, the largest M measured. The prior's group
+steps have M = 16 B with CFG, so both cover batch 8 and fp32 covers batch 16.
 
 The packed copy costs one more copy of each swapped weight in memory (the original stays for
 the state dict and the F.linear path). It is rebuilt lazily when the weight's storage, dtype or
@@ -26,7 +29,7 @@ from detailflow_engine.ops.decode_gemm import PackedWeight, decode_gemm, pack_we
 __all__ = ["DecodeLinear", "replace_linears", "MAX_ROWS"]
 
 # Largest row count that decode_gemm runs, per weight dtype: measured crossover with F.linear.
-MAX_ROWS: Dict[torch.dtype, int] = {torch.float32: 128, torch.bfloat16: 64}
+MAX_ROWS: Dict[torch.dtype, int] = {torch.float32: 256, torch.bfloat16: 192}
 
 
 def _weight_key(w: torch.Tensor) -> tuple:

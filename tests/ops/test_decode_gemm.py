@@ -58,6 +58,7 @@ SHAPES = [
     pytest.param(16, 48, 64, id="M16-two-tiles"),
     pytest.param(33, 19, 33, id="M33-three-tiles"),
     pytest.param(64, 769, 19, id="M64-six-tiles"),
+    pytest.param(256, 33, 65, id="M256-crossover"),  # linear.MAX_ROWS sends up to 256 rows here
     pytest.param(2, 3072, 1024, id="real-wqkv-M2"),
     pytest.param(16, 1024, 2816, id="real-w2-M16"),
     pytest.param(16, 8192, 1024, id="real-output-M16"),
