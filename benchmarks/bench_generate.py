@@ -2,14 +2,21 @@
 
 Same random weights at DetailFlow-16 size (GPT-L prior, SigLIP2-base decoder at 256 px), same
 labels, CFG 1.45, greedy (top_k=1) so both make the same tokens; generation + decode per image,
-timed in one process. Prints a table row per batch size: seconds per image, the ratio, peak RSS,
-and the engine's fraction of the weight-bandwidth floor measured in the same run.
+timed in one process. Prints a table row per batch size: time per image, images/s, the ratio,
+token agreement, and the engine's distance from two floors measured in the same run:
+  - weight floor: steps x prior weights streamed once per step / measured read bandwidth;
+  - matmul floor: the FLOPs of the prior (all positions, CFG rows) and of the decoder's GEMMs /
+    the measured dense matmul rate of this dtype.
 
-    python benchmarks/bench_generate.py --batch 1 8
+    python benchmarks/bench_generate.py --batch 1 8                       # CPU, fp32
+    python benchmarks/bench_generate.py --device cuda --dtype bf16 --batch 1 32 256
+    python benchmarks/bench_generate.py --device cuda --dtype bf16 --reference compile --skip-engine
+    python benchmarks/bench_generate.py --device cuda --dtype bf16 --no-cuda-graphs
 """
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import sys
 import time
@@ -18,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._timing import read_bandwidth_gbs  # noqa: E402
+from benchmarks._timing import bench, read_bandwidth_gbs  # noqa: E402
 from detailflow_engine.pipeline import DetailFlowPipeline  # noqa: E402
 from detailflow_engine.presets import preset_configs, randomize_  # noqa: E402
 from detailflow_engine.prior import Prior, step_plan  # noqa: E402
@@ -32,7 +39,7 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
-def build(preset: str, dtype: torch.dtype, seed: int):
+def build(preset: str, dtype: torch.dtype, seed: int, device: torch.device, ref_dtype: torch.dtype):
     pcfg, tcfg = preset_configs(preset)
     ref_prior = randomize_(Transformer(pcfg), seed).eval()
     ref_tok = randomize_(VQModel(tcfg), seed + 1).eval()
@@ -40,51 +47,130 @@ def build(preset: str, dtype: torch.dtype, seed: int):
     prior.load_state_dict(ref_prior.state_dict())
     tok = Tokenizer(tcfg)
     tok.load_state_dict(ref_tok.state_dict())
-    pipe = DetailFlowPipeline(prior.to(dtype).eval(), tok.to(dtype).eval())
+    pipe = DetailFlowPipeline(prior.to(device=device, dtype=dtype).eval(), tok.to(device=device, dtype=dtype).eval())
+    ref_prior = ref_prior.to(device=device, dtype=ref_dtype).requires_grad_(False)
+    ref_tok = ref_tok.to(device=device, dtype=ref_dtype).requires_grad_(False)
     return ref_prior, ref_tok, pipe
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats: int):
+    times, out = [], None
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2], out
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
+    """Dense matmul rate of this device and dtype, measured now (random data)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = bench(lambda: a @ b, device=str(device), target_s=0.5 if device.type == "cuda" else 1.0)
+    return 2 * n ** 3 / t.median_s / 1e12
+
+
+def flops_per_image(pipe, cfg_scale: float) -> float:
+    """Prior: 2 x streamed weights x positions (x2 rows with CFG) + attention; decoder: its linears."""
+    pc = pipe.prior.config
+    rows = 2 if cfg_scale > 1 else 1
+    lin = sum(p.numel() for n, p in pipe.prior.named_parameters() if p.dim() == 2 and "embed" not in n)
+    positions = pc.block_size + 1
+    attn = 4 * pc.n_layer * pc.dim * positions * positions / 2  # QK^T and PV over the causal half
+    prior = rows * (2 * lin * positions + attn)
+    dec = pipe.tokenizer.decoder
+    dec_lin = sum(m.weight.numel() for m in dec.modules() if isinstance(m, torch.nn.Linear))
+    size = pipe.tokenizer.schedule.decode_size(pc.block_size)
+    n_tokens = (size // dec.patch_size) ** 2 + pc.block_size
+    return prior + 2 * dec_lin * n_tokens
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="detailflow16")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--reference-dtype", default=None, choices=["fp32", "bf16"],
+                    help="default: fp32 on the CPU (the official dtype), the engine's dtype on CUDA")
     ap.add_argument("--cfg-scale", type=float, default=1.45)
-    ap.add_argument("--skip-reference", action="store_true")
-    ap.add_argument("--repeats", type=int, default=2, help="engine repeats (median); the reference runs once")
+    ap.add_argument("--reference", default="eager", choices=["eager", "compile", "none"])
+    ap.add_argument("--skip-reference", action="store_true", help="same as --reference none")
+    ap.add_argument("--skip-engine", action="store_true")
+    ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--repeats", type=int, default=None, help="engine repeats (median); default 2 on CPU, 5 on CUDA")
+    ap.add_argument("--json", default=None, help="also append one JSON object per row to this file")
     args = ap.parse_args()
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    device = torch.device(args.device)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    dtype = dtypes[args.dtype]
+    ref_dtype = dtypes[args.reference_dtype] if args.reference_dtype else (dtype if device.type == "cuda" else torch.float32)
+    reference = "none" if args.skip_reference else args.reference
+    repeats = args.repeats or (5 if device.type == "cuda" else 2)
     torch.manual_seed(0)
-    ref_prior, ref_tok, pipe = build(args.preset, dtype, 0)
+    ref_prior, ref_tok, pipe = build(args.preset, dtype, 0, device, ref_dtype)
+    pipe.prior.cuda_graphs = not args.no_cuda_graphs
+    if reference == "compile":
+        ref_prior = torch.compile(ref_prior, dynamic=True)
     pcfg = pipe.prior.config
     weight_bytes = sum(p.numel() * p.element_size() for n, p in pipe.prior.named_parameters()
                        if "embed" not in n)  # streamed per step (embeddings are gathered, not streamed)
     steps = len(step_plan(pcfg))
-    bw = read_bandwidth_gbs()
-    print(f"# preset={args.preset} dtype={args.dtype} threads={torch.get_num_threads()} steps={steps} "
-          f"prior weights streamed/step={weight_bytes / 1e6:.0f} MB read_bw={bw:.1f} GB/s")
-    print("| batch | engine s/img | reference s/img | ratio | tokens equal | floor s/img | engine/floor | peak RSS GB |")
-    print("|---|---|---|---|---|---|---|---|")
+    bw = read_bandwidth_gbs(str(device), nbytes=(2 << 30) if device.type == "cuda" else (512 << 20))
+    tflops = matmul_tflops(device, dtype)
+    flops = flops_per_image(pipe, args.cfg_scale)
+    graphs = "graphs" if (device.type == "cuda" and pipe.prior.cuda_graphs) else "no graphs"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+    print(f"# {name} preset={args.preset} dtype={args.dtype} reference={reference}/{str(ref_dtype)[6:]} "
+          f"{graphs} steps={steps} prior weights streamed/step={weight_bytes / 1e6:.0f} MB "
+          f"read_bw={bw:.1f} GB/s matmul={tflops:.1f} TFLOP/s flops/img={flops / 1e9:.1f} G")
+    print("| batch | engine ms/img | engine img/s | reference ms/img | reference img/s | ratio | tokens equal "
+          "| weight floor ms/img | floor/engine | matmul floor ms/img | matmul/engine | peak RSS GB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for b in args.batch:
         labels = [(7 * i + 3) % pcfg.num_classes for i in range(b)]
-        pipe.generate(labels[:1], cfg_scale=args.cfg_scale, top_k=1, num_tokens=pcfg.causal_num)  # warm-up
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            out = pipe.generate(labels, cfg_scale=args.cfg_scale, top_k=1)
-            times.append(time.perf_counter() - t0)
-        eng = sorted(times)[len(times) // 2] / b
+        eng, out = float("nan"), None
+        if not args.skip_engine:
+            pipe.generate(labels, cfg_scale=args.cfg_scale, top_k=1)  # warm-up (captures the graphs)
+            eng, out = timed(lambda: pipe.generate(labels, cfg_scale=args.cfg_scale, top_k=1), device, repeats)
+            eng /= b
         ref_s, equal = float("nan"), "-"
-        if not args.skip_reference:
-            with torch.inference_mode():
-                t0 = time.perf_counter()
-                tokens = ref_generate(ref_prior, torch.tensor(labels), cfg_scale=args.cfg_scale, top_k=1)
-                ref_tok.decode_code(tokens)
-                ref_s = (time.perf_counter() - t0) / b
-            equal = f"{(tokens == out.tokens).float().mean().item() * 100:.1f}%"
+        if reference != "none":
+            lab = torch.tensor(labels, device=device)
+
+            def run_ref():
+                with torch.inference_mode():
+                    toks = ref_generate(ref_prior, lab, cfg_scale=args.cfg_scale, top_k=1)
+                    ref_tok.decode_code(toks)
+                return toks
+
+            if device.type == "cuda" or reference == "compile":
+                run_ref()  # warm-up (and compilation)
+            ref_s, tokens = timed(run_ref, device, 1 if device.type == "cpu" else 3)
+            ref_s /= b
+            if out is not None:
+                equal = f"{(tokens.cpu() == out.tokens.cpu()).float().mean().item() * 100:.1f}%"
         floor = steps * weight_bytes / (bw * 1e9) / b
-        print(f"| {b} | {eng:.3f} | {ref_s:.3f} | {ref_s / eng:.2f}x | {equal} | {floor:.3f} | "
-              f"{floor / eng * 100:.0f}% | {peak_rss_gb():.1f} |", flush=True)
+        mm_floor = flops / (tflops * 1e12)
+        row = dict(batch=b, engine_ms=eng * 1e3, engine_ips=1 / eng, reference_ms=ref_s * 1e3,
+                   reference_ips=1 / ref_s, ratio=ref_s / eng, tokens_equal=equal, weight_floor_ms=floor * 1e3,
+                   weight_frac=floor / eng, matmul_floor_ms=mm_floor * 1e3, matmul_frac=mm_floor / eng,
+                   device=name, dtype=args.dtype, reference=reference, graphs=graphs, read_bw_gbs=bw,
+                   matmul_tflops=tflops)
+        print(f"| {b} | {eng * 1e3:.3f} | {1 / eng:.1f} | {ref_s * 1e3:.3f} | {1 / ref_s:.1f} | {ref_s / eng:.2f}x "
+              f"| {equal} | {floor * 1e3:.3f} | {floor / eng * 100:.0f}% | {mm_floor * 1e3:.3f} "
+              f"| {mm_floor / eng * 100:.0f}% | {peak_rss_gb():.1f} |", flush=True)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

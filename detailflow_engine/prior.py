@@ -152,6 +152,10 @@ class Prior(nn.Module):
         self.freqs_cis = precompute_freqs_cis_2d(config.block_size, config.group_size, config.head_dim,
                                                  config.rope_base, config.cls_token_num)
         self.cache_batch = 0
+        # CUDA graphs of the decode steps (cuda_graphs.py): on by default on the GPU; the
+        # graphs hold the KV cache's addresses, so setup_caches drops them when it reallocates.
+        self.cuda_graphs = True
+        self.step_graphs = None
 
     @property
     def null_class(self) -> int:
@@ -172,6 +176,7 @@ class Prior(nn.Module):
                                                self.config.head_dim, w.dtype, w.device)
         self.freqs_cis = self.freqs_cis.to(w.device)
         self.cache_batch = batch
+        self.step_graphs = None
 
     def step_embeddings(self, labels: torch.Tensor, tokens: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Input embeddings of sequence positions [start, stop) -> (B, stop - start, dim).
@@ -198,6 +203,21 @@ class Prior(nn.Module):
                 parts.append(self.tok_embeddings(tokens[:, q - g:stop - g]))
                 q = stop
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def step_logits(self, labels: torch.Tensor, tokens: torch.Tensor, step: Step) -> torch.Tensor:
+        """Logits (B, n, V) fp32 of one decode step: embed its positions, run them through the cache.
+
+        On the GPU with ``cuda_graphs`` the step replays a captured CUDA graph (one per step and
+        cache batch, captured on first use); the result is then a static buffer that the next
+        step overwrites: consume (or clone) it first.
+        """
+        if self.cuda_graphs and labels.is_cuda:
+            from detailflow_engine.cuda_graphs import StepGraphs
+
+            if self.step_graphs is None:
+                self.step_graphs = StepGraphs(self)
+            return self.step_graphs.run(labels, tokens, step)
+        return self.forward_step(self.step_embeddings(labels, tokens, step.start, step.stop), step.start)
 
     def forward_step(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Run new positions [start, start + n) through the model; x: (B, n, dim) -> logits (B, n, V) fp32."""
