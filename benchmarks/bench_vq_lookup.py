@@ -8,6 +8,14 @@ achieved bandwidth, bytes = B*T*C*out_elt (output) + T*C*w_elt (pos_embed) + B*T
 (codes + gathered rows) + C*(D+1)*w_elt (weight, bias).
 
   python benchmarks/bench_vq_lookup.py [--batch 1 16 64] [--width 768 1152] [--dtype float32 bfloat16]
+
+CUDA (csrc/cuda/vq_lookup.cu vs the same torch composition on the GPU, CUDA-event timing):
+  python benchmarks/bench_vq_lookup.py --device cuda --quick    # < 20 s: C = 1024, B = 1, 256 bf16 + one fp32 line
+  python benchmarks/bench_vq_lookup.py --device cuda            # B = 1..256, C = 768 / 1024 / 1152, bf16 + fp32 line
+On CUDA each line gives our op as called (`op`: the wrapper's code range check reads the codes'
+min/max back to the host, one synchronization, skipped inside CUDA graphs), our kernel alone
+(`kernel`: the backend on a preallocated out, what a captured graph replays), the torch
+composition, the ratio torch / kernel, and the kernel's GB/s (same bytes formula).
 """
 from __future__ import annotations
 
@@ -23,24 +31,85 @@ from _timing import bench  # noqa: E402
 from detailflow_engine.ops import _dispatch  # noqa: E402
 from detailflow_engine.ops.vq_lookup import tolerance, vq_lookup, vq_lookup_ref  # noqa: E402
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _ms(t) -> str:
     return f"{t.median_s * 1e3:8.3f} ms (min {t.min_s * 1e3:.3f})"
 
 
+def _nbytes(B, T, C, D, dtype) -> int:
+    e_out = torch.empty((), dtype=dtype).element_size()
+    return B * T * C * e_out + T * C * e_out + B * T * (8 + D * 4) + C * (D + 1) * e_out
+
+
+def main_cuda(args) -> None:
+    """CUDA kernel vs the torch composition on the GPU: bf16 configs, then one fp32 line."""
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device")
+    dev = torch.device("cuda")
+    out_dummy = torch.empty(1, 1, 1, dtype=torch.bfloat16, device=dev)
+    probe = (torch.zeros(1, 1, dtype=torch.int64, device=dev), torch.ones(1, args.dim, device=dev),
+             torch.ones(1, args.dim, dtype=torch.bfloat16, device=dev), None, None, out_dummy)
+    backend = _dispatch.pick("vq_lookup", *probe).name
+    print(f"vq_lookup: backend {backend}, {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, "
+          f"codebook {args.codebook}x{args.dim} fp32, T={args.tokens}")
+    batches, widths = (args.batch or ([1, 256] if args.quick else [1, 16, 64, 256]),
+                       args.width or ([1024] if args.quick else [768, 1024, 1152]))
+    configs = [(B, C, "bfloat16") for C in widths for B in batches]
+    configs.append((max(batches), widths[-1], "float32"))
+    if args.dtype:
+        configs = [(B, C, d) for C in widths for B in batches for d in args.dtype]
+    target = 0.1 if args.quick else args.target_s
+    g = torch.Generator(device=dev).manual_seed(0)
+    cb = torch.randn(args.codebook, args.dim, generator=g, device=dev)
+    for B, C, dname in configs:
+        dtype = DTYPES[dname]
+        w = (torch.randn(C, args.dim, generator=g, device=dev) * 0.3).to(dtype)
+        bias = (torch.randn(C, generator=g, device=dev) * 0.1).to(dtype)
+        for T in args.tokens:
+            pos = (torch.randn(1, T, C, generator=g, device=dev) * 0.02).to(dtype)
+            codes = torch.randint(0, args.codebook, (B, T), generator=g, device=dev)
+            out = torch.empty(B, T, C, dtype=dtype, device=dev)
+            kernel = _dispatch.pick("vq_lookup", codes, cb, w, bias, pos[0], out).fn
+            ours = vq_lookup(codes, cb, w, bias, pos)
+            ref = vq_lookup_ref(codes, cb, w, bias, pos)
+            atol, rtol = tolerance(dtype)
+            err = (ours.float() - ref.float()).abs().max().item()
+            ok = err <= atol + rtol * ref.float().abs().max().item()
+            t_op = bench(lambda: vq_lookup(codes, cb, w, bias, pos), device="cuda", target_s=target)
+            t_k = bench(lambda: kernel(codes, cb, w, bias, pos[0], out), device="cuda", target_s=target)
+            t_torch = bench(lambda: vq_lookup_ref(codes, cb, w, bias, pos, upcast=False), device="cuda",
+                            target_s=target)
+            print(f"B={B:3d} T={T} C={C:4d} {dname:8s}  op {t_op.median_s * 1e6:8.1f} us  "
+                  f"kernel {t_k.median_s * 1e6:8.1f} us  torch {t_torch.median_s * 1e6:8.1f} us  "
+                  f"speedup {t_torch.median_s / t_k.median_s:5.2f}x  "
+                  f"{_nbytes(B, T, C, args.dim, dtype) / t_k.median_s / 1e9:7.1f} GB/s  max|err| {err:.1e}"
+                  f"{'' if ok else '  (OVER TOLERANCE)'}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help="CUDA: few configs, short timing (< 20 s)")
+    p.add_argument("--batch", type=int, nargs="+", default=None, help="default 1 16 64 (CUDA: 1 16 64 256)")
     p.add_argument("--tokens", type=int, nargs="+", default=[128])
-    p.add_argument("--width", type=int, nargs="+", default=[768, 1152])
+    p.add_argument("--width", type=int, nargs="+", default=None, help="default 768 1152 (CUDA: 768 1024 1152)")
     p.add_argument("--codebook", type=int, default=8192)
     p.add_argument("--dim", type=int, default=8)
-    p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=list(DTYPES))
+    p.add_argument("--dtype", nargs="+", default=None, choices=list(DTYPES),
+                   help="default float32 bfloat16 (CUDA: bfloat16 + one float32 line)")
     p.add_argument("--target-s", type=float, default=0.5, help="timing budget per measurement")
     p.add_argument("--threads", type=int, default=None, help="torch and OpenMP threads (default: torch's)")
     args = p.parse_args()
+    if args.device == "cuda":
+        main_cuda(args)
+        return
+    args.batch = args.batch or [1, 16, 64]
+    args.width = args.width or [768, 1152]
+    args.dtype = args.dtype or ["float32", "bfloat16"]
+    if "float16" in args.dtype:
+        p.error("--dtype float16 needs --device cuda (the CPU op takes float32 and bfloat16)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -65,9 +134,7 @@ def main() -> None:
                     t_ours = bench(lambda: vq_lookup(codes, cb, w, bias, pos), target_s=args.target_s)
                     t_torch = bench(lambda: vq_lookup_ref(codes, cb, w, bias, pos, upcast=False),
                                     target_s=args.target_s)
-                    e_out = torch.empty((), dtype=dtype).element_size()
-                    nbytes = (B * T * C * e_out + T * C * e_out + B * T * (8 + args.dim * 4)
-                              + C * (args.dim + 1) * e_out)
+                    nbytes = _nbytes(B, T, C, args.dim, dtype)
                     ok = err <= atol + rtol * ref.float().abs().max().item()
                     print(f"B={B:3d} T={T} C={C:4d} {dname:8s}  ours {_ms(t_ours)}  torch {_ms(t_torch)}  "
                           f"speedup {t_torch.median_s / t_ours.median_s:5.2f}x  "

@@ -5,11 +5,15 @@ the codebook, forms d = |z|^2 + |e|^2 - 2 z.e for every (latent, codeword) pair 
 torch.argmin (lowest index on ties). This op returns the same indices without materializing the
 N x K distance matrix: the CPU kernel blocks over K and keeps a running minimum per row.
 
-Backends (see `_dispatch`): CPU `_C` (csrc/cpu/code_search.cpp), then the torch reference
-`code_search_ref` (the official composition), which is also the test oracle.
+Backends (see `_dispatch`): CUDA `_C` (csrc/cuda/code_search.cu: codebook tiles in shared memory,
+split over K with a packed (distance, index) atomicMin; same formula and rounding steps as the
+CPU kernel; fp32, bf16 and fp16; D <= 64), CPU `_C` (csrc/cpu/code_search.cpp; fp32 and bf16),
+then the torch reference `code_search_ref` (the official composition), which is also the test
+oracle.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Tuple
 
 import torch
@@ -20,7 +24,9 @@ from detailflow_engine.ops import _dispatch
 
 __all__ = ["code_search", "code_search_ref", "code_distances_ref", "tolerance"]
 
-_DTYPES = (torch.float32, torch.bfloat16)
+_DTYPES = (torch.float32, torch.bfloat16)  # CPU (kernel and accepted inputs)
+_CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_CUDA_MAX_D = 64  # csrc/include/code_search_cuda.h kCodeSearchMaxD
 _EPS = 1e-12  # F.normalize's default, as in the official VectorQuantizer
 
 
@@ -42,20 +48,29 @@ def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
     """(atol, rtol) for this index-valued op: an index is correct when it equals the reference's
     or when the two indices' reference distances (`code_distances_ref`, fp32 for every input
     dtype) differ by at most atol + rtol * |d_ref|."""
-    if dtype in _DTYPES:
+    if dtype in _CUDA_DTYPES:
         return 1e-6, 0.0
     raise ValueError(f"code_search has no tolerance for {dtype}")
+
+
+def _allowed(t: Tensor) -> Tuple[Tuple[torch.dtype, ...], str]:
+    """Float dtypes accepted for a tensor on t's device, and their names for messages."""
+    if t.device.type == "cuda":
+        return _CUDA_DTYPES, "float32, bfloat16 or float16"
+    return _DTYPES, "float32 or bfloat16"
 
 
 def _validate(latents, codebook, codebook_normalized) -> None:
     for name, t in (("latents", latents), ("codebook", codebook)):
         if not isinstance(t, Tensor):
             raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
-    if codebook.dtype not in _DTYPES or codebook.dim() != 2 or codebook.shape[0] < 1 or codebook.shape[1] < 1:
-        raise ValueError(f"`codebook` must be float32 or bfloat16 of shape (K, D), K, D >= 1, got {_dispatch.describe(codebook)}")
+    dtypes, words = _allowed(codebook)
+    if codebook.dtype not in dtypes or codebook.dim() != 2 or codebook.shape[0] < 1 or codebook.shape[1] < 1:
+        raise ValueError(f"`codebook` must be {words} of shape (K, D), K, D >= 1, got {_dispatch.describe(codebook)}")
     D = codebook.shape[1]
-    if latents.dtype not in _DTYPES or latents.dim() not in (2, 3) or latents.shape[-1] != D:
-        raise ValueError(f"`latents` must be float32 or bfloat16 of shape (N, D) or (B, T, D) with "
+    dtypes, words = _allowed(latents)
+    if latents.dtype not in dtypes or latents.dim() not in (2, 3) or latents.shape[-1] != D:
+        raise ValueError(f"`latents` must be {words} of shape (N, D) or (B, T, D) with "
                          f"D = {D} (from `codebook`), got {_dispatch.describe(latents)}")
     if latents.device != codebook.device:
         raise ValueError(f"`codebook` must be on the device of `latents` ({latents.device}), got {_dispatch.describe(codebook)}")
@@ -84,8 +99,10 @@ def code_search(latents: Tensor, codebook: Tensor, *, codebook_normalized: bool 
     """Index of the nearest L2-normalized codeword for each L2-normalized latent.
 
     Args:
-        latents: (N, D) or (B, T, D) float32 or bfloat16 (e.g. quant_conv's output); any strides.
-        codebook: (K, D) float32 or bfloat16 (the VQ embedding weight, e.g. 8192 x 8).
+        latents: (N, D) or (B, T, D) float32 or bfloat16, or float16 on CUDA (e.g. quant_conv's
+            output); any strides.
+        codebook: (K, D) float32 or bfloat16, or float16 on CUDA (the VQ embedding weight, e.g.
+            8192 x 8), on the device of `latents`.
         codebook_normalized: the codebook rows already have unit L2 norm; skip normalizing them.
 
     Returns:
@@ -124,5 +141,31 @@ def _torch_impl(latents, codebook, codebook_normalized, out) -> None:
     out.copy_(code_search_ref(latents, codebook, codebook_normalized=codebook_normalized))
 
 
+def _on_device(dev: torch.device):
+    """torch.cuda.device(dev) when dev is not the current CUDA device, else a no-op context."""
+    if dev.index is not None and dev.index != torch.cuda.current_device():
+        return torch.cuda.device(dev)
+    return contextlib.nullcontext()
+
+
+def _cuda_impl(latents, codebook, codebook_normalized, out) -> None:
+    with _on_device(out.device):
+        latents, codebook = _unit_last(latents), _unit_last(codebook)
+        dt = _dispatch.DTYPE_CODES
+        _dispatch.extension().code_search_cuda(
+            latents.data_ptr(), (latents.stride(0), 1), latents.shape[0], latents.shape[1], dt[latents.dtype],
+            codebook.data_ptr(), (codebook.stride(0), 1), codebook.shape[0], dt[codebook.dtype],
+            codebook_normalized, out.data_ptr(), torch.cuda.current_stream(out.device).cuda_stream)
+
+
+def _cuda_applies(latents, codebook, out) -> bool:
+    return (_dispatch.has_cuda_kernels() and hasattr(_dispatch.extension(), "code_search_cuda")
+            and latents.device.type == "cuda"
+            and codebook.device == latents.device and out.device == latents.device
+            and latents.dtype in _CUDA_DTYPES and codebook.dtype in _CUDA_DTYPES
+            and codebook.shape[1] <= _CUDA_MAX_D and codebook.shape[0] < 2**31)
+
+
+_dispatch.register("code_search", "cuda", _cuda_impl, applies=_cuda_applies)
 _dispatch.register("code_search", "cpu", _cpu_impl, applies=_cpu_applies)
 _dispatch.register("code_search", "torch", _torch_impl)

@@ -6,11 +6,15 @@ D -> C with bias) and the decoder then adds `latent_pos_embed[:, :t]`. This op d
 one pass over the output: out[b, t] = weight @ normalize(codebook[codes[b, t]]) + bias + pos[t].
 The codebook is passed RAW; normalizing the gathered rows is part of the op.
 
-Backends (see `_dispatch`): CPU `_C` (csrc/cpu/vq_lookup.cpp), then the torch reference
-`vq_lookup_ref`, which is also the test oracle.
+Backends (see `_dispatch`): CUDA `_C` (csrc/cuda/vq_lookup.cu; fp32, bf16 and fp16), CPU `_C`
+(csrc/cpu/vq_lookup.cpp; fp32 and bf16), then the torch reference `vq_lookup_ref`, which is also
+the test oracle. Codes are range-checked here, except while a CUDA graph is being captured (the
+check reads device memory back); the CUDA kernel never reads a bad code's row and writes NaN for
+it instead.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -21,7 +25,9 @@ from detailflow_engine.ops import _dispatch
 
 __all__ = ["vq_lookup", "vq_lookup_ref", "tolerance"]
 
-_DTYPES = (torch.float32, torch.bfloat16)
+_DTYPES = (torch.float32, torch.bfloat16)  # CPU (kernel and accepted inputs)
+_CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_CUDA_MAX_D = 12288  # csrc/include/vq_lookup_cuda.h kVqLookupMaxD
 _EPS = 1e-12  # F.normalize's default, as in the official VectorQuantizer
 
 
@@ -68,7 +74,16 @@ def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
         return 1e-5, 1e-6
     if dtype == torch.bfloat16:
         return 5e-2, 0.0
+    if dtype == torch.float16:
+        return 1e-2, 0.0
     raise ValueError(f"vq_lookup has no tolerance for {dtype}")
+
+
+def _allowed(t: Tensor) -> Tuple[Tuple[torch.dtype, ...], str]:
+    """Float dtypes accepted for a tensor on t's device, and their names for messages."""
+    if t.device.type == "cuda":
+        return _CUDA_DTYPES, "float32, bfloat16 or float16"
+    return _DTYPES, "float32 or bfloat16"
 
 
 def _validate(codes, codebook, weight, bias, pos_embed, out) -> None:
@@ -80,11 +95,13 @@ def _validate(codes, codebook, weight, bias, pos_embed, out) -> None:
             raise TypeError(f"`{name}` must be a torch.Tensor{optional}, got {type(t).__name__}")
     if codes.dtype != torch.int64 or codes.dim() != 2:
         raise ValueError(f"`codes` must be int64 of shape (B, T), got {_dispatch.describe(codes)}")
-    if codebook.dtype not in _DTYPES or codebook.dim() != 2 or codebook.shape[0] < 1 or codebook.shape[1] < 1:
-        raise ValueError(f"`codebook` must be float32 or bfloat16 of shape (K, D), K, D >= 1, got {_dispatch.describe(codebook)}")
+    dtypes, words = _allowed(codebook)
+    if codebook.dtype not in dtypes or codebook.dim() != 2 or codebook.shape[0] < 1 or codebook.shape[1] < 1:
+        raise ValueError(f"`codebook` must be {words} of shape (K, D), K, D >= 1, got {_dispatch.describe(codebook)}")
     K, D = codebook.shape
-    if weight.dtype not in _DTYPES or weight.dim() != 2 or weight.shape[1] != D or weight.shape[0] < 1:
-        raise ValueError(f"`weight` must be float32 or bfloat16 of shape (C, D) with D = {D} "
+    dtypes, words = _allowed(weight)
+    if weight.dtype not in dtypes or weight.dim() != 2 or weight.shape[1] != D or weight.shape[0] < 1:
+        raise ValueError(f"`weight` must be {words} of shape (C, D) with D = {D} "
                          f"(from `codebook`), got {_dispatch.describe(weight)}")
     C = weight.shape[0]
     B, T = codes.shape
@@ -101,7 +118,10 @@ def _validate(codes, codebook, weight, bias, pos_embed, out) -> None:
     for name, t in named[1:]:
         if t.device != codes.device:
             raise ValueError(f"`{name}` must be on the device of `codes` ({codes.device}), got {_dispatch.describe(t)}")
-    if codes.numel() > 0 and not torch.compiler.is_compiling():
+    # The range check reads device values back: not while torch.compile traces or a CUDA graph is
+    # captured (the CUDA kernel then writes NaN rows for bad codes instead of reading them).
+    capturing = codes.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if codes.numel() > 0 and not torch.compiler.is_compiling() and not capturing:
         lo, hi = torch.aminmax(codes)
         if int(lo) < 0 or int(hi) >= K:
             b, t = ((codes < 0) | (codes >= K)).nonzero()[0].tolist()
@@ -129,10 +149,12 @@ def vq_lookup(codes: Tensor, codebook: Tensor, weight: Tensor, bias: Optional[Te
     """Decoder input tokens for codes: weight @ normalize(codebook[codes]) + bias + pos_embed[t].
 
     Args:
-        codes: (B, T) int64, values in [0, K) (checked: a bad value raises ValueError naming it).
-        codebook: (K, D) float32 or bfloat16, RAW (each gathered row is divided by
+        codes: (B, T) int64, values in [0, K) (checked: a bad value raises ValueError naming it;
+            not checked while a CUDA graph is being captured, where a bad code gives a NaN row).
+        codebook: (K, D) float32 or bfloat16 (or float16 on CUDA), RAW (each gathered row is divided by
             max(||row||, 1e-12) inside the op, as F.normalize does).
-        weight: (C, D) float32 or bfloat16 (post_quant_conv.weight); sets the output dtype.
+        weight: (C, D) float32 or bfloat16 (or float16 on CUDA) (post_quant_conv.weight); sets
+            the output dtype. All tensors on one device.
         bias: (C,) in weight's dtype (post_quant_conv.bias), or None.
         pos_embed: (T_max, C) or (1, T_max, C) in weight's dtype with T_max >= T
             (the decoder's latent_pos_embed); position t adds pos_embed[t]. Or None.
@@ -192,5 +214,43 @@ def _torch_impl(codes, codebook, weight, bias, pos_embed, out) -> None:
     vq_lookup_ref(codes, codebook, weight, bias, pos_embed, out=out)
 
 
+def _on_device(dev: torch.device):
+    """torch.cuda.device(dev) when dev is not the current CUDA device, else a no-op context."""
+    if dev.index is not None and dev.index != torch.cuda.current_device():
+        return torch.cuda.device(dev)
+    return contextlib.nullcontext()
+
+
+def _cuda_impl(codes, codebook, weight, bias, pos_embed, out) -> None:
+    if out.numel() == 0:
+        return
+    with _on_device(out.device):
+        codes, codebook, weight = _unit_last(codes), _unit_last(codebook), _unit_last(weight)
+        bias = bias.contiguous() if bias is not None else None
+        pos = _unit_last(pos_embed) if pos_embed is not None else None
+        dst = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+        B, T = codes.shape
+        K, D = codebook.shape
+        dt = _dispatch.DTYPE_CODES
+        _dispatch.extension().vq_lookup_cuda(
+            codes.data_ptr(), _strides2(codes), B, T,
+            codebook.data_ptr(), _strides2(codebook), K, D, dt[codebook.dtype],
+            weight.data_ptr(), _strides2(weight), weight.shape[0],
+            bias.data_ptr() if bias is not None else 0,
+            pos.data_ptr() if pos is not None else 0, _strides2(pos), pos.shape[0] if pos is not None else 0,
+            dst.data_ptr(), dt[weight.dtype], torch.cuda.current_stream(out.device).cuda_stream)
+        if dst is not out:
+            out.copy_(dst)
+
+
+def _cuda_applies(codes, codebook, weight, bias, pos_embed, out) -> bool:
+    tensors = [t for t in (codes, codebook, weight, bias, pos_embed, out) if t is not None]
+    return (_dispatch.has_cuda_kernels() and hasattr(_dispatch.extension(), "vq_lookup_cuda")
+            and codes.device.type == "cuda" and all(t.device == codes.device for t in tensors)
+            and codebook.dtype in _CUDA_DTYPES and weight.dtype in _CUDA_DTYPES
+            and codebook.shape[1] <= _CUDA_MAX_D)
+
+
+_dispatch.register("vq_lookup", "cuda", _cuda_impl, applies=_cuda_applies)
 _dispatch.register("vq_lookup", "cpu", _cpu_impl, applies=_cpu_applies)
 _dispatch.register("vq_lookup", "torch", _torch_impl)
