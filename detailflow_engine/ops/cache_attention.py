@@ -6,11 +6,13 @@ into the cache at `start_pos`, and each query attends to all L = start_pos + n_q
 positions. No mask is needed: with group-causal attention the queries of a step see every
 earlier position and every position of their own step.
 
-Backends (see `_dispatch`): CPU `_C` (csrc/cpu/cache_attention.cpp), then the torch reference
-`cache_attention_ref`, which is also the test oracle.
+Backends (see `_dispatch`): CUDA `_C` (csrc/cuda/cache_attention.cu; float32, bfloat16 and
+float16, d <= 256), CPU `_C` (csrc/cpu/cache_attention.cpp; float32 and bfloat16), then the torch
+reference `cache_attention_ref`, which is also the test oracle.
 """
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from typing import Optional, Tuple
@@ -22,7 +24,9 @@ from detailflow_engine.ops import _dispatch
 
 __all__ = ["cache_attention", "cache_attention_ref", "tolerance"]
 
-_DTYPES = (torch.float32, torch.bfloat16)
+_DTYPES = (torch.float32, torch.bfloat16)  # any device (the CPU kernel's dtypes)
+_CUDA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # CUDA tensors
+_CUDA_MAX_HEAD_DIM = 256
 
 
 def cache_attention_ref(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor,
@@ -50,6 +54,8 @@ def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
         return 1e-5, 1e-6
     if dtype == torch.bfloat16:
         return 5e-2, 0.0
+    if dtype == torch.float16:
+        return 1e-2, 0.0
     raise ValueError(f"cache_attention has no tolerance for {dtype}")
 
 
@@ -60,8 +66,9 @@ def _validate(q, k_new, v_new, k_cache, v_cache, start_pos, scale, out) -> Tuple
             raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
             raise ValueError(f"`{name}` must be 4-D, got {_dispatch.describe(t)}")
-    if q.dtype not in _DTYPES:
-        raise ValueError(f"`q` must be float32 or bfloat16 of shape (B, H, n_q, d), got {_dispatch.describe(q)}")
+    if q.dtype not in _DTYPES and not (q.device.type == "cuda" and q.dtype in _CUDA_DTYPES):
+        allowed = "float32, bfloat16 or float16" if q.device.type == "cuda" else "float32 or bfloat16"
+        raise ValueError(f"`q` must be {allowed} of shape (B, H, n_q, d), got {_dispatch.describe(q)}")
     B, H, n_q, d = q.shape
     for name, t in named[1:3] + ((("out", out),) if out is not None else ()):
         if tuple(t.shape) != (B, H, n_q, d):
@@ -118,7 +125,8 @@ def cache_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_
     """Write a step's keys/values into a static KV cache, then attend the step's queries to it.
 
     Args:
-        q, k_new, v_new: (B, H, n_q, d) float32 or bfloat16, rotary already applied. Any strides
+        q, k_new, v_new: (B, H, n_q, d) float32 or bfloat16 (or float16 on CUDA), rotary
+            already applied. Any strides
             (e.g. slices of a fused qkv projection after transpose); a unit last stride avoids a copy.
         k_cache, v_cache: contiguous (B, H, L_max, d), same dtype/device as `q`. Mutated:
             positions [start_pos, start_pos + n_q) receive k_new / v_new.
@@ -178,3 +186,75 @@ def _torch_impl(q, k_new, v_new, k_cache, v_cache, out, start_pos, scale) -> Non
 
 _dispatch.register("cache_attention", "cpu", _cpu_impl, applies=_cpu_applies)
 _dispatch.register("cache_attention", "torch", _torch_impl)
+
+
+# CUDA: flash-decoding. Fewer (b, h, row tile) blocks than SMs -> split each head's keys across
+# blocks, aiming at ~2 blocks per SM with >= 64 keys per split (below that the second, combine
+# launch costs more than the shorter key loop saves), and combine the partials in a second kernel.
+# Worked example, H200 (132 SMs), batch 1 with CFG: B*H = 32 blocks, L = 129
+# -> min(ceil(264 / 32) = 9, ceil(129 / 64) = 3) = 3 splits; B = 64 (1024 blocks) -> 1 split.
+# Untuned (no GPU when written): revisit _MIN_KEYS_PER_SPLIT with the H200 benchmark.
+_MIN_KEYS_PER_SPLIT = 64
+_MAX_SPLITS = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_splits(blocks: int, L: int, device: torch.device) -> int:
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if blocks >= sms:
+        return 1
+    return max(1, min(-(-2 * sms // blocks), -(-L // _MIN_KEYS_PER_SPLIT), _MAX_SPLITS))
+
+
+def _cuda_impl(q, k_new, v_new, k_cache, v_cache, out, start_pos, scale, num_splits=None) -> None:
+    """num_splits: None = the heuristic above; tests force 1 or more to cover both kernels."""
+    if q.numel() == 0:
+        return
+    q, k_new, v_new = (t if _unit_last(t) else t.contiguous() for t in (q, k_new, v_new))
+    dst = out if _unit_last(out) else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    B, H, n_q, d = q.shape
+    L = start_pos + n_q
+    dev = q.device
+    if num_splits is None:
+        num_splits = _num_splits(B * H * -(-n_q // 8), L, dev)
+    ext = _dispatch.extension()
+    # the launched split count: same rounding as cache_attention_splits() in cache_attention_cuda.h
+    ext_splits = max(1, min(int(num_splits), L))
+    ext_splits = -(-L // -(-L // ext_splits))
+    scratch = None
+    if ext_splits > 1:
+        # fp32 partial outputs + (max, sum) per (split, b, h, row); a torch allocation on this
+        # stream, so it is graph-capturable (the graph's pool keeps it)
+        scratch = torch.empty(ext_splits * B * H * n_q * (d + 2), dtype=torch.float32, device=dev)
+
+    def launch():
+        ext.cache_attention_cuda(
+            q.data_ptr(), _strides(q), k_new.data_ptr(), _strides(k_new), v_new.data_ptr(), _strides(v_new),
+            k_cache.data_ptr(), v_cache.data_ptr(), dst.data_ptr(), _strides(dst),
+            B, H, n_q, d, k_cache.shape[2], start_pos, scale, _dispatch.DTYPE_CODES[q.dtype],
+            ext_splits, scratch.data_ptr() if scratch is not None else 0,
+            scratch.numel() if scratch is not None else 0, torch.cuda.current_stream(dev).cuda_stream)
+
+    if dev.index is not None and dev.index != torch.cuda.current_device():
+        with torch.cuda.device(dev):
+            launch()
+    else:
+        launch()
+    if dst is not out:
+        out.copy_(dst)
+
+
+def _cuda_applies(q, k_new, v_new, k_cache, v_cache, out) -> bool:
+    if not (_dispatch.has_cuda_kernels() and hasattr(_dispatch.extension(), "cache_attention_cuda")):
+        return False
+    tensors = (q, k_new, v_new, k_cache, v_cache, out)
+    return (q.device.type == "cuda" and all(t.device == q.device for t in tensors)
+            and q.dtype in _CUDA_DTYPES and all(t.dtype == q.dtype for t in tensors)
+            and q.shape[-1] <= _CUDA_MAX_HEAD_DIM)
+
+
+_dispatch.register("cache_attention", "cuda", _cuda_impl, applies=_cuda_applies)
