@@ -31,8 +31,12 @@ kernel; all fp32 steps are single IEEE ops in the order written, all sums are ui
 Tokens whose probability is below 2^-40 of the row maximum (28 nats) are never drawn; the
 uniform variate has 2^-24 resolution. V must be < 2^23 (sums stay below 2^63).
 
-Backends (see `_dispatch`): CPU `_C` (csrc/cpu/group_sample.cpp), then the torch reference
-`group_sample_ref`, which is also the test oracle.
+Backends (see `_dispatch`): CUDA `_C` (csrc/cuda/group_sample.cu: one block per row, radix
+select on order keys instead of a sort; same tokens as the CPU kernel bit for bit, logprobs up
+to the last-ulp rounding of the device `log`), CPU `_C` (csrc/cpu/group_sample.cpp), then the
+torch reference `group_sample_ref`, which is also the test oracle. On CUDA the `positions`
+range check is skipped (it would synchronize; the kernel uses the low 32 bits, never out of
+bounds).
 """
 from __future__ import annotations
 
@@ -345,5 +349,34 @@ def _cpu_applies(logits, seeds, positions) -> bool:
             and logits.dtype in _DTYPES)
 
 
+def _cuda_impl(logits: Tensor, seeds: Tensor, positions: Tensor, st: _Settings) -> Tuple[Tensor, Tensor]:
+    x = logits
+    if x.stride(-1) != 1 and x.shape[-1] > 1:
+        x = x.contiguous()
+    seeds, positions = seeds.contiguous(), positions.contiguous()
+    R, n_q, V = x.shape
+    B = seeds.shape[0]
+    dev = x.device
+    tokens = torch.empty((B, n_q), dtype=torch.int64, device=dev)
+    logprobs = torch.empty((B, n_q), dtype=torch.float32, device=dev)
+    args = (x.data_ptr(), _dispatch.DTYPE_CODES[x.dtype], R, n_q, V, (x.stride(0), x.stride(1), 1),
+            seeds.data_ptr(), positions.data_ptr(), B, st.cfg_scale, st.temperature, st.top_k,
+            st.top_p24, st.greedy, tokens.data_ptr(), logprobs.data_ptr())
+    if dev.index is not None and dev.index != torch.cuda.current_device():
+        with torch.cuda.device(dev):
+            _dispatch.extension().group_sample_cuda(*args, torch.cuda.current_stream(dev).cuda_stream)
+    else:
+        _dispatch.extension().group_sample_cuda(*args, torch.cuda.current_stream(dev).cuda_stream)
+    return tokens, logprobs
+
+
+def _cuda_applies(logits, seeds, positions) -> bool:
+    return (_dispatch.has_cuda_kernels() and hasattr(_dispatch.extension(), "group_sample_cuda")
+            and logits.device.type == "cuda"
+            and all(t.device == logits.device for t in (seeds, positions))
+            and logits.dtype in _DTYPES)
+
+
+_dispatch.register("group_sample", "cuda", _cuda_impl, applies=_cuda_applies)
 _dispatch.register("group_sample", "cpu", _cpu_impl, applies=_cpu_applies)
 _dispatch.register("group_sample", "torch", _ref_compute)

@@ -318,3 +318,468 @@ def test_bad_input(args, kw, exc, needle):
     for impl in (group_sample, group_sample_ref):
         with pytest.raises(exc, match=needle.replace("(", r"\(").replace(")", r"\)")):
             impl(*args, **kw)
+
+
+# --- the CUDA kernel's selection algorithm, emulated on the CPU ------------------------------
+# csrc/cuda/group_sample.cu replaces the CPU kernel's buckets + sorts by radix selects on the
+# 32-bit order keys and by segmented "crossing" scans. This numpy emulation follows the kernel
+# step by step (the digit pick of warp 0, the warp segments of the scans, the fallbacks), so
+# its agreement with the CPU kernel checks the algorithm without a GPU; the fp32 steps use the
+# same single IEEE ops as both kernels.
+
+_U32 = np.uint64(0xFFFFFFFF)
+
+
+def _order_keys(y: np.ndarray) -> np.ndarray:
+    """gs_order_key on a float32 array, as uint64 holding the uint32 keys."""
+    u = np.where(y == 0, np.float32(0), y).astype(np.float32).view(np.uint32).astype(np.uint64)
+    return np.where(u & np.uint64(0x80000000), ~u & _U32, u | np.uint64(0x80000000))
+
+
+def _key_to_float(key: int) -> float:
+    u = (key & 0x7FFFFFFF) if key & 0x80000000 else (~key & 0xFFFFFFFF)
+    return float(np.array([u], dtype=np.uint32).view(np.float32)[0])
+
+
+def _emu_pick_digit(hist: np.ndarray, need: int):
+    h = [[int(hist[255 - 8 * lane - e]) for e in range(8)] for lane in range(32)]
+    incl = np.cumsum([sum(x) for x in h], dtype=object)
+    hits = [lane for lane in range(32) if incl[lane] >= need]
+    L = hits[0] if hits else 31
+    acc = int(incl[L]) - sum(h[L])
+    for e in range(8):
+        if e == 7 or acc + h[L][e] >= need:
+            return 255 - 8 * L - e, acc
+        acc += h[L][e]
+
+
+def _emu_radix_select(keys: np.ndarray, w: np.ndarray, need: int):
+    prefix, above = 0, 0
+    for p in range(4):
+        shift = 24 - 8 * p
+        hi_mask = 0 if p == 0 else (0xFFFFFFFF << (shift + 8)) & 0xFFFFFFFF
+        act = (w != 0) & ((keys & np.uint64(hi_mask)) == np.uint64(prefix))
+        hist = np.zeros(256, dtype=np.uint64)
+        np.add.at(hist, ((keys[act] >> np.uint64(shift)) & np.uint64(255)).astype(np.int64), w[act])
+        digit, before = _emu_pick_digit(hist, need)
+        prefix |= digit << shift
+        need -= before
+        above += before
+    return prefix, above
+
+
+def _emu_find_crossing(w: np.ndarray, target_of, fallback: int, threads: int):
+    V, warps = len(w), threads // 32
+    seg = ((V + warps - 1) // warps + 31) & ~31
+    bounds = [(min(V, k * seg), min(V, min(V, k * seg) + seg)) for k in range(warps)]
+    sums = [int(w[lo:hi].sum()) for lo, hi in bounds]
+    incl = np.cumsum(sums, dtype=object)
+    total = int(incl[-1])
+    target = target_of(total)
+    hits = [k for k in range(warps) if incl[k] > target]
+    if not hits:
+        return fallback, total
+    cw = hits[0]
+    carry = int(incl[cw]) - sums[cw]
+    lo, hi = bounds[cw]
+    for base in range(lo, hi, 32):
+        inc = np.cumsum(w[base:min(base + 32, hi)].astype(object)) + carry
+        over = np.nonzero(inc > target)[0]
+        if len(over):
+            return base + int(over[0]), total
+        carry = int(inc[-1])
+    return fallback, total
+
+
+def _mulshift24_int(a24: int, total: int) -> int:
+    return a24 * (total >> 24) + ((a24 * (total & 0xFFFFFF)) >> 24)
+
+
+def _emulate_cuda(logits, seeds, positions, threads=None, **kw):
+    """(tokens, logprobs) as csrc/cuda/group_sample.cu computes them, row by row."""
+    from detailflow_engine.ops.group_sample import _settings
+    R, n_q, V = logits.shape
+    B = seeds.shape[0]
+    st = _settings(R, B, V, kw.get("cfg_scale", 1.0), kw.get("temperature", 1.0), kw.get("top_k", 0),
+                   kw.get("top_p", 1.0))
+    threads = threads or (1024 if B * n_q <= 256 else 512)
+    x_all = logits.float().numpy()
+    u24 = sample_u24(seeds, positions).numpy()
+    idx = np.arange(V, dtype=np.uint64)
+    tokens = np.zeros((B, n_q), dtype=np.int64)
+    lps = np.zeros((B, n_q), dtype=np.float32)
+    with np.errstate(all="ignore"):  # inf - inf = NaN etc. are part of the contract
+        for b in range(B):
+            for j in range(n_q):
+                _emulate_row(x_all, b, j, B, V, st, idx, int(u24[b, j]), threads, tokens, lps)
+    return torch.from_numpy(tokens), torch.from_numpy(lps)
+
+
+def _emulate_row(x_all, b, j, B, V, st, idx, u24, threads, tokens, lps):
+    """One row of _emulate_cuda: writes tokens[b, j] and lps[b, j]."""
+    from detailflow_engine.ops.group_sample import _exp_mass
+    c = x_all[b, j]
+    x = c
+    if st.cfg:
+        u = x_all[B + b, j]
+        x = u + np.float32(st.cfg_scale) * (c - u)
+    x = np.where(np.isnan(x), np.float32(-np.inf), x).astype(np.float32)
+    if not st.greedy and st.temperature != 1.0:
+        x = (x / np.float32(st.temperature)).astype(np.float32)
+    best = int(((_order_keys(x) << np.uint64(32)) | (_U32 - idx)).max())
+    argmax = 0xFFFFFFFF - (best & 0xFFFFFFFF)
+    m_raw = _key_to_float(best >> 32)
+    if st.greedy:
+        tokens[b, j] = argmax
+        return
+    finite = math.isfinite(m_raw)
+    y = x if finite else np.where(x == np.float32(m_raw), np.float32(0), np.float32(-np.inf))
+    m = np.float32(m_raw if finite else 0.0)
+    keys = _order_keys(y)
+    kk = 0
+    if st.top_k:
+        kk, _ = _emu_radix_select(keys, np.ones(V, dtype=np.uint64), st.top_k)
+    d = (y - m).astype(np.float32)
+    dt = torch.from_numpy(d)
+    q = torch.where(dt >= -28.0, _exp_mass(dt.clamp(min=-28.0)), 0.0).to(torch.int64).numpy()
+    q = np.where(keys >= np.uint64(kk), q, 0).astype(np.uint64)
+    kc, pc = 0, V
+    if st.top_p24 < 1 << 24:
+        pth = _mulshift24_int(st.top_p24, int(q.sum()))
+        kc, above = _emu_radix_select(keys, q, pth + 1)
+        pc, _ = _emu_find_crossing(np.where(keys == np.uint64(kc), q, np.uint64(0)),
+                                   lambda tot: pth - above, V, threads)
+    qf = np.where((keys > np.uint64(kc)) | ((keys == np.uint64(kc)) & (idx <= np.uint64(pc))), q, np.uint64(0))
+    tok, total = _emu_find_crossing(qf, lambda tot: _mulshift24_int(u24, tot), argmax, threads)
+    tokens[b, j] = tok
+    lps[b, j] = np.float32(float(d[tok]) - math.log(total * 2.0 ** -40))
+
+
+_EMU_CASES = [  # (B, n_q, V, cfg, ties, specials, kw)
+    (2, 8, 8192, True, False, False, dict(cfg_scale=1.45)),
+    (2, 8, 8192, True, False, True, dict(cfg_scale=1.45, top_k=50, top_p=0.9)),
+    (2, 4, 8192, True, True, False, dict(cfg_scale=1.45, top_k=1000, top_p=0.999)),
+    (2, 4, 8192, False, False, False, dict(temperature=0.7, top_k=8191)),
+    (2, 4, 8192, True, True, True, dict(cfg_scale=2.0, temperature=1.3, top_k=2, top_p=0.5)),
+    (1, 4, 8192, True, False, False, dict(cfg_scale=3.0, temperature=1e-4, top_p=0.9)),
+    (3, 5, 1000, True, True, True, dict(cfg_scale=1.45, top_p=0.5)),
+    (3, 5, 1000, False, True, False, dict(top_k=999, top_p=0.9)),
+    (2, 3, 997, True, False, True, dict(temperature=0.0)),
+    (2, 3, 33, True, True, True, dict(top_k=17, top_p=0.8)),
+    (4, 2, 3, True, False, False, dict(top_k=2, top_p=0.5)),
+    (4, 2, 2, False, True, False, dict(top_p=0.7)),
+    (4, 2, 1, True, False, False, dict()),
+]
+
+
+@needs_cpu
+@pytest.mark.parametrize("threads", [512, 1024])
+@pytest.mark.parametrize("case", range(len(_EMU_CASES)))
+def test_cuda_algorithm_emulation_matches_cpu_kernel(case, threads, monkeypatch):
+    B, n_q, V, cfg, ties, specials, kw = _EMU_CASES[case]
+    R = 2 * B if cfg else B
+    logits = _logits(R, n_q, V, seed=100 + case, ties=ties, specials=specials)
+    if ties:  # few distinct values: big tie groups at the top-k threshold and the top-p cut
+        logits = torch.round(logits / 3)
+    seeds = _seeds(B, seed=200 + case)
+    pos = torch.randint(0, 2 ** 32, (n_q,), generator=torch.Generator().manual_seed(case))
+    monkeypatch.setenv("DETAILFLOW_BACKEND", "cpu")
+    tok, lp = group_sample(logits, seeds, pos, return_logprobs=True, **kw)
+    etok, elp = _emulate_cuda(logits, seeds, pos, threads=threads, **kw)
+    assert torch.equal(etok, tok), f"{int((etok != tok).sum())} tokens differ; {kw}"
+    assert torch.allclose(elp, lp, atol=1e-6, rtol=0), f"max err {(elp - lp).abs().max():.3g}"
+
+
+@needs_cpu
+def test_cuda_algorithm_emulation_nonfinite_rows(monkeypatch):
+    V = 64
+    x = _logits(2, 4, V, seed=8)
+    x[0, 0] = float("-inf")
+    x[0, 1, 5] = x[0, 1, 9] = float("inf")
+    x[1, 2] = float("nan")
+    x[0, 3, ::2] = float("nan")
+    seeds, pos = _seeds(1), torch.arange(4)
+    monkeypatch.setenv("DETAILFLOW_BACKEND", "cpu")
+    for kw in (dict(cfg_scale=1.0), dict(cfg_scale=1.0, top_k=3, top_p=0.5), dict(cfg_scale=2.0, temperature=0.0)):
+        tok, lp = group_sample(x, seeds, pos, return_logprobs=True, **kw)
+        etok, elp = _emulate_cuda(x, seeds, pos, **kw)
+        assert torch.equal(etok, tok) and torch.equal(elp, lp), kw
+
+
+def _boundary_logits(kind: str, R: int, n_q: int, V: int) -> torch.Tensor:
+    """Logits whose counts / cumulative masses hit the selection thresholds exactly."""
+    g = torch.Generator().manual_seed(V)
+    if kind == "uniform":  # all masses 2^40: with top_p = 0.5 the mass before the cut == pth
+        return torch.zeros(R, n_q, V)
+    if kind == "half_mass":  # masses 2^40 (6 tokens at 0), 2^39 (12 at fp32(-ln 2)), 0 (rest):
+        x = torch.full((R, n_q, V), -100.0)  # T = 12 * 2^40, so pth hits group boundaries exactly
+        for r in range(R):
+            for j in range(n_q):
+                perm = torch.randperm(V, generator=g)
+                x[r, j, perm[:6]] = 0.0
+                x[r, j, perm[6:18]] = -math.log(2)
+        return x
+    x = torch.zeros(R, n_q, V)
+    for r in range(R):
+        for j in range(n_q):
+            perm = torch.randperm(V, generator=g)
+            if kind == "two_level":   # 100 tokens at 1.0: top_k = 100 is a group boundary
+                x[r, j, perm[:100]] = 1.0
+            else:                     # "ulp_levels": groups 1 ulp apart (keys differ in the last byte)
+                levels = torch.tensor(np.nextafter(np.float32(1.0), np.float32(2.0), dtype=np.float32))
+                x[r, j, perm[:64]] = levels
+                x[r, j, perm[64:160]] = 1.0
+    return x
+
+
+@needs_cpu
+@pytest.mark.parametrize("kind,kw", [
+    ("uniform", dict(top_p=0.5)), ("uniform", dict(top_p=0.25, top_k=40)), ("uniform", dict(top_p=0.75)),
+    ("two_level", dict(top_k=100)), ("two_level", dict(top_k=99, top_p=0.5)), ("two_level", dict(top_k=101)),
+    ("half_mass", dict(top_p=0.5)), ("half_mass", dict(top_p=0.75)), ("half_mass", dict(top_p=0.25, top_k=10)),
+    ("ulp_levels", dict(top_k=64)), ("ulp_levels", dict(top_k=160, top_p=0.4)), ("ulp_levels", dict(top_p=0.3)),
+])
+def test_cuda_algorithm_emulation_exact_boundaries(kind, kw, monkeypatch):
+    B, n_q, V = 2, 4, 512
+    logits = _boundary_logits(kind, B, n_q, V)
+    seeds, pos = _seeds(B, seed=3), torch.arange(n_q)
+    monkeypatch.setenv("DETAILFLOW_BACKEND", "cpu")
+    tok, lp = group_sample(logits, seeds, pos, return_logprobs=True, **kw)
+    assert torch.equal(tok, group_sample_ref(logits, seeds, pos, **kw))
+    for threads in (512, 1024):
+        etok, elp = _emulate_cuda(logits, seeds, pos, threads=threads, **kw)
+        assert torch.equal(etok, tok) and torch.allclose(elp, lp, atol=1e-6, rtol=0), (kind, kw, threads)
+
+
+# --- CUDA kernel (run with -m gpu on a CUDA machine) ------------------------------------------
+# Contract: the same tokens as the CPU kernel bit for bit; logprobs bit for bit up to the last
+# ulp (both take fp32(double(d) - log(double(T) 2^-40)); the device and host double `log` are
+# each within 1 double ulp, so a fp32 rounding can differ in ~1 of 2^29 draws).
+
+needs_cuda = pytest.mark.skipif(
+    not (torch.cuda.is_available() and _dispatch.has_cuda_kernels()
+         and hasattr(_dispatch.extension(), "group_sample_cuda")),
+    reason="needs a CUDA device and detailflow_engine._C built with group_sample_cuda")
+
+
+def _f32_ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| in fp32 ulps (0 where equal, also +0 vs -0), same-sign values."""
+    ia, ib = a.view(torch.int32).long(), b.view(torch.int32).long()
+    return torch.where(a == b, 0, (ia - ib).abs())
+
+
+def _cuda_vs_cpu(logits, seeds, pos, *, gpu_logits=None, **kw):
+    """CUDA kernel vs CPU kernel: tokens equal, logprobs within 1 ulp (and counted)."""
+    tok_c, lp_c = group_sample(logits, seeds, pos, return_logprobs=True, **kw)
+    x = gpu_logits if gpu_logits is not None else logits.cuda()
+    assert _dispatch.pick("group_sample", x, seeds.cuda(), pos.cuda()).name == "cuda"
+    tok_g, lp_g = group_sample(x, seeds.cuda(), pos.cuda(), return_logprobs=True, **kw)
+    assert tok_g.device.type == "cuda" and tok_g.dtype == torch.int64 and lp_g.dtype == torch.float32
+    tok_g, lp_g = tok_g.cpu(), lp_g.cpu()
+    bad = int((tok_g != tok_c).sum())
+    assert bad == 0, f"{bad}/{tok_c.numel()} CUDA tokens differ from the CPU kernel; {kw}"
+    ulps = _f32_ulps(lp_g, lp_c)
+    assert int(ulps.max()) <= 1, f"logprobs differ by {int(ulps.max())} ulps; {kw}"
+    if int((ulps > 0).sum()):
+        print(f"{int((ulps > 0).sum())} logprobs differ by 1 ulp (device vs host double log)")
+    return tok_g, lp_g
+
+
+_GPU_SETTINGS = [
+    dict(cfg_scale=1.45),
+    dict(cfg_scale=1.45, top_k=50, top_p=0.9),
+    dict(cfg_scale=1.45, temperature=0.7, top_k=1000),
+    dict(cfg_scale=4.0, temperature=1.3, top_p=0.5),
+    dict(cfg_scale=1.45, temperature=1e-4, top_p=0.999),
+    dict(cfg_scale=1.0, top_k=2),
+    dict(cfg_scale=1.45, top_k=8191, top_p=0.999),
+    dict(cfg_scale=0.0, temperature=0.9, top_k=50, top_p=0.5),
+    dict(cfg_scale=1.45, temperature=0.0),
+    dict(cfg_scale=1.45, top_k=1, top_p=0.9),
+]
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("data", ["random", "ties", "specials"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("si", range(len(_GPU_SETTINGS)))
+def test_cuda_matches_cpu_real_sizes(si, dtype, data):
+    """DetailFlow-16 decode shapes (B = 8 images with CFG, g = 8 positions, V = 8192)."""
+    kw = _GPU_SETTINGS[si]
+    B, n_q, V = 8, 8, 8192
+    logits = _logits(2 * B, n_q, V, seed=300 + si, ties=data == "ties", specials=data == "specials")
+    if data == "ties":
+        logits = torch.round(logits / 3)        # few distinct values: ties at every threshold
+    if data == "specials":
+        logits[1, 2, ::3] = float("nan")
+        logits[2, 3, 100] = logits[2, 3, 7] = float("inf")
+        logits[B + 3, 4] = float("-inf")
+    logits = logits.to(dtype)
+    for rep in range(3):                      # many seeds and positions
+        seeds = _seeds(B, seed=400 + 10 * si + rep)
+        pos = torch.randint(0, 2 ** 32, (n_q,), generator=torch.Generator().manual_seed(rep))
+        _cuda_vs_cpu(logits, seeds, pos, **kw)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("kw", [dict(cfg_scale=1.45, top_k=50, top_p=0.9), dict(cfg_scale=1.45, temperature=0.8)])
+def test_cuda_matches_cpu_many_rows(kw):
+    """256 images x 8 positions: the 512-thread launch (more than 256 rows)."""
+    B, n_q, V = 256, 8, 8192
+    logits = _logits(2 * B, n_q, V, seed=31, dtype=torch.bfloat16)
+    _cuda_vs_cpu(logits, _seeds(B, seed=32), torch.arange(100, 100 + n_q), **kw)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("V", [1, 2, 3, 31, 33, 1000, 1025, 9999, 12289, pytest.param(70001, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("B,n_q", [(1, 1), (3, 5), (40, 8)])
+def test_cuda_odd_sizes(V, B, n_q):
+    """V = 1..3, not multiples of 32 / the block; 12289 and up: y recomputed from global memory
+    instead of cached in shared memory, 9999 too with the 1024-thread launch (<= 256 rows) but
+    cached with the 512-thread one (40 x 8 = 320 rows)."""
+    logits = _logits(2 * B, n_q, V, seed=V + B, ties=V % 2 == 0, specials=True)
+    seeds, pos = _seeds(B, seed=V), torch.arange(n_q) * 3
+    settings = [dict(cfg_scale=1.5), dict(cfg_scale=1.5, top_p=0.6, temperature=0.7), dict(cfg_scale=2.0, temperature=0.0)]
+    if V > 2:
+        settings.append(dict(cfg_scale=1.5, top_k=max(2, V // 3), top_p=0.9))
+        settings.append(dict(cfg_scale=1.5, top_k=V - 1))
+    for kw in settings:
+        _cuda_vs_cpu(logits, seeds, pos, **kw)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_many_rows_uncached():
+    """More than 256 rows (512 threads) with V past the shared-memory cache."""
+    B, n_q, V = 40, 8, 12000
+    logits = _logits(2 * B, n_q, V, seed=41)
+    _cuda_vs_cpu(logits, _seeds(B), torch.arange(n_q), cfg_scale=1.45, top_k=300, top_p=0.8)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_nonfinite_rows():
+    V = 64
+    x = _logits(2, 4, V, seed=8)
+    x[0, 0] = float("-inf")                              # no finite logit: uniform over all
+    x[0, 1, 5] = x[0, 1, 9] = float("inf")               # +inf max: only the infinite tokens
+    x[1, 2] = float("nan")                               # unconditional row all NaN -> -inf
+    x[0, 3, ::2] = float("nan")
+    seeds, pos = _seeds(1), torch.arange(4)
+    for kw in (dict(cfg_scale=1.0), dict(cfg_scale=1.0, top_k=3, top_p=0.5), dict(cfg_scale=3.0, temperature=0.0)):
+        tok, _ = _cuda_vs_cpu(x, seeds, pos, **kw)
+    tok, _ = _cuda_vs_cpu(x[:1], seeds, pos, top_k=3, top_p=0.5)
+    tok, _ = _cuda_vs_cpu(x, seeds, pos, cfg_scale=1.0)
+    assert tok[0, 1] in (5, 9) and tok[0, 3] % 2 == 1
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_greedy_first_max():
+    B, n_q, V, s = 3, 8, 100, 1.45
+    logits = _logits(2 * B, n_q, V, seed=15, ties=True, specials=True)
+    logits[0, 1, 10] = logits[0, 1, 60] = 1e4           # tie at the max: lowest index wins
+    for kw in (dict(temperature=0.0), dict(top_k=1, top_p=0.3)):
+        tok, lp = _cuda_vs_cpu(logits, _seeds(B), torch.arange(n_q), cfg_scale=s, **kw)
+        assert tok[0, 1] == 10 and bool((lp == 0).all())
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_fp16_strided_and_broadcast_match_ref():
+    B, n_q, V = 3, 8, 300
+    seeds, pos = _seeds(B), torch.arange(n_q)
+    half = _logits(2 * B, n_q, V, seed=6, dtype=torch.float16)
+    kw = dict(cfg_scale=1.5, top_k=40, top_p=0.9, return_logprobs=True)
+    tok_r, lp_r = group_sample_ref(half, seeds, pos, **kw)
+    tok_g, lp_g = group_sample(half.cuda(), seeds.cuda(), pos.cuda(), **kw)
+    assert torch.equal(tok_g.cpu(), tok_r)
+    assert torch.allclose(lp_g.cpu(), lp_r, atol=tolerance(torch.float16)[0], rtol=0)
+    _cuda_vs_cpu(half, seeds, pos, cfg_scale=1.5, top_k=40, top_p=0.9)   # CPU upcasts fp16 exactly
+    # strided rows and offset columns, sliced on the GPU (no copy)
+    wide = _logits(2 * B, 2 * n_q, V + 5, seed=5)
+    sliced = wide[:, ::2, 2:V + 2]
+    gsliced = wide.cuda()[:, ::2, 2:V + 2]
+    assert not gsliced.is_contiguous()
+    _cuda_vs_cpu(sliced, seeds, pos, gpu_logits=gsliced, cfg_scale=2.0, top_k=40, top_p=0.9)
+    # a unit-stride-less view (transposed vocabulary) is copied by the wrapper
+    tv = _logits(2 * B, V, n_q, seed=9)
+    _cuda_vs_cpu(tv.transpose(1, 2), seeds, pos, gpu_logits=tv.cuda().transpose(1, 2), cfg_scale=1.5, top_p=0.8)
+    # broadcast positions (stride 0): one row drawn at many positions
+    one = _logits(2, 1, V, seed=7)
+    _cuda_vs_cpu(one.expand(2, 64, V), _seeds(1), torch.arange(64), gpu_logits=one.cuda().expand(2, 64, V),
+                 cfg_scale=1.5, top_k=20)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_forced_backend_and_ref(monkeypatch):
+    B, n_q, V = 2, 8, 512
+    logits, seeds, pos = _logits(2 * B, n_q, V, seed=19).cuda(), _seeds(B).cuda(), torch.arange(n_q).cuda()
+    # temperature 1: torch's CUDA division by a scalar multiplies by the reciprocal (not the
+    # IEEE quotient of the contract), so the reference on CUDA tensors is exact only without it
+    kw = dict(cfg_scale=1.5, top_k=30, top_p=0.7)
+    monkeypatch.setenv("DETAILFLOW_BACKEND", "cuda")
+    assert _dispatch.pick("group_sample", logits, seeds, pos).name == "cuda"
+    tok, lp = group_sample(logits, seeds, pos, return_logprobs=True, **kw)
+    tok_r, lp_r = group_sample_ref(logits, seeds, pos, return_logprobs=True, **kw)  # torch ops on CUDA
+    assert torch.equal(tok, tok_r)
+    assert torch.allclose(lp, lp_r, atol=tolerance(torch.float32)[0], rtol=0)
+    with pytest.raises(RuntimeError, match="does not apply"):
+        group_sample(logits.cpu(), seeds.cpu(), pos.cpu(), **kw)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_graph_replay_matches_eager():
+    B, n_q, V = 8, 8, 8192
+    kw = dict(cfg_scale=1.45, temperature=0.9, top_k=100, top_p=0.9, return_logprobs=True)
+    logits = _logits(2 * B, n_q, V, seed=50, dtype=torch.bfloat16).cuda()
+    seeds, pos = _seeds(B).cuda(), torch.arange(8, 8 + n_q).cuda()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):                                # warm-up outside the capture
+            group_sample(logits, seeds, pos, **kw)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        tok_s, lp_s = group_sample(logits, seeds, pos, **kw)
+    for step in range(3):                                 # new inputs in place, replay
+        logits.copy_(_logits(2 * B, n_q, V, seed=51 + step, dtype=torch.bfloat16))
+        seeds.copy_(_seeds(B, seed=60 + step))
+        pos.add_(n_q)
+        graph.replay()
+        tok_e, lp_e = group_sample(logits, seeds, pos, **kw)
+        torch.cuda.synchronize()
+        assert torch.equal(tok_s, tok_e) and torch.equal(lp_s, lp_e), f"replay {step}"
+
+
+@pytest.mark.gpu
+@pytest.mark.slow  # 20000 rows per case: slow under compute-sanitizer
+@needs_cuda
+@pytest.mark.parametrize("kw", [dict(), dict(temperature=0.7), dict(top_k=10), dict(top_p=0.8),
+                                dict(temperature=1.3, top_k=12, top_p=0.9)])
+def test_cuda_distribution_matches_softmax(kw):
+    """20000 draws (positions 0..N-1) of one fixed row vs the filtered softmax: chi-square,
+    and the support. Unfiltered: the probabilities are the plain softmax(x / T) (2^-40 mass
+    quantization and the fp32 exp aside), so compare with torch.softmax directly."""
+    N, V = 20000, 16
+    base = torch.linspace(-2.0, 1.5, V)[torch.randperm(V, generator=torch.Generator().manual_seed(13))]
+    logits = base.expand(1, N, V)
+    seeds, pos = torch.tensor([77], dtype=torch.int64), torch.arange(N)
+    tok = group_sample(logits.cuda(), seeds.cuda(), pos.cuda(), **kw)[0].cpu()
+    p = group_sample_probs_ref(logits[:, :1], 1, **kw)[0, 0]
+    if "top_k" not in kw and "top_p" not in kw:
+        soft = torch.softmax(base.double() / kw.get("temperature", 1.0), -1)
+        assert float((p - soft).abs().max()) < 1e-6  # fp32 exp: ~1e-7 relative
+    counts = torch.bincount(tok, minlength=V).double()
+    assert float(counts[p == 0].sum()) == 0, "drew a filtered-out token"
+    live = p > 0
+    expected = N * p[live]
+    chi2 = float(((counts[live] - expected) ** 2 / expected).sum())
+    df = int(live.sum()) - 1
+    assert chi2 < _chi2_critical(df), f"chi2 = {chi2:.1f} (df {df}); counts {counts.tolist()}"
