@@ -14,6 +14,8 @@ __version__ = "0.1.0"
 _LAZY = {
     "DetailFlowPipeline": "detailflow_engine.pipeline",
     "GenerationResult": "detailflow_engine.pipeline",
+    "DetailFlowBatcher": "detailflow_engine.batcher",
+    "resolve_model_path": "detailflow_engine.hub",
     "load_prior": "detailflow_engine.loading",
     "load_tokenizer": "detailflow_engine.loading",
     "load_checkpoint": "detailflow_engine.checkpoint",
@@ -29,5 +31,5 @@ def __getattr__(name):  # lazy: `import detailflow_engine` stays light (configs,
     raise AttributeError(f"module 'detailflow_engine' has no attribute {name!r}")
 
 
-__all__ = ["DetailFlowPipeline", "GenerationResult", "load_prior", "load_tokenizer", "load_checkpoint",
+__all__ = ["DetailFlowPipeline", "GenerationResult", "DetailFlowBatcher", "resolve_model_path", "load_prior", "load_tokenizer", "load_checkpoint",
            "CheckpointError", "ConfigError", "PriorConfig", "TokenizerConfig", "TowerConfig"]

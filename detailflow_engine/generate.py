@@ -3,9 +3,20 @@
     python -m detailflow_engine.generate --out samples                        # the embedded default model
     python -m detailflow_engine.generate --ckpt PRIOR --tokenizer TOK --classes 207,360 --num-per-class 4
 
+    torchrun --nproc-per-node 4 -m detailflow_engine.generate --num-images 50000 --npz --out fid50k
+    python -m detailflow_engine.generate --ckpt ByteVisionLab/DetailFlow-16-GPT-L \
+        --tokenizer ByteVisionLab/DetailFlow-16 --classes 207 --num-per-class 8   # Hub repo ids
+
 Image i (global index) gets class classes[i % len(classes)] with --num-images, or classes[i // n]
 with --num-per-class n, and seed --seed + i. The pipeline keys every draw by (seed, token
-position), so an image depends only on (model, settings, class, seed), never on --batch-size.
+position), so an image depends only on (model, settings, class, seed), never on --batch-size or
+on how many processes share the run.
+
+Multi-process (torchrun sets WORLD_SIZE/RANK/LOCAL_RANK): rank r generates the images
+todo[r::world] (gloo on CPU, nccl on CUDA with one GPU per local rank) and writes their PNGs
+itself (atomically); after every round of batches the ranks all-gather the finished images'
+manifest records and rank 0 appends them, then writes grid.png and the .npz at the end. The
+output folder is byte-identical to a single-process run's.
 
 Safety: everything (arguments, --out, the models, the classes, a resumed manifest) is checked
 before anything is created in --out; bad input is one ``error: ...`` line on stderr and exit 2.
@@ -30,7 +41,7 @@ INT64_MAX = 2 ** 63 - 1
 # A manifest record's settings: an image depends on these (plus its class and seed), so --resume
 # requires them to match. device and batch size are recorded/ignored: they do not select the image.
 SETTING_KEYS = ("cfg_scale", "temperature", "top_k", "top_p", "gradual_cfg", "num_tokens",
-                "ckpt", "tokenizer", "ema", "dtype", "progressive")
+                "ckpt", "tokenizer", "ema", "dtype", "weights", "progressive")
 
 
 class UsageError(Exception):
@@ -46,10 +57,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m detailflow_engine.generate",
                 description="Generate class-conditional images with a DetailFlow prior + tokenizer.")
     m = p.add_argument_group("model (both or neither; neither = the embedded default model)")
-    m.add_argument("--ckpt", metavar="PATH", help="prior: model folder, .pt or .safetensors")
-    m.add_argument("--tokenizer", metavar="PATH", help="tokenizer: model folder, .pt or .safetensors")
-    m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto")
+    m.add_argument("--ckpt", metavar="PATH|REPO", help="prior: model folder, .pt or .safetensors, or a Hugging "
+                   "Face repo id owner/name[@revision] (a local path wins)")
+    m.add_argument("--tokenizer", metavar="PATH|REPO", help="tokenizer: model folder, .pt or .safetensors, or a "
+                   "Hugging Face repo id")
+    m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto "
+                   "(under torchrun, cuda means the GPU of the local rank)")
     m.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="default: fp32")
+    m.add_argument("--weights", default="native", choices=["native", "int8"],
+                   help="prior weights as stored (native, in --dtype) or weight-only int8 (default: native)")
 
     w = p.add_argument_group("what to generate")
     w.add_argument("--classes", nargs="+", metavar="C", default=["all"],
@@ -157,12 +173,29 @@ def _one_line(e: BaseException) -> str:
     return msg
 
 
-def load_pipeline(args):
-    """-> (pipeline, prior path, tokenizer path); any loading problem is a UsageError."""
+def resolve_model_arg(flag: str, given: str) -> Path:
+    """A local path (must exist) or a Hugging Face repo id -> local path; problems are UsageErrors."""
+    from detailflow_engine import hub
+
+    if Path(given).exists() or hub.parse_repo_id(given) is None:
+        if not Path(given).exists():
+            raise UsageError(f"{flag} {given} does not exist")
+        return Path(given)
+    try:
+        return hub.resolve_model_path(given)
+    except hub.HubError as e:
+        raise UsageError(f"{flag} {given}: {_one_line(e)}") from None
+
+
+def load_pipeline(args, device=None):
+    """-> (pipeline, prior path, tokenizer path); any loading problem is a UsageError.
+
+    ``device``: this process's device (torchrun: the local rank's GPU); default ``--device``."""
     from detailflow_engine.loading import resolve_device
 
+    device = args.device if device is None else device
     try:
-        resolve_device(args.device)
+        resolve_device(device)
     except ValueError as e:
         raise UsageError(f"--device {args.device}: {_one_line(e)}") from None
     if args.ckpt is None:
@@ -173,14 +206,13 @@ def load_pipeline(args):
         except FileNotFoundError as e:
             raise UsageError(_one_line(e)) from None
     else:
-        prior_path, tok_path = Path(args.ckpt), Path(args.tokenizer)
-        for flag, path in (("--ckpt", prior_path), ("--tokenizer", tok_path)):
-            if not path.exists():
-                raise UsageError(f"{flag} {path} does not exist")
+        prior_path = resolve_model_arg("--ckpt", args.ckpt)
+        tok_path = resolve_model_arg("--tokenizer", args.tokenizer)
     from detailflow_engine.pipeline import DetailFlowPipeline
 
     try:
-        pipe = DetailFlowPipeline.from_pretrained(prior_path, tok_path, device=args.device, dtype=args.dtype)
+        pipe = DetailFlowPipeline.from_pretrained(prior_path, tok_path, device=device, dtype=args.dtype,
+                                                  weights=args.weights)
     except (ValueError, OSError) as e:  # CheckpointError / ConfigError are ValueErrors
         raise UsageError(f"cannot load the model (--ckpt {prior_path}, --tokenizer {tok_path}): "
                          f"{_one_line(e)}") from None
@@ -240,26 +272,114 @@ def check_resume(out: Path, records: List[dict], settings: dict, plan: List[tupl
 
 # ---------------------------------------------------------------------- main
 
+class Dist:
+    """torch.distributed when launched by torchrun (WORLD_SIZE > 1); a no-op single process otherwise."""
+
+    def __init__(self):
+        env = os.environ
+        try:
+            self.world = int(env.get("WORLD_SIZE", "1"))
+            self.rank = int(env.get("RANK", "0"))
+            self.local_rank = int(env.get("LOCAL_RANK", "0"))
+        except ValueError:
+            raise UsageError("WORLD_SIZE/RANK/LOCAL_RANK must be integers (as torchrun sets them)") from None
+        if not 0 <= self.rank < max(self.world, 1):
+            raise UsageError(f"RANK={self.rank} is outside [0, WORLD_SIZE={self.world})")
+        self.active = False
+
+    def init(self, device: str) -> str:
+        """Start the process group (gloo on CPU, nccl on CUDA) -> this rank's device."""
+        if self.world <= 1:
+            return device
+        import torch
+        import torch.distributed as dist
+
+        cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        if cuda:
+            if not torch.cuda.is_available():
+                raise UsageError("--device cuda: device 'cuda' was requested but no CUDA GPU is available")
+            if self.local_rank >= torch.cuda.device_count():
+                raise UsageError(f"LOCAL_RANK {self.local_rank} but only {torch.cuda.device_count()} GPUs: "
+                                 f"use --nproc-per-node <= the GPU count")
+            torch.cuda.set_device(self.local_rank)
+            device = f"cuda:{self.local_rank}"
+        else:
+            device = "cpu"
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo")
+        self.active = True
+        return device
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj`` (small, picklable), in rank order."""
+        if not self.active:
+            return [obj]
+        import torch.distributed as dist
+
+        got = [None] * self.world
+        dist.all_gather_object(got, obj)
+        return got
+
+    def agree(self, error: Optional[str]) -> None:
+        """A collective check point: if any rank failed, every rank raises that rank's error."""
+        first = next((e for e in self.gather(error) if e), None)
+        if first:
+            raise UsageError(first)
+
+    def close(self) -> None:
+        if self.active:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+            self.active = False
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    dist = None
     try:
-        return _main(argv)
+        dist = Dist()
+        return _main(argv, dist)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if dist is None or not dist.active or dist.rank == 0:  # torchrun: one copy of the message
+            print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    finally:
+        if dist is not None:
+            dist.close()
 
 
-def _main(argv) -> int:
+def _main(argv, dist: "Dist") -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help
         return int(e.code or 0)
     check_numbers(args)
+    device = dist.init(args.device)
+    # Every rank runs the same checks; they agree before anything is written, so a problem that
+    # shows on one rank only (its GPU, a file) stops all of them with that rank's message.
+    error, prepared = None, None
+    try:
+        prepared = _prepare(args, device)
+    except UsageError as e:
+        error = str(e)
+    dist.agree(error)
+    pipe, out, plan, settings, records, clean, size = prepared
+    try:
+        return _generate(args, pipe, out, plan, settings, records, clean, size, dist)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the finished images are in {out}; rerun the same command with --resume "
+              f"to finish", file=sys.stderr)
+        return 130
+
+
+def _prepare(args, device):
+    """All checks and the model, with nothing written: -> (pipe, out, plan, settings, records, clean, size)."""
     class_list = parse_classes(args.classes)
     out = Path(args.out)
     check_out_writable(out)
 
-    pipe, prior_path, tok_path = load_pipeline(args)
+    pipe, prior_path, tok_path = load_pipeline(args, device)
     from detailflow_engine.prior import step_plan
 
     num_classes = pipe.prior.config.num_classes
@@ -277,7 +397,7 @@ def _main(argv) -> int:
     settings = {"cfg_scale": args.cfg_scale, "temperature": args.temperature, "top_k": args.top_k,
                 "top_p": args.top_p, "gradual_cfg": args.gradual_cfg, "num_tokens": num_tokens,
                 "ckpt": str(prior_path), "tokenizer": str(tok_path), "ema": True, "dtype": args.dtype,
-                "progressive": args.progressive}
+                "weights": args.weights, "progressive": args.progressive}
 
     # ---- what is in --out already (still nothing written)
     manifest_path = out / outputs.MANIFEST
@@ -296,20 +416,16 @@ def _main(argv) -> int:
                 more = f" and {len(present) - 3} more" if len(present) > 3 else ""
                 raise UsageError(f"--out {out} already holds {', '.join(present[:3])}{more}: use --resume to "
                                  f"finish that run, --overwrite to replace it, or a new --out")
-    try:
-        return _generate(args, pipe, out, plan, settings, records, clean, size)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: the finished images are in {out}; rerun the same command with --resume "
-              f"to finish", file=sys.stderr)
-        return 130
+    return pipe, out, plan, settings, records, clean, size
 
 
-def _generate(args, pipe, out: Path, plan, settings, records, clean, size) -> int:
+def _generate(args, pipe, out: Path, plan, settings, records, clean, size, dist: "Dist") -> int:
     from tqdm import tqdm
 
     from detailflow_engine.pipeline import to_uint8
 
     manifest_path = out / outputs.MANIFEST
+    lead = dist.rank == 0  # the one process that writes the manifest, grid and npz
     if args.overwrite:
         records, clean = [], True
     # keep the recorded images whose PNG (and strip) is really there; the rest are made again
@@ -319,7 +435,10 @@ def _generate(args, pipe, out: Path, plan, settings, records, clean, size) -> in
                 not args.progressive or (out / outputs.progressive_name(i)).is_file()):
             done[i] = rec
     todo = [item for item in plan if item[0] not in done]
-    batches = [todo[b:b + args.batch_size] for b in range(0, len(todo), args.batch_size)]
+    world, bs = max(dist.world, 1), args.batch_size
+    mine = todo[dist.rank::world]  # this rank's images; their seeds stay those of their global index
+    batches = [mine[b:b + bs] for b in range(0, len(mine), bs)]
+    rounds = max(-(-len(todo[r::world]) // bs) for r in range(world))  # every rank loops the same count
 
     def run_batch(batch):
         previews = []
@@ -333,51 +452,75 @@ def _generate(args, pipe, out: Path, plan, settings, records, clean, size) -> in
                                callback=keep_preview if args.progressive else None)
         return result.uint8, previews
 
-    record_base = dict(settings, device=str(pipe.device), size=size)
+    # the device type, not cuda:<rank>: records do not depend on which rank made the image
+    record_base = dict(settings, device=pipe.device.type, size=size)
     t0 = time.perf_counter()
     bar = tqdm(total=len(plan), initial=len(done), unit="img", file=sys.stderr, desc="generate",
-               dynamic_ncols=True)
+               dynamic_ncols=True, disable=not lead)
+    manifest = None
     try:
         # The first batch runs before --out is touched: a model that cannot run here (an op
         # without a kernel for this device/dtype) fails with --out as it was.
-        first = None
+        first, error = None, None
         if batches:
             try:
                 first = run_batch(batches[0])
             except NotImplementedError as e:
-                bar.leave = False  # erase the bar: the error is the one line left
-                bar.close()
-                raise UsageError(f"the model cannot run with --device {pipe.device.type} --dtype {args.dtype}: "
-                                 f"{_one_line(e)}") from None
-
+                error = (f"the model cannot run with --device {pipe.device.type} --dtype {args.dtype}: "
+                         f"{_one_line(e)}")
         try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"cannot create --out {out}: {_one_line(e)}") from None
-        outputs.remove_stale_temps(out)
-        if args.overwrite:
-            _remove_previous_run(out, plan, args)
-        if args.overwrite or not clean or len(done) != len(records) or not manifest_path.exists():
-            outputs.write_manifest(manifest_path, [done[i] for i in sorted(done)])
+            dist.agree(error)
+        except UsageError:
+            bar.leave = False  # erase the bar: the error is the one line left
+            raise
 
-        with outputs.ManifestAppender(manifest_path) as manifest:
-            for k, batch in enumerate(batches):
-                images, previews = first if k == 0 else run_batch(batch)
+        error = None
+        if lead:  # set up --out while the other ranks wait at the next check point
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                outputs.remove_stale_temps(out)
+                if args.overwrite:
+                    _remove_previous_run(out, plan, args)
+                if args.overwrite or not clean or len(done) != len(records) or not manifest_path.exists():
+                    outputs.write_manifest(manifest_path, [done[i] for i in sorted(done)])
+                manifest = outputs.ManifestAppender(manifest_path)
+            except OSError as e:
+                error = f"cannot create --out {out}: {_one_line(e)}"
+        dist.agree(error)
+
+        for k in range(rounds):
+            finished = []
+            if k < len(batches):
+                images, previews = first if k == 0 else run_batch(batches[k])
                 first = None
-                for j, (i, cls, seed) in enumerate(batch):
+                for j, (i, cls, seed) in enumerate(batches[k]):
                     rec = dict(record_base, file=outputs.image_name(i), index=i, seed=seed, **{"class": cls})
                     if args.progressive:
                         strip = outputs.progressive_strip([p[j] for p in previews], size)
                         outputs.save_png(out / outputs.progressive_name(i), strip)
                         rec["progressive_file"] = outputs.progressive_name(i)
                     outputs.save_png(out / outputs.image_name(i), images[j])
-                    manifest.append(rec)
-                    done[i] = rec
-                    bar.update(1)
+                    if dist.active:
+                        finished.append(rec)
+                    else:  # single process: record each image as soon as its files are in place
+                        manifest.append(rec)
+                        done[i] = rec
+                        bar.update(1)
                 del images, previews
+            if dist.active:  # the ranks' PNGs of this round are in place: rank 0 records them
+                gathered = sorted((r for part in dist.gather(finished) for r in part), key=lambda r: r["index"])
+                if lead:
+                    for rec in gathered:
+                        manifest.append(rec)
+                        done[rec["index"]] = rec
+                    bar.update(len(gathered))
     finally:
         bar.close()
+        if manifest is not None:
+            manifest.close()
 
+    if not lead:
+        return 0
     # ---- whole-run outputs, from the PNGs on disk
     outputs.write_manifest(manifest_path, [done[i] for i in sorted(done)])
     paths = [out / outputs.image_name(i) for i, _, _ in plan]
@@ -390,7 +533,8 @@ def _generate(args, pipe, out: Path, plan, settings, records, clean, size) -> in
     dt = time.perf_counter() - t0
     n = len(todo)
     kept = f"; {len(plan) - n} were already there" if len(plan) > n else ""
-    print(f"wrote {n} images to {out} in {dt:.1f} s ({n / max(dt, 1e-9):.2f} images/s){kept}")
+    procs = f" by {world} processes" if dist.active else ""
+    print(f"wrote {n} images to {out}{procs} in {dt:.1f} s ({n / max(dt, 1e-9):.2f} images/s){kept}")
     return 0
 
 

@@ -7,6 +7,7 @@ An image's tokens therefore depend only on its own seed, never on the batch it r
 """
 from __future__ import annotations
 
+import inspect
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Union
@@ -19,6 +20,8 @@ from detailflow_engine.ops.group_sample import group_sample
 from detailflow_engine.prior import Prior, Step, step_plan
 from detailflow_engine.tokenizer import Tokenizer
 from detailflow_ref.tokenizer import to_uint8  # noqa: F401 - re-exported: previews -> uint8
+
+WEIGHTS = ("native", "int8")  # from_pretrained(weights=...): how the prior's linears are stored
 
 # callback(step, tokens_so_far (B, t), preview) -> None; preview() decodes the prefix on demand.
 Callback = Callable[[Step, torch.Tensor, Callable[[], torch.Tensor]], None]
@@ -78,16 +81,31 @@ class DetailFlowPipeline:
 
     @classmethod
     def from_pretrained(cls, prior_path=None, tokenizer_path=None, device=None, dtype=None,
-                        ema: bool = True) -> "DetailFlowPipeline":
-        """Load both models (folders, .pt or .safetensors). With no paths: the embedded default model."""
+                        ema: bool = True, weights: str = "native") -> "DetailFlowPipeline":
+        """Load both models. With no paths: the embedded default model.
+
+        Each path is a model folder, a .pt or a .safetensors file, or a Hugging Face repo id
+        (``owner/name[@revision]``, e.g. ``ByteVisionLab/DetailFlow-16-GPT-L``; needs huggingface_hub;
+        a path that exists locally always wins). ``weights``: "native" (the checkpoint's weights in
+        ``dtype``) or "int8" (weight-only int8 decode GEMMs for the prior).
+        """
+        if weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
         if prior_path is None and tokenizer_path is None:
             from detailflow_engine.assets import default_model_paths
 
             prior_path, tokenizer_path = default_model_paths()
         if prior_path is None or tokenizer_path is None:
             raise ValueError("give both prior_path and tokenizer_path, or neither for the default model")
+        from detailflow_engine.hub import resolve_model_path
+
+        prior_path, tokenizer_path = resolve_model_path(prior_path), resolve_model_path(tokenizer_path)
         device, dtype = resolve_device(device), resolve_dtype(dtype)
-        return cls(load_prior(prior_path, ema=ema, device=device, dtype=dtype),
+        # pass `weights` only when it asks for something: a load_prior without the keyword still works
+        extra = {} if weights == "native" else {"weights": weights}
+        if extra and "weights" not in inspect.signature(load_prior).parameters:
+            raise ValueError(f"weights={weights!r} is not supported by this version of load_prior")
+        return cls(load_prior(prior_path, ema=ema, device=device, dtype=dtype, **extra),
                    load_tokenizer(tokenizer_path, device=device, dtype=dtype))
 
     @property
@@ -142,8 +160,7 @@ class DetailFlowPipeline:
             tokens = torch.zeros(rows.shape[0], T, dtype=torch.int64, device=self.device)
             step_logits = []
             for step in plan:
-                x = self.prior.step_embeddings(rows, tokens, step.start, step.stop)
-                logits = self.prior.forward_step(x, step.start)  # (rows, n, V) fp32
+                logits = self.prior.step_logits(rows, tokens, step)  # (rows, n, V) fp32
                 if return_step_logits:
                     step_logits.append(logits.clone())
                 positions = torch.arange(step.start, step.stop, device=self.device)

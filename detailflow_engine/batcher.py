@@ -1,0 +1,223 @@
+"""DetailFlowBatcher: collect concurrent requests for a few milliseconds, run them as one batch.
+
+A service calls ``submit`` (or the blocking ``generate``) from many threads; one worker thread
+takes the queued requests, waits up to ``max_wait_ms`` for more (or until ``max_batch`` images
+are queued), groups requests whose sampling settings are identical, runs each group through
+``pipeline.generate`` as one batch, and hands every request its own slice of the result.
+
+Why batching cannot change an image: the pipeline keys every random draw by (image seed, token
+position), and a request's seeds are expanded exactly as a lone ``pipeline.generate`` call
+expands them (int seed s -> s, s + 1, ...; a list -> one seed per image). So a request gets the
+same images as ``pipeline.generate(labels, seed=seeds, **settings)`` alone.
+
+    with DetailFlowBatcher(pipe) as batcher:           # in a web handler, from any thread:
+        result = batcher.generate([207], seed=42)        # GenerationResult of this request only
+        fut = batcher.submit([1, 2], seed=[5, 9], cfg_scale=2.0)   # concurrent.futures.Future
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from detailflow_engine.pipeline import DetailFlowPipeline, GenerationResult, _seed_list
+from detailflow_engine.prior import step_plan
+
+# Sampling settings a request may give, with the pipeline's defaults (pipeline.generate).
+DEFAULT_SETTINGS = {"cfg_scale": 1.45, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
+                    "gradual_cfg": False, "num_tokens": None}
+_INT64 = (-(2 ** 63), 2 ** 63 - 1)
+
+
+class BatcherClosed(RuntimeError):
+    """submit() after close(), or a request still queued when close(cancel_pending=True) ran."""
+
+
+@dataclass
+class _Request:
+    labels: List[int]
+    seeds: List[int]
+    key: Tuple  # the normalized settings: requests batch together only when these are equal
+    future: Future = field(default_factory=Future)
+
+
+def _normalize(settings: dict, pipe: DetailFlowPipeline) -> Tuple:
+    """Check settings as pipeline.generate would, -> a hashable key (cfg, temp, k, p, gradual, T)."""
+    unknown = sorted(set(settings) - set(DEFAULT_SETTINGS))
+    if unknown:
+        raise TypeError(f"unknown setting(s) {unknown}; the batcher takes {sorted(DEFAULT_SETTINGS)} "
+                        f"(no callback: previews are per-call, use pipeline.generate)")
+    s = dict(DEFAULT_SETTINGS, **settings)
+    for name in ("cfg_scale", "temperature", "top_p"):
+        v = s[name]
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or v != v:
+            raise ValueError(f"{name} must be a number, got {v!r}")
+    if not isinstance(s["gradual_cfg"], (bool, np.bool_)):
+        raise ValueError(f"gradual_cfg must be a bool, got {s['gradual_cfg']!r}")
+    num_tokens = s["num_tokens"]
+    # the step plan's end is the request's token count; None and block_size are the same request
+    num_tokens = step_plan(pipe.prior.config, num_tokens)[-1].stop
+    top_k = s["top_k"]
+    if isinstance(top_k, (int, np.integer)) and not isinstance(top_k, bool):
+        top_k = int(top_k)  # else left as given: pipeline._check_args names the problem
+    return (float(s["cfg_scale"]), float(s["temperature"]), top_k, float(s["top_p"]),
+            bool(s["gradual_cfg"]), num_tokens)
+
+
+def _key_settings(key: Tuple) -> dict:
+    cfg_scale, temperature, top_k, top_p, gradual_cfg, num_tokens = key
+    return dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                gradual_cfg=gradual_cfg, num_tokens=num_tokens)
+
+
+class DetailFlowBatcher:
+    """Micro-batching front end of a :class:`DetailFlowPipeline` (thread-safe).
+
+    Args:
+        pipeline: the pipeline to run (it may also be called directly from other threads).
+        max_batch: the most images per batch; a request with more images runs alone in one batch.
+        max_wait_ms: how long the worker waits for more requests after the first one arrives.
+    """
+
+    def __init__(self, pipeline: DetailFlowPipeline, max_batch: int = 16, max_wait_ms: float = 5.0):
+        if pipeline.tokenizer is None:
+            raise ValueError("the batcher needs a pipeline with a tokenizer (it returns images)")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        if not max_wait_ms >= 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
+        self.pipeline, self.max_batch, self.max_wait = pipeline, max_batch, max_wait_ms / 1000.0
+        self._queue: List[_Request] = []
+        self._cond = threading.Condition()
+        self._closed = False
+        self.batches_run = 0  # statistics: batches run and images generated
+        self.images_run = 0
+        self._worker = threading.Thread(target=self._loop, name="DetailFlowBatcher", daemon=True)
+        self._worker.start()
+
+    # ------------------------------------------------------------------ client side
+
+    def submit(self, labels, seed: Union[int, Sequence[int]] = 0, **settings) -> Future:
+        """Queue a request -> Future of its :class:`GenerationResult` (images in request order).
+
+        ``labels`` and ``seed`` as in ``pipeline.generate`` (int seed s: image i uses s + i);
+        settings: cfg_scale, temperature, top_k, top_p, gradual_cfg, num_tokens. Bad input fails
+        this request's future (ValueError/TypeError), never anyone else's.
+        """
+        fut: Future = Future()
+        try:
+            key = _normalize(settings, self.pipeline)
+            labels_t = self.pipeline._check_args(labels, key[0], key[1], key[2], key[3])
+            labs = [int(x) for x in labels_t.tolist()]
+            seeds = _seed_list(seed, len(labs))
+            for s in seeds:
+                if not _INT64[0] <= s <= _INT64[1]:
+                    raise ValueError(f"seed {s} does not fit in int64")
+        except Exception as e:  # noqa: BLE001 - bad input belongs to this request's future
+            fut.set_exception(e)
+            return fut
+        req = _Request(labs, seeds, key, fut)
+        with self._cond:
+            if self._closed:
+                fut.set_exception(BatcherClosed("the batcher is closed"))
+                return fut
+            self._queue.append(req)
+            self._cond.notify_all()
+        return fut
+
+    def generate(self, labels, seed: Union[int, Sequence[int]] = 0, timeout: Optional[float] = None,
+                 **settings) -> GenerationResult:
+        """Blocking submit: the request's GenerationResult (raises what the request raised)."""
+        return self.submit(labels, seed=seed, **settings).result(timeout)
+
+    def close(self, cancel_pending: bool = False, timeout: Optional[float] = None) -> None:
+        """Stop accepting requests; finish the queued ones (or fail them with BatcherClosed), join."""
+        with self._cond:
+            self._closed = True
+            if cancel_pending:
+                for req in self._queue:
+                    req.future.set_exception(BatcherClosed("the batcher was closed before this request ran"))
+                self._queue.clear()
+            self._cond.notify_all()
+        if threading.current_thread() is not self._worker:
+            self._worker.join(timeout)
+
+    def __enter__(self) -> "DetailFlowBatcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ worker side
+
+    def _take(self) -> Optional[List[_Request]]:
+        """Block for the first request, then gather for max_wait or until max_batch images are queued."""
+        with self._cond:
+            while not self._queue and not self._closed:
+                self._cond.wait()
+            if not self._queue:
+                return None  # closed and drained
+            deadline = time.monotonic() + self.max_wait
+            while not self._closed and sum(len(r.labels) for r in self._queue) < self.max_batch:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            taken = self._queue
+            self._queue = []
+            return taken
+
+    def _loop(self) -> None:
+        while True:
+            reqs = self._take()
+            if reqs is None:
+                return
+            groups: Dict[Tuple, List[_Request]] = {}
+            for r in reqs:
+                if r.future.set_running_or_notify_cancel():  # skip requests the caller cancelled
+                    groups.setdefault(r.key, []).append(r)
+            for key, group in groups.items():
+                for batch in self._pack(group):
+                    self._run(key, batch)
+
+    def _pack(self, group: List[_Request]) -> List[List[_Request]]:
+        """Split a settings group into batches of at most max_batch images (in arrival order)."""
+        batches, cur, n = [], [], 0
+        for r in group:
+            if cur and n + len(r.labels) > self.max_batch:
+                batches.append(cur)
+                cur, n = [], 0
+            cur.append(r)
+            n += len(r.labels)
+        if cur:
+            batches.append(cur)
+        return batches
+
+    def _run(self, key: Tuple, batch: List[_Request]) -> None:
+        labels = [lab for r in batch for lab in r.labels]
+        seeds = [s for r in batch for s in r.seeds]
+        try:
+            result = self.pipeline.generate(labels, seed=seeds, **_key_settings(key))
+        except Exception as e:  # noqa: BLE001 - the worker must survive any request
+            if len(batch) > 1:
+                for r in batch:  # rerun alone: the failure lands only on the request that causes it
+                    self._run(key, [r])
+                return
+            batch[0].future.set_exception(e)
+            return
+        self.batches_run += 1
+        self.images_run += len(labels)
+        k = 0
+        for r in batch:
+            n = len(r.labels)
+            r.future.set_result(GenerationResult(tokens=result.tokens[k:k + n].clone(),
+                                                 pixels=result.pixels[k:k + n].clone(),
+                                                 seeds=list(r.seeds), labels=list(r.labels)))
+            k += n
+
+
+__all__ = ["DetailFlowBatcher", "BatcherClosed"]
