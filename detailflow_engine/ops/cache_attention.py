@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from detailflow_engine.ops import _dispatch
+from detailflow_engine.ops.interop import dlpack_interop
 
 __all__ = ["cache_attention", "cache_attention_ref", "tolerance"]
 
@@ -119,6 +120,7 @@ def _cache_attention_fake(q, k_new, v_new, k_cache, v_cache, out, start_pos, sca
     return None  # all results are written in place (caches and out)
 
 
+@dlpack_interop
 def cache_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor,
                     start_pos: int, *, scale: Optional[float] = None,
                     out: Optional[Tensor] = None) -> Tensor:

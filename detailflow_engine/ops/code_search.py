@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from detailflow_engine.ops import _dispatch
+from detailflow_engine.ops.interop import dlpack_interop
 
 __all__ = ["code_search", "code_search_ref", "code_distances_ref", "tolerance"]
 
@@ -95,6 +96,7 @@ def _code_search_fake(latents, codebook, codebook_normalized) -> Tensor:
     return latents.new_empty((latents.shape[0],), dtype=torch.int64)
 
 
+@dlpack_interop
 def code_search(latents: Tensor, codebook: Tensor, *, codebook_normalized: bool = False) -> Tensor:
     """Index of the nearest L2-normalized codeword for each L2-normalized latent.
 

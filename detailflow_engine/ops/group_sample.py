@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from detailflow_engine.ops import _dispatch
+from detailflow_engine.ops.interop import dlpack_interop
 
 __all__ = ["group_sample", "group_sample_ref", "group_sample_probs_ref", "philox4x32_10",
            "sample_u24", "tolerance", "MAX_VOCAB"]
@@ -298,6 +299,7 @@ def _group_sample_fake(logits, seeds, positions, cfg_scale, temperature, top_k, 
             torch.empty(shape, dtype=torch.float32, device=logits.device))
 
 
+@dlpack_interop
 def group_sample(logits: Tensor, seeds: Tensor, positions: Tensor, *, cfg_scale: float = 1.0,
                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  return_logprobs: bool = False) -> Union[Tensor, Tuple[Tensor, Tensor]]:

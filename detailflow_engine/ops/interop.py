@@ -24,7 +24,7 @@ def to_torch(x: Any) -> Any:
         return x
     try:
         return torch.from_dlpack(x)
-    except (RuntimeError, TypeError, BufferError) as exc:
+    except (RuntimeError, TypeError, BufferError, AttributeError) as exc:
         raise TypeError(f"cannot view a {type(x).__module__}.{type(x).__name__} as a torch tensor through "
                         f"DLPack ({exc}); pass a torch.Tensor, a CuPy or a NumPy array") from exc
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from detailflow_engine.ops import _dispatch
+from detailflow_engine.ops.interop import dlpack_interop
 
 __all__ = ["vq_lookup", "vq_lookup_ref", "tolerance"]
 
@@ -144,6 +145,7 @@ def _vq_lookup_fake(codes, codebook, weight, bias, pos_embed, out) -> None:
     return None  # the result is written into `out`
 
 
+@dlpack_interop
 def vq_lookup(codes: Tensor, codebook: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
               pos_embed: Optional[Tensor] = None, *, out: Optional[Tensor] = None) -> Tensor:
     """Decoder input tokens for codes: weight @ normalize(codebook[codes]) + bias + pos_embed[t].
