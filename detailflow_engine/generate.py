@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto "
                    "(under torchrun, cuda means the GPU of the local rank)")
     m.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="default: fp32")
+    m.add_argument("--no-cuda-graphs", action="store_true",
+                   help="on a GPU, launch each decode step's kernels eagerly instead of replaying CUDA graphs")
     m.add_argument("--weights", default="native", choices=["native", "int8"],
                    help="prior weights as stored (native, in --dtype) or weight-only int8 (default: native)")
 
@@ -212,7 +214,7 @@ def load_pipeline(args, device=None):
 
     try:
         pipe = DetailFlowPipeline.from_pretrained(prior_path, tok_path, device=device, dtype=args.dtype,
-                                                  weights=args.weights)
+                                                  weights=args.weights, cuda_graphs=not args.no_cuda_graphs)
     except (ValueError, OSError) as e:  # CheckpointError / ConfigError are ValueErrors
         raise UsageError(f"cannot load the model (--ckpt {prior_path}, --tokenizer {tok_path}): "
                          f"{_one_line(e)}") from None

@@ -81,13 +81,14 @@ class DetailFlowPipeline:
 
     @classmethod
     def from_pretrained(cls, prior_path=None, tokenizer_path=None, device=None, dtype=None,
-                        ema: bool = True, weights: str = "native") -> "DetailFlowPipeline":
+                        ema: bool = True, weights: str = "native", cuda_graphs: bool = True) -> "DetailFlowPipeline":
         """Load both models. With no paths: the embedded default model.
 
         Each path is a model folder, a .pt or a .safetensors file, or a Hugging Face repo id
         (``owner/name[@revision]``, e.g. ``ByteVisionLab/DetailFlow-16-GPT-L``; needs huggingface_hub;
         a path that exists locally always wins). ``weights``: "native" (the checkpoint's weights in
-        ``dtype``) or "int8" (weight-only int8 decode GEMMs for the prior).
+        ``dtype``) or "int8" (weight-only int8 decode GEMMs for the prior). ``cuda_graphs``: on a
+        GPU, replay each decode step as a captured CUDA graph (default; same output, fewer launches).
         """
         if weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
@@ -105,8 +106,9 @@ class DetailFlowPipeline:
         extra = {} if weights == "native" else {"weights": weights}
         if extra and "weights" not in inspect.signature(load_prior).parameters:
             raise ValueError(f"weights={weights!r} is not supported by this version of load_prior")
-        return cls(load_prior(prior_path, ema=ema, device=device, dtype=dtype, **extra),
-                   load_tokenizer(tokenizer_path, device=device, dtype=dtype))
+        prior = load_prior(prior_path, ema=ema, device=device, dtype=dtype, **extra)
+        prior.cuda_graphs = bool(cuda_graphs)
+        return cls(prior, load_tokenizer(tokenizer_path, device=device, dtype=dtype))
 
     @property
     def device(self) -> torch.device:
