@@ -162,33 +162,203 @@ static void group_sample_cpu(uintptr_t logits, int dtype, int64_t R, int64_t n_q
 }
 
 // decode_gemm: x (M, K) with row stride ldx, y (M, N) with row stride ldy (unit last strides),
-// packed weights of N x K in the layout of decode_gemm.h (packed_numel elements); returns the
-// name of the inner loop used; see cpu/decode_gemm.cpp.
+// packed weights of N x K in the layout of decode_gemm.h (packed_numel elements; int8 W also
+// takes `scales`, N fp32 per-row scales, else scales = 0); returns the name of the inner loop
+// used; see cpu/decode_gemm.cpp.
 static const char* decode_gemm_cpu(uintptr_t x, int64_t M, int64_t K, int64_t ldx, int dtype,
-                                   uintptr_t packed, int64_t packed_numel, int w_dtype, int64_t N,
-                                   uintptr_t y, int64_t ldy, int num_threads) {
+                                   uintptr_t packed, int64_t packed_numel, int w_dtype,
+                                   uintptr_t scales, int64_t N, uintptr_t y, int64_t ldy,
+                                   int num_threads) {
   DF_CHECK_PTR(x); DF_CHECK_PTR(packed); DF_CHECK_PTR(y);
   DF_CHECK_POSITIVE(M); DF_CHECK_POSITIVE(K); DF_CHECK_POSITIVE(N);
   DF_CHECK(M == 1 || (ldx >= K && ldy >= N), "row strides must be >= the row lengths, got ldx = "
                                                  << ldx << " (K = " << K << "), ldy = " << ldy
                                                  << " (N = " << N << ")");
-  const bool bf16_w = static_cast<detailflow::DType>(w_dtype) == detailflow::DType::BFloat16;
+  const auto wt = static_cast<detailflow::DType>(w_dtype);
+  const bool int8_w = wt == detailflow::DType::Int8;
+  DF_CHECK(int8_w == (scales != 0), "scales must be given exactly for int8 weights (w_dtype "
+                                        << w_dtype << ", scales " << (scales ? "given" : "null") << ")");
+  const bool bf16_w = wt == detailflow::DType::BFloat16;
   DF_CHECK(packed_numel == detailflow::cpu::decode_gemm_packed_numel(N, K, bf16_w),
            "packed must hold " << detailflow::cpu::decode_gemm_packed_numel(N, K, bf16_w)
                                << " elements for N = " << N << ", K = " << K << ", got " << packed_numel);
   const char* variant = nullptr;
+  const float* sc = reinterpret_cast<const float*>(scales);
   py::gil_scoped_release release;
   DF_DISPATCH_FLOAT(dtype, "decode_gemm x", [&] {
     using X = scalar_t;
+    if (int8_w) {
+      detailflow::cpu::decode_gemm<X, int8_t>(reinterpret_cast<const X*>(x), M, K, ldx,
+                                              reinterpret_cast<const int8_t*>(packed), sc, N,
+                                              reinterpret_cast<X*>(y), ldy, num_threads);
+      variant = detailflow::cpu::decode_gemm_variant<X, int8_t>();
+      return;
+    }
     DF_DISPATCH_FLOAT(w_dtype, "decode_gemm packed", [&] {
       detailflow::cpu::decode_gemm<X, scalar_t>(reinterpret_cast<const X*>(x), M, K, ldx,
-                                                 reinterpret_cast<const scalar_t*>(packed), N,
+                                                 reinterpret_cast<const scalar_t*>(packed), nullptr, N,
                                                  reinterpret_cast<X*>(y), ldy, num_threads);
       variant = detailflow::cpu::decode_gemm_variant<X, scalar_t>();
     });
   });
   return variant;
 }
+
+#if DETAILFLOW_HAS_CUDA
+#include "group_sample_cuda.h"
+
+// group_sample (CUDA): the arguments of group_sample_cpu, all device pointers on the current
+// device, plus the stream handle; same checks. Launches asynchronously (graph-capturable).
+static void group_sample_cuda(uintptr_t logits, int dtype, int64_t R, int64_t n_q, int64_t V,
+                              std::array<int64_t, 3> strides, uintptr_t seeds, uintptr_t positions,
+                              int64_t B, double cfg_scale, double temperature, int64_t top_k,
+                              int64_t top_p24, bool greedy, uintptr_t tokens, uintptr_t logprobs,
+                              uintptr_t stream) {
+  DF_CHECK_PTR(logits); DF_CHECK_PTR(seeds); DF_CHECK_PTR(positions); DF_CHECK_PTR(tokens);
+  DF_CHECK_POSITIVE(B); DF_CHECK_POSITIVE(n_q); DF_CHECK_POSITIVE(V);
+  DF_CHECK(R == B || R == 2 * B, "R must be B or 2B (CFG), got R = " << R << ", B = " << B);
+  DF_CHECK(V <= detailflow::kGsMaxVocab, "V must be < 2^23, got " << V);
+  DF_CHECK(strides[2] == 1, "logits needs a unit last stride, got " << strides[2]);
+  DF_CHECK(top_k == 0 || (top_k >= 2 && top_k < V), "top_k must be 0 or in [2, V), got " << top_k);
+  DF_CHECK(top_p24 >= 0 && top_p24 <= detailflow::kGsTopPOne, "top_p24 must be in [0, 2^24], got " << top_p24);
+  DF_CHECK(temperature > 0.0, "temperature must be > 0, got " << temperature);
+  const detailflow::cpu::GroupSampleParams p{B, n_q, V, strides[0], strides[1], R == 2 * B,
+                                             static_cast<float>(cfg_scale), static_cast<float>(temperature),
+                                             top_k, top_p24, greedy};
+  py::gil_scoped_release release;
+  detailflow::cuda::group_sample(reinterpret_cast<const void*>(logits), dtype, p,
+                                 reinterpret_cast<const int64_t*>(seeds),
+                                 reinterpret_cast<const int64_t*>(positions),
+                                 reinterpret_cast<int64_t*>(tokens), reinterpret_cast<float*>(logprobs),
+                                 stream);
+}
+#endif
+
+#if DETAILFLOW_HAS_CUDA
+#include "code_search_cuda.h"
+#include "vq_lookup_cuda.h"
+
+// vq_lookup on CUDA: the arguments of vq_lookup_cpu as device pointers, and the stream handle
+// instead of a thread count; see cuda/vq_lookup.cu. Codes live in device memory, so they are not
+// range-checked here (the wrapper does it outside graph capture); the kernel never reads the
+// row of a code outside [0, K) and writes NaN for it instead.
+static void vq_lookup_cuda(uintptr_t codes, std::array<int64_t, 2> codes_s, int64_t B, int64_t T,
+                           uintptr_t codebook, std::array<int64_t, 2> cb_s, int64_t K, int64_t D,
+                           int cb_dtype, uintptr_t weight, std::array<int64_t, 2> w_s, int64_t C,
+                           uintptr_t bias, uintptr_t pos, std::array<int64_t, 2> pos_s,
+                           int64_t pos_rows, uintptr_t out, int dtype, uintptr_t stream) {
+  DF_CHECK_PTR(codes); DF_CHECK_PTR(codebook); DF_CHECK_PTR(weight); DF_CHECK_PTR(out);
+  DF_CHECK_POSITIVE(B); DF_CHECK_POSITIVE(T); DF_CHECK_POSITIVE(K); DF_CHECK_POSITIVE(D);
+  DF_CHECK_POSITIVE(C);
+  DF_CHECK(D <= detailflow::cuda::kVqLookupMaxD,
+           "D must be <= " << detailflow::cuda::kVqLookupMaxD << " on CUDA, got " << D);
+  DF_CHECK(codes_s[1] == 1 && cb_s[1] == 1 && w_s[1] == 1 && (pos == 0 || pos_s[1] == 1),
+           "codes, codebook, weight, pos_embed need a unit last stride");
+  DF_CHECK(pos == 0 || pos_rows >= T, "pos_embed needs >= T = " << T << " rows, got " << pos_rows);
+  py::gil_scoped_release release;
+  detailflow::cuda::vq_lookup(reinterpret_cast<const int64_t*>(codes), B, T, codes_s[0],
+                              reinterpret_cast<const void*>(codebook), cb_dtype, K, D, cb_s[0],
+                              reinterpret_cast<const void*>(weight), dtype, C, w_s[0],
+                              reinterpret_cast<const void*>(bias), reinterpret_cast<const void*>(pos),
+                              pos_s[0], reinterpret_cast<void*>(out), stream);
+}
+
+// code_search on CUDA: the arguments of code_search_cpu as device pointers, and the stream
+// handle instead of a thread count; see cuda/code_search.cu.
+static void code_search_cuda(uintptr_t latents, std::array<int64_t, 2> lat_s, int64_t N, int64_t D,
+                             int lat_dtype, uintptr_t codebook, std::array<int64_t, 2> cb_s,
+                             int64_t K, int cb_dtype, bool codebook_normalized, uintptr_t out,
+                             uintptr_t stream) {
+  DF_CHECK_PTR(latents); DF_CHECK_PTR(codebook); DF_CHECK_PTR(out);
+  DF_CHECK_POSITIVE(N); DF_CHECK_POSITIVE(D); DF_CHECK_POSITIVE(K);
+  DF_CHECK(K <= INT32_MAX, "K must be < 2^31 (int32 indices), got " << K);
+  DF_CHECK(D <= detailflow::cuda::kCodeSearchMaxD,
+           "D must be <= " << detailflow::cuda::kCodeSearchMaxD << " on CUDA, got " << D);
+  DF_CHECK(lat_s[1] == 1 && cb_s[1] == 1, "latents and codebook need a unit last stride, got "
+                                              << lat_s[1] << ", " << cb_s[1]);
+  py::gil_scoped_release release;
+  detailflow::cuda::code_search(reinterpret_cast<const void*>(latents), lat_dtype, N, D, lat_s[0],
+                                reinterpret_cast<const void*>(codebook), cb_dtype, K, cb_s[0],
+                                codebook_normalized, reinterpret_cast<int64_t*>(out), stream);
+}
+#endif  // DETAILFLOW_HAS_CUDA
+
+#if DETAILFLOW_HAS_CUDA
+#include "cache_attention_cuda.h"
+
+// cache_attention (CUDA): the CPU entry's contract plus float16; num_splits > 1 splits the keys
+// of each head across blocks and then needs `scratch` (fp32, scratch_elems long, allocated by
+// the wrapper); launches on `stream`; see cuda/cache_attention.cu.
+static void cache_attention_cuda(uintptr_t q, std::array<int64_t, 4> q_s, uintptr_t k_new,
+                                 std::array<int64_t, 4> k_s, uintptr_t v_new,
+                                 std::array<int64_t, 4> v_s, uintptr_t k_cache, uintptr_t v_cache,
+                                 uintptr_t out, std::array<int64_t, 4> out_s, int64_t B, int64_t H,
+                                 int64_t n_q, int64_t d, int64_t L_max, int64_t start_pos,
+                                 double scale, int dtype, int64_t num_splits, uintptr_t scratch,
+                                 int64_t scratch_elems, uintptr_t stream) {
+  namespace dc = detailflow::cuda;
+  DF_CHECK_PTR(q); DF_CHECK_PTR(k_new); DF_CHECK_PTR(v_new); DF_CHECK_PTR(k_cache);
+  DF_CHECK_PTR(v_cache); DF_CHECK_PTR(out);
+  DF_CHECK_POSITIVE(B); DF_CHECK_POSITIVE(H); DF_CHECK_POSITIVE(n_q); DF_CHECK_POSITIVE(d);
+  DF_CHECK_NONNEG(start_pos); DF_CHECK_POSITIVE(num_splits);
+  DF_CHECK(d <= dc::kCacheAttnMaxHeadDim, "head dim d must be <= " << dc::kCacheAttnMaxHeadDim
+                                                                   << ", got " << d);
+  DF_CHECK(start_pos + n_q <= L_max, "start_pos + n_q must be <= L_max, got " << start_pos
+                                         << " + " << n_q << " > " << L_max);
+  DF_CHECK(q_s[3] == 1 && k_s[3] == 1 && v_s[3] == 1 && out_s[3] == 1,
+           "q, k_new, v_new, out need a unit last stride, got " << q_s[3] << ", " << k_s[3]
+                                                                 << ", " << v_s[3] << ", " << out_s[3]);
+  // grid = (B*H, ceil(n_q / 8), splits); the combine grid has B*H*n_q blocks
+  DF_CHECK(B * H * n_q <= 0x7fffffff, "B*H*n_q must be < 2^31, got " << B * H * n_q);
+  DF_CHECK(num_splits <= 65535, "num_splits must be <= 65535, got " << num_splits);
+  DF_CHECK((n_q + 7) / 8 <= 65535, "n_q must be <= 524280, got " << n_q);
+  const int64_t splits = dc::cache_attention_splits(start_pos + n_q, num_splits);
+  const int64_t need = dc::cache_attention_scratch_elems(splits, B, H, n_q, d);
+  DF_CHECK(need == 0 || (scratch != 0 && scratch_elems >= need),
+           "scratch must hold " << need << " floats for " << splits << " splits, got "
+                                << scratch_elems << (scratch == 0 ? " (null pointer)" : ""));
+  using dc::CacheAttnStrides;
+  py::gil_scoped_release release;
+  dc::cache_attention(reinterpret_cast<const void*>(q), CacheAttnStrides{q_s[0], q_s[1], q_s[2]},
+                      reinterpret_cast<const void*>(k_new), CacheAttnStrides{k_s[0], k_s[1], k_s[2]},
+                      reinterpret_cast<const void*>(v_new), CacheAttnStrides{v_s[0], v_s[1], v_s[2]},
+                      reinterpret_cast<void*>(k_cache), reinterpret_cast<void*>(v_cache),
+                      reinterpret_cast<void*>(out), CacheAttnStrides{out_s[0], out_s[1], out_s[2]},
+                      B, H, n_q, d, L_max, start_pos, static_cast<float>(scale), dtype, splits,
+                      reinterpret_cast<float*>(scratch), stream);
+}
+#endif  // DETAILFLOW_HAS_CUDA
+
+#if DETAILFLOW_HAS_CUDA
+#include "decode_gemm_cuda.h"
+
+// decode_gemm_cuda: x (M, K) rows with stride ldx, w (N, K) contiguous of x's dtype or int8 with
+// N fp32 scales (else scales = 0), y (M, N) rows with stride ldy; `splits` K splits need
+// `scratch` of scratch_numel >= splits' * M * N floats (splits' = decode_gemm_cuda_splits);
+// see cuda/decode_gemm.cu. Device pointers; runs on `stream`.
+static void decode_gemm_cuda(uintptr_t x, int64_t M, int64_t K, int64_t ldx, int dtype, uintptr_t w,
+                             int w_dtype, uintptr_t scales, int64_t N, uintptr_t y, int64_t ldy,
+                             uintptr_t scratch, int64_t scratch_numel, int64_t splits, uintptr_t stream) {
+  DF_CHECK_PTR(x); DF_CHECK_PTR(w); DF_CHECK_PTR(y);
+  DF_CHECK_POSITIVE(M); DF_CHECK_POSITIVE(K); DF_CHECK_POSITIVE(N); DF_CHECK_POSITIVE(splits);
+  DF_CHECK(M == 1 || (ldx >= K && ldy >= N), "row strides must be >= the row lengths, got ldx = "
+                                                 << ldx << " (K = " << K << "), ldy = " << ldy
+                                                 << " (N = " << N << ")");
+  const bool int8_w = static_cast<detailflow::DType>(w_dtype) == detailflow::DType::Int8;
+  DF_CHECK(int8_w || w_dtype == dtype, "w_dtype must equal the x dtype or be int8, got " << w_dtype
+                                                                                        << " vs " << dtype);
+  DF_CHECK(int8_w == (scales != 0), "scales must be given exactly for int8 weights");
+  const int64_t used = detailflow::cuda::decode_gemm_cuda_splits(K, splits);
+  DF_CHECK(used == 1 || (scratch != 0 && scratch_numel >= used * M * N),
+           "scratch must hold " << used << " * M * N = " << used * M * N << " floats, got "
+                                << (scratch ? scratch_numel : 0));
+  py::gil_scoped_release release;
+  detailflow::cuda::decode_gemm_cuda(reinterpret_cast<const void*>(x), M, K, ldx, dtype,
+                                     reinterpret_cast<const void*>(w), w_dtype,
+                                     reinterpret_cast<const float*>(scales), N, reinterpret_cast<void*>(y), ldy,
+                                     reinterpret_cast<float*>(scratch), used, stream);
+}
+#endif  // DETAILFLOW_HAS_CUDA
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "DetailFlow Engine kernels (C++/OpenMP, optional CUDA); see detailflow_engine/ops";
@@ -200,4 +370,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("code_search", &code_search_cpu, "Nearest normalized codeword per normalized latent (CPU)");
   m.def("decode_gemm", &decode_gemm_cpu, "y = x @ W^T for few rows, W pre-packed (CPU)");
   m.def("group_sample", &group_sample_cpu, "CFG + temperature + top-k/top-p + Philox draw (CPU)");
+#if DETAILFLOW_HAS_CUDA
+  m.def("decode_gemm_cuda", &decode_gemm_cuda, "y = x @ W^T for few rows, W row-major or int8 (CUDA)");
+#endif
+#if DETAILFLOW_HAS_CUDA
+  m.def("vq_lookup_cuda", &vq_lookup_cuda, "Gather + normalize codebook rows, project, + bias + pos (CUDA)");
+  m.def("code_search_cuda", &code_search_cuda, "Nearest normalized codeword per normalized latent (CUDA)");
+#endif
+#if DETAILFLOW_HAS_CUDA
+  m.def("group_sample_cuda", &group_sample_cuda, "CFG + temperature + top-k/top-p + Philox draw (CUDA)");
+#endif
+#if DETAILFLOW_HAS_CUDA
+  m.def("cache_attention_cuda", &cache_attention_cuda, "Append K/V to a static cache, attend (CUDA)");
+#endif
 }

@@ -1,5 +1,13 @@
 """decode_gemm: y = x @ W^T for the few rows of a decode step, on weights packed once at load.
 
+Weight formats: float32, bfloat16 (float16 on CUDA), and int8 weight-only quantization with
+per-output-channel symmetric fp32 scales (gpt-fast style, `quantize_int8`):
+scale[n] = max_k |W[n, k]| / 127, Q[n, k] = round(W[n, k] / scale[n]) clamped to [-127, 127],
+so W ~ scale[:, None] * Q and y = (x @ Q^T) * scale, dequantized in registers by the kernels.
+Per element |W - scale Q| <= scale / 2, hence |y_int8 - x @ W^T| <= scale[n] / 2 * sum_k |x[m, k]|
+(`int8_error_bound`); for Gaussian weights the RMS error is ~0.5-0.9% of the RMS of y (K = 19..2816,
+measured), under the 1.5% the tests assert.
+
 A decode step of the prior multiplies 2 (batch 1 with CFG) or 16 (a group of 8 with CFG)
 activation rows by each weight matrix, so its time is the time to read the weights once.
 torch's matmul streams them at 9-28 GB/s there on our CPU; this kernel packs each weight
@@ -9,12 +17,19 @@ Np = ceil(N / 16) panels, zero padding):
 
     float32   packed[p, k, j]     = W[16 p + j, k]           shape (Np, K, 16)
     bfloat16  packed[p, k2, j, t] = W[16 p + j, 2 k2 + t]    shape (Np, ceil(K / 2), 16, 2)
+    int8      packed[p, k, j]     = Q[16 p + j, k]           shape (Np, K, 16)   (+ scales (N,) fp32)
 
-Backends (see `_dispatch`): CPU `_C`, then the torch reference `decode_gemm_ref` (also the
-test oracle), which uses the original weight kept in the `PackedWeight`.
+On CUDA nothing is packed: `packed` is the row-major (N, K) weight itself (a GPU streams rows
+fine; csrc/cuda/decode_gemm.cu), with split-K over a scratch buffer when N alone would not fill
+the SMs (the split count is chosen here, `_cuda_splits`).
+
+Backends (see `_dispatch`): CUDA `_C`, CPU `_C`, then the torch reference `decode_gemm_ref`
+(also the test oracle), which uses the original weight (or Q and the scales) kept in the
+`PackedWeight`.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -24,18 +39,26 @@ from torch import Tensor
 
 from detailflow_engine.ops import _dispatch
 
-__all__ = ["PackedWeight", "pack_weight", "decode_gemm", "decode_gemm_ref", "tolerance", "PANEL"]
+__all__ = ["PackedWeight", "pack_weight", "pack_int8", "quantize_int8", "decode_gemm", "decode_gemm_ref",
+           "int8_error_bound", "tolerance", "PANEL"]
 
 PANEL = 16  # output rows per packed panel; must match csrc/include/decode_gemm.h kDecodePanel
-_DTYPES = (torch.float32, torch.bfloat16)
+_DTYPES = (torch.float32, torch.bfloat16)  # x and float W on the CPU
+_CUDA_X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_W_DTYPES = _DTYPES + (torch.float16, torch.int8)
+# Must match csrc/include/decode_gemm_cuda.h (rows per block, K tile of the split).
+_CUDA_ROWS_PER_BLOCK = 16
+_CUDA_KTILE = 256
 
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """A (N, K) weight packed for `decode_gemm`, with the original kept for the torch paths."""
+    """A (N, K) weight prepared for `decode_gemm`, with the original kept for the torch paths."""
 
-    packed: Tensor  # layout in the module docstring
-    weight: Tensor  # the original (N, K), detached (shares storage with the parameter)
+    packed: Tensor  # CPU: the panel layout in the module docstring; CUDA: the row-major weight
+    weight: Tensor  # the original float (N, K), detached (shares storage with the parameter),
+    #                 or the int8 codes Q (N, K) of an int8 weight
+    scales: Optional[Tensor] = None  # int8 only: (N,) float32, W ~ scales[:, None] * Q
 
     @property
     def N(self) -> int:
@@ -53,27 +76,75 @@ class PackedWeight:
     def device(self) -> torch.device:
         return self.weight.device
 
+    @property
+    def is_int8(self) -> bool:
+        return self.scales is not None
+
+    def dequantized(self) -> Tensor:
+        """The weight as float32 (N, K): W itself, or scales[:, None] * Q for int8."""
+        w = self.weight.float()
+        return w * self.scales[:, None] if self.is_int8 else w
+
 
 def _shape(t: Tensor) -> str:
     return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
 
 
-def pack_weight(weight: Tensor) -> PackedWeight:
-    """Pack a (N, K) float32 or bfloat16 weight (an nn.Linear's, y = x @ W^T) for `decode_gemm`.
+def quantize_int8(weight: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-output-channel symmetric int8 quantization of a (N, K) float weight (gpt-fast style).
 
-    Values are copied bit-exactly (zero padding to whole panels; bf16 K padded to even).
-    Costs one extra copy of the weight in memory; the original is kept (not copied).
+    Returns (Q int8 (N, K), scales float32 (N,)) with scales = max_k |W[n, k]| / 127 and
+    Q = round(W / scales) clamped to [-127, 127] (computed in fp32; an all-zero row gets
+    scale 0 and Q = 0). Raises ValueError on non-finite weights.
     """
     if not isinstance(weight, Tensor):
         raise TypeError(f"`weight` must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dim() != 2 or weight.dtype not in _DTYPES or weight.shape[0] == 0 or weight.shape[1] == 0:
-        raise ValueError(f"`weight` must be float32 or bfloat16 of shape (N, K) with N, K >= 1, "
-                         f"got {_shape(weight)}")
+    if weight.dim() != 2 or not weight.is_floating_point() or weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"`weight` must be a floating-point (N, K) tensor with N, K >= 1, got {_shape(weight)}")
+    with torch.no_grad():
+        w = weight.detach().float()
+        amax = w.abs().amax(dim=1)
+        if not bool(torch.isfinite(amax).all()):
+            raise ValueError("`weight` has non-finite values: int8 quantization needs finite weights")
+        scales = amax / 127.0
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+        q = torch.round(w / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales.contiguous()
+
+
+def pack_weight(weight: Tensor, scales: Optional[Tensor] = None) -> PackedWeight:
+    """Prepare a (N, K) weight (an nn.Linear's, y = x @ W^T) for `decode_gemm`.
+
+    `weight`: float32 or bfloat16 (also float16 on CUDA), or int8 codes with `scales` ((N,)
+    float32 on the same device; see `quantize_int8`, or use `pack_int8`). On the CPU the values
+    are copied bit-exactly into panels (zero padding to whole panels; bf16 K padded to even):
+    one extra copy of the weight in memory, the original is kept (not copied). On CUDA the
+    weight itself is used (made contiguous if it is not).
+    """
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"`weight` must be a torch.Tensor, got {type(weight).__name__}")
+    cuda = weight.device.type == "cuda"
+    allowed = (torch.float32, torch.bfloat16, torch.float16) if cuda else _DTYPES
+    int8 = weight.dtype == torch.int8
+    if weight.dim() != 2 or not (weight.dtype in allowed or int8) or weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"`weight` must be float32 or bfloat16 (float16 too on CUDA), or int8 with scales, "
+                         f"of shape (N, K) with N, K >= 1, got {_shape(weight)}")
+    if int8 != (scales is not None):
+        raise ValueError("`scales` must be given exactly for an int8 weight (see quantize_int8)"
+                         if int8 else f"`scales` is only for int8 weights, got a {_shape(weight)} weight")
     w = weight.detach()
     N, K = w.shape
+    if int8:
+        if (not isinstance(scales, Tensor) or scales.dtype != torch.float32 or tuple(scales.shape) != (N,)
+                or scales.device != w.device):
+            raise ValueError(f"`scales` must be float32 of shape ({N},) on {w.device}, got "
+                             f"{_shape(scales) if isinstance(scales, Tensor) else type(scales).__name__}")
+        scales = scales.detach().contiguous()
+    if cuda:
+        return PackedWeight(w.contiguous(), w, scales)
     np_ = -(-N // PANEL)
     with torch.no_grad():
-        if w.dtype == torch.float32:
+        if w.dtype != torch.bfloat16:  # float32 and int8: (Np, K, 16)
             padded = w.new_zeros(np_ * PANEL, K)
             padded[:N] = w
             packed = padded.view(np_, PANEL, K).transpose(1, 2).contiguous()
@@ -82,12 +153,30 @@ def pack_weight(weight: Tensor) -> PackedWeight:
             padded = w.new_zeros(np_ * PANEL, kp)
             padded[:N, :K] = w
             packed = padded.view(np_, PANEL, kp // 2, 2).permute(0, 2, 1, 3).contiguous()
-    return PackedWeight(packed, w)
+    return PackedWeight(packed, w, scales)
 
 
-def decode_gemm_ref(x: Tensor, weight: Tensor, *, out: Optional[Tensor] = None) -> Tensor:
-    """Plain-torch reference (fallback and test oracle): fp32 x @ W^T, cast to x's dtype."""
-    result = F.linear(x.float(), weight.float()).to(x.dtype)
+def pack_int8(weight: Tensor) -> PackedWeight:
+    """`quantize_int8` then `pack_weight`: an int8 weight-only PackedWeight of a float weight."""
+    q, scales = quantize_int8(weight)
+    return pack_weight(q, scales)
+
+
+def int8_error_bound(x: Tensor, packed: PackedWeight) -> Tensor:
+    """Per-element bound on |int8 result - x @ W^T| (W the unquantized weight), shape (M, N):
+    |W - scale Q| <= scale / 2 elementwise, so the error is <= scale[n] / 2 * sum_k |x[m, k]|
+    (fp32 rounding of the sums comes on top; it is ~1e-6 relative)."""
+    if not packed.is_int8:
+        raise ValueError("int8_error_bound needs an int8 PackedWeight")
+    return x.float().abs().sum(-1, keepdim=True) * (packed.scales / 2)
+
+
+def decode_gemm_ref(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, *,
+                    out: Optional[Tensor] = None) -> Tensor:
+    """Plain-torch reference (fallback and test oracle): fp32 x @ W^T, cast to x's dtype.
+    With `scales` (int8 W): W = scales[:, None] * Q, dequantized in fp32."""
+    w = weight.float() if scales is None else weight.float() * scales.float()[:, None]
+    result = F.linear(x.float(), w).to(x.dtype)
     if out is None:
         return result
     out.copy_(result)
@@ -104,6 +193,8 @@ def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
         return 1e-5, 1e-6
     if dtype == torch.bfloat16:
         return 5e-2, 0.0
+    if dtype == torch.float16:  # CUDA only: 3 more mantissa bits than bf16
+        return 1e-2, 0.0
     raise ValueError(f"decode_gemm has no tolerance for {dtype}")
 
 
@@ -112,9 +203,10 @@ def _validate(x, packed, out) -> None:
         raise TypeError(f"`packed` must be a PackedWeight (from pack_weight), got {type(packed).__name__}")
     if not isinstance(x, Tensor):
         raise TypeError(f"`x` must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _DTYPES or x.dim() == 0 or x.shape[-1] != packed.K:
-        raise ValueError(f"`x` must be float32 or bfloat16 of shape (..., K) with K = {packed.K}, "
-                         f"got {_shape(x)}")
+    dtypes = _CUDA_X_DTYPES if x.device.type == "cuda" else _DTYPES
+    if x.dtype not in dtypes or x.dim() == 0 or x.shape[-1] != packed.K:
+        raise ValueError(f"`x` must be float32 or bfloat16 (float16 too on CUDA) of shape (..., K) with "
+                         f"K = {packed.K}, got {_shape(x)}")
     if x.device != packed.device:
         raise ValueError(f"`x` must be on the device of `packed` ({packed.device}), got {_shape(x)}")
     if out is not None:
@@ -126,17 +218,17 @@ def _validate(x, packed, out) -> None:
                              f"on {x.device}, got {_shape(out)}")
 
 
-def _run(x2, packed, weight, y2) -> None:
-    _dispatch.pick("decode_gemm", x2, packed, weight, y2).fn(x2, packed, weight, y2)
+def _run(x2, packed, weight, scales, y2) -> None:
+    _dispatch.pick("decode_gemm", x2, packed, weight, scales, y2).fn(x2, packed, weight, scales, y2)
 
 
 @torch.library.custom_op("detailflow::decode_gemm", mutates_args=("out",))
-def _decode_gemm_op(x: Tensor, packed: Tensor, weight: Tensor, out: Tensor) -> None:
-    _run(x, packed, weight, out)
+def _decode_gemm_op(x: Tensor, packed: Tensor, weight: Tensor, scales: Optional[Tensor], out: Tensor) -> None:
+    _run(x, packed, weight, scales, out)
 
 
 @_decode_gemm_op.register_fake
-def _decode_gemm_fake(x, packed, weight, out) -> None:
+def _decode_gemm_fake(x, packed, weight, scales, out) -> None:
     return None  # the result is written into `out`
 
 
@@ -146,8 +238,10 @@ def decode_gemm(x: Tensor, packed: PackedWeight, *, out: Optional[Tensor] = None
     Args:
         x: (..., K) float32 or bfloat16, any strides; its rows (all leading dims together) are
             the M of the GEMM, fast for M <= 64 (use F.linear beyond the measured crossover).
-        packed: `pack_weight(W)` of a (N, K) float32 or bfloat16 weight on x's device. Any
-            mix of x and W dtypes works; bf16 x with bf16 W uses the CPU's bf16 dot product.
+        packed: `pack_weight(W)` of a (N, K) float32 or bfloat16 weight on x's device, or
+            `pack_int8(W)` (int8 weight-only, per-row scales). On the CPU any mix of x and W
+            dtypes works; bf16 x with bf16 W uses the CPU's bf16 dot product. On CUDA the kernel
+            takes W of x's dtype or int8 (other mixes run the torch reference); float16 x too.
         out: optional (..., N) tensor of x's dtype to write into.
 
     Returns:
@@ -164,23 +258,25 @@ def decode_gemm(x: Tensor, packed: PackedWeight, *, out: Optional[Tensor] = None
     direct = out.is_contiguous()
     y2 = (out if flat else out.view(-1, N)) if direct else torch.empty((x2.shape[0], N), dtype=x.dtype,
                                                                        device=x.device)
-    if _dispatch.plain_eager(x2, packed.packed, packed.weight, y2):
+    if _dispatch.plain_eager(x2, packed.packed, packed.weight, packed.scales, y2):
         # The backend call of the op's body, minus the custom op's ~17 us Python layers (a
         # quarter of a whole 1024 x 1024 bf16 product at M = 2).
-        _run(x2, packed.packed, packed.weight, y2)
+        _run(x2, packed.packed, packed.weight, packed.scales, y2)
         torch.autograd.graph.increment_version(y2)
     else:
-        torch.ops.detailflow.decode_gemm.default(x2, packed.packed, packed.weight, y2)
+        torch.ops.detailflow.decode_gemm.default(x2, packed.packed, packed.weight, packed.scales, y2)
     if not direct:
         out.copy_(y2.view(out.shape))
     return out
 
 
-def _cpu_impl(x, packed, weight, out) -> None:
+def _fix_strides(x, out):
+    """x and a destination with a unit last stride and row stride >= the row length (what the
+    kernels read/write); returns (x, ldx, dst, ldy)."""
     M, K = x.shape
     xs = x.stride()
     if xs[1] != 1 or (M > 1 and xs[0] < K):
-        x = x.contiguous()  # the kernel reads rows with a unit last stride, stride(0) >= K
+        x = x.contiguous()
         xs = (K, 1)
     N = out.shape[1]
     ys = out.stride()
@@ -188,23 +284,90 @@ def _cpu_impl(x, packed, weight, out) -> None:
     if ys[1] != 1 or (M > 1 and ys[0] < N):
         dst = torch.empty((M, N), dtype=out.dtype, device=out.device)
         ys = (N, 1)
+    return x, (xs[0] if M > 1 else K), dst, (ys[0] if M > 1 else N)
+
+
+def _cpu_impl(x, packed, weight, scales, out) -> None:
+    M, K = x.shape
+    N = out.shape[1]
+    x, ldx, dst, ldy = _fix_strides(x, out)
     codes = _dispatch.DTYPE_CODES
     _dispatch.extension().decode_gemm(
-        x.data_ptr(), M, K, xs[0] if M > 1 else K, codes[x.dtype], packed.data_ptr(), packed.numel(),
-        codes[packed.dtype], N, dst.data_ptr(), ys[0] if M > 1 else N, _dispatch.num_threads())
+        x.data_ptr(), M, K, ldx, codes[x.dtype], packed.data_ptr(), packed.numel(), codes[packed.dtype],
+        scales.data_ptr() if scales is not None else 0, N, dst.data_ptr(), ldy, _dispatch.num_threads())
     if dst is not out:
         out.copy_(dst)
 
 
-def _cpu_applies(x, packed, weight, out) -> bool:
+def _scales_ok(packed, scales, device) -> bool:
+    """int8 W needs fp32 contiguous scales on the device (pack_weight checked the length); float W none."""
+    if packed.dtype != torch.int8:
+        return scales is None
+    return (scales is not None and scales.dtype == torch.float32 and scales.is_contiguous()
+            and scales.device == device)
+
+
+def _cpu_applies(x, packed, weight, scales, out) -> bool:
     return (_dispatch.has_cpu_kernels() and x.device.type == "cpu" and packed.device.type == "cpu"
-            and x.dtype in _DTYPES and packed.dtype in _DTYPES and packed.is_contiguous()
-            and hasattr(_dispatch.extension(), "decode_gemm"))
+            and x.dtype in _DTYPES and packed.dtype in _DTYPES + (torch.int8,) and packed.is_contiguous()
+            and _scales_ok(packed, scales, x.device) and hasattr(_dispatch.extension(), "decode_gemm"))
 
 
-def _torch_impl(x, packed, weight, out) -> None:
-    decode_gemm_ref(x, weight, out=out)
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+def _cuda_splits(N: int, K: int, device: torch.device) -> int:
+    """K splits so that N / 16 row blocks x splits cover ~2 blocks per SM; each split a whole
+    number of 256-wide K tiles and none empty (= csrc decode_gemm_cuda_splits)."""
+    blocks = -(-N // _CUDA_ROWS_PER_BLOCK)
+    tiles = -(-K // _CUDA_KTILE)
+    want = -(-2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device()) // blocks)
+    splits = max(1, min(tiles, want))
+    per = -(-tiles // splits)
+    return -(-tiles // per)
+
+
+def _cuda_impl(x, packed, weight, scales, out) -> None:
+    M, K = x.shape
+    N = out.shape[1]
+    dev = x.device
+    x, ldx, dst, ldy = _fix_strides(x, out)
+    splits = _cuda_splits(N, K, dev)
+    # Scratch for the split-K partial sums, from torch's caching allocator (graph-capturable).
+    scratch = torch.empty(splits * M * N, dtype=torch.float32, device=dev) if splits > 1 else None
+    codes = _dispatch.DTYPE_CODES
+
+    def call():
+        _dispatch.extension().decode_gemm_cuda(
+            x.data_ptr(), M, K, ldx, codes[x.dtype], packed.data_ptr(), codes[packed.dtype],
+            scales.data_ptr() if scales is not None else 0, N, dst.data_ptr(), ldy,
+            scratch.data_ptr() if scratch is not None else 0, scratch.numel() if scratch is not None else 0,
+            splits, torch.cuda.current_stream(dev).cuda_stream)
+
+    if dev.index is not None and dev.index != torch.cuda.current_device():
+        with torch.cuda.device(dev):
+            call()
+    else:
+        call()
+    if dst is not out:
+        out.copy_(dst)
+
+
+def _cuda_applies(x, packed, weight, scales, out) -> bool:
+    if not (_dispatch.has_cuda_kernels() and hasattr(_dispatch.extension(), "decode_gemm_cuda")):
+        return False
+    dev = x.device
+    return (dev.type == "cuda" and packed.device == dev and out.device == dev and x.dtype in _CUDA_X_DTYPES
+            and packed.dim() == 2 and packed.is_contiguous()
+            and (packed.dtype == x.dtype or packed.dtype == torch.int8) and _scales_ok(packed, scales, dev))
+
+
+def _torch_impl(x, packed, weight, scales, out) -> None:
+    decode_gemm_ref(x, weight, scales, out=out)
+
+
+_dispatch.register("decode_gemm", "cuda", _cuda_impl, applies=_cuda_applies)
 _dispatch.register("decode_gemm", "cpu", _cpu_impl, applies=_cpu_applies)
 _dispatch.register("decode_gemm", "torch", _torch_impl)
