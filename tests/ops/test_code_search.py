@@ -142,7 +142,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="`latents` must be"):
         code_search(latents.reshape(1, 1, 4, 8), codebook)
     with pytest.raises(TypeError, match="`latents` must be a torch.Tensor"):
-        code_search(latents.numpy(), codebook)
+        code_search(latents.tolist(), codebook)  # NumPy arrays are accepted (DLPack)
     with pytest.raises(TypeError, match="`codebook_normalized` must be a bool"):
         code_search(latents, codebook, codebook_normalized=1)
 

@@ -297,7 +297,7 @@ _L, _S, _P = torch.zeros(4, 2, 16), torch.zeros(2, dtype=torch.int64), torch.ara
 
 
 @pytest.mark.parametrize("args,kw,exc,needle", [
-    ((_L.numpy(), _S, _P), {}, TypeError, "`logits`"),
+    ((_L.tolist(), _S, _P), {}, TypeError, "`logits`"),  # NumPy arrays are accepted (DLPack)
     ((_L[0], _S, _P), {}, ValueError, "`logits`"),
     ((_L.double(), _S, _P), {}, ValueError, "`logits`"),
     ((_L, _S.int(), _P), {}, ValueError, "`seeds`"),
