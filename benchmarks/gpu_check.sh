@@ -81,7 +81,7 @@ fi
 if want memcheck; then
   CS=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -n 1)
   if [ -n "$CS" ]; then
-    run 240 "compute-sanitizer memcheck (tests/ops, gpu and not slow)" "$CS" --tool memcheck --error-exitcode 3 \
+    run 180 "compute-sanitizer memcheck (tests/ops, gpu and not slow)" "$CS" --tool memcheck --error-exitcode 3 \
       --print-limit 20 $PY -m pytest -m "gpu and not slow" -q -x -W default -p no:cacheprovider tests/ops
     grep -E 'ERROR SUMMARY|Invalid|out of bounds|passed|failed' "$LOG" | tail -n 12 | sed 's/^/    /' >> "$SUMMARY"
   else
@@ -92,17 +92,17 @@ fi
 if want bench; then
   md ""; md "## Benchmarks (DetailFlow-16-size random weights, bf16, CFG 1.45, greedy)"
   J="$OUT/bench_generate.jsonl"
-  bench_md 240 "engine (CUDA graphs) vs reference (eager)" \
+  bench_md 200 "engine (CUDA graphs) vs reference (eager)" \
     $PY benchmarks/bench_generate.py --device cuda --dtype bf16 --batch 1 32 256 --json "$J"
-  bench_md 120 "engine without CUDA graphs" \
-    $PY benchmarks/bench_generate.py --device cuda --dtype bf16 --batch 1 32 256 --no-cuda-graphs --reference none --json "$J"
-  bench_md 150 "reference with torch.compile (dynamic=True)" \
-    $PY benchmarks/bench_generate.py --device cuda --dtype bf16 --batch 1 32 256 --reference compile --skip-engine --json "$J"
   md ""; md "## Kernels vs their torch composition (CUDA)"
   for op in vq_lookup code_search cache_attention group_sample decode_gemm add_rmsnorm rope_qkv; do
     [ -f "benchmarks/bench_$op.py" ] || continue
-    bench_md 60 "$op" $PY "benchmarks/bench_$op.py" --device cuda --quick
+    bench_md 45 "$op" $PY "benchmarks/bench_$op.py" --device cuda --quick
   done
+  bench_md 90 "engine without CUDA graphs" \
+    $PY benchmarks/bench_generate.py --device cuda --dtype bf16 --batch 1 32 256 --no-cuda-graphs --reference none --json "$J"
+  bench_md 120 "reference with torch.compile (dynamic=True)" \
+    $PY benchmarks/bench_generate.py --device cuda --dtype bf16 --batch 1 32 256 --reference compile --skip-engine --json "$J"
 fi
 note "done in $(( $(date +%s) - T0 ))s"
 md ""; md "total $(( $(date +%s) - T0 ))s"
