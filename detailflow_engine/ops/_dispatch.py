@@ -72,6 +72,31 @@ class Backend:
 _TABLE: Dict[str, List[Backend]] = {}
 _WARNED: set = set()
 
+# Set by `detailflow_engine.profile` (set_profile_ranges): then pick() hands out backends whose fn
+# runs inside a `detailflow::<op>` torch.profiler range, so our kernels show by name in profiles
+# even on the plain-eager path that skips the custom op. A plain bool: one check when off.
+PROFILE_RANGES = False
+_RANGED: Dict[tuple, Backend] = {}
+
+
+def set_profile_ranges(on: bool) -> None:
+    global PROFILE_RANGES
+    PROFILE_RANGES = bool(on)
+
+
+def _ranged(op: str, b: Backend) -> Backend:
+    key = (op, b.name, b.fn)
+    r = _RANGED.get(key)
+    if r is None:
+        label, fn = f"detailflow::{op}", b.fn
+
+        def ranged_fn(*args, **kwargs):
+            with torch.profiler.record_function(label):
+                return fn(*args, **kwargs)
+
+        r = _RANGED[key] = Backend(b.name, b.applies, ranged_fn)
+    return r
+
 
 def register(op: str, name: str, fn: Callable, applies: Optional[Callable[..., bool]] = None) -> None:
     """Add a backend for `op`. Call order does not matter: entries are kept in BACKENDS order."""
@@ -104,7 +129,7 @@ def pick(op: str, *args, **kwargs) -> Backend:
                 if not b.applies(*args, **kwargs):
                     raise RuntimeError(f"{BACKEND_ENV}={forced} but that backend of {op} does not "
                                        f"apply to these inputs (device/dtype/build)")
-                return b
+                return _ranged(op, b) if PROFILE_RANGES else b
         raise RuntimeError(f"{BACKEND_ENV}={forced} but {op} has no such backend "
                            f"(registered: {[b.name for b in entries]})")
     for b in entries:
@@ -114,7 +139,7 @@ def pick(op: str, *args, **kwargs) -> Backend:
                 why = _C_IMPORT_ERROR or "no compiled backend applies to these inputs"
                 warnings.warn(f"detailflow_engine: {op} is falling back to the torch reference ({why})",
                               UserWarning, stacklevel=3)
-            return b
+            return _ranged(op, b) if PROFILE_RANGES else b
     raise RuntimeError(f"no backend of {op} applies")  # unreachable: torch always applies
 
 
