@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=50, help="images per generation / tokenizer batch")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="model dtype (default fp32)")
+    p.add_argument("--weights", default="native", choices=["native", "int8"],
+                   help="prior weights: native, or int8 weight-only decode GEMMs (default native)")
     p.add_argument("--classifier", default=None,
                    help="classifier .safetensors (default: the shipped assets/fashion_classifier.safetensors)")
     p.add_argument("--psnr-images", type=int, default=1000,
@@ -245,7 +247,8 @@ def evaluate(args) -> dict:
         raise UsageError(f"--psnr-images must be <= {len(test_y)} (the test set size), got {args.psnr_images}")
     clf_path = Path(args.classifier) if args.classifier else DEFAULT_CLASSIFIER
     clf = load_classifier(clf_path, device=device)
-    pipe = DetailFlowPipeline.from_pretrained(args.ckpt, args.tokenizer, device=device, dtype=dtype)
+    pipe = DetailFlowPipeline.from_pretrained(args.ckpt, args.tokenizer, device=device, dtype=dtype,
+                                              weights=args.weights)
     num_classes = pipe.prior.config.num_classes
     if num_classes != NUM_CLASSES:
         raise UsageError(f"the model has {num_classes} classes but the Fashion-MNIST classifier knows "
@@ -312,7 +315,7 @@ def evaluate(args) -> dict:
         "sampling": {"num_per_class": args.num_per_class, "seed": args.seed, "cfg_scale": args.cfg_scale,
                      "gradual_cfg": args.gradual_cfg, "temperature": args.temperature, "top_k": args.top_k,
                      "top_p": args.top_p, "batch_size": args.batch_size, "device": str(device),
-                     "dtype": str(dtype).replace("torch.", "")},
+                     "dtype": str(dtype).replace("torch.", ""), "weights": args.weights},
         "classifier": {
             "path": str(clf_path),
             "architecture": meta.get("architecture", clf.architecture),
