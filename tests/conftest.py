@@ -41,3 +41,14 @@ def golden(tiny_a):
 def meta16() -> Path:
     """Configs, key lists and schedule of the released DetailFlow-16 models."""
     return _fixture_dir("detailflow16-meta")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one torch thread beats two on a shared 2-core machine (modules opt in)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

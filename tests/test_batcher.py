@@ -13,12 +13,7 @@ from detailflow_engine import DetailFlowBatcher
 from detailflow_engine.batcher import BatcherClosed
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,12 +21,7 @@ from detailflow_engine.generate import main
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def add_repo(cache: Path, repo_id: str, src: Path, missing=(), ref="main", commit=COMMIT) -> Path:
