@@ -330,8 +330,19 @@ class Dist:
 
     def close(self) -> None:
         if self.active:
+            from datetime import timedelta
+
             import torch.distributed as dist
 
+            # Tear down together: a gloo rank that destroys its group while its peer is still
+            # inside the last collective can abort ("terminate called without an active exception").
+            try:
+                if dist.get_backend() == "gloo":
+                    dist.monitored_barrier(timeout=timedelta(seconds=60))
+                else:
+                    dist.barrier()
+            except RuntimeError:  # a peer is gone: nothing left to wait for
+                pass
             dist.destroy_process_group()
             self.active = False
 
