@@ -2,47 +2,23 @@
 
 The Triton kernel runs here on CPU tensors under the Triton interpreter, and compiled on CUDA
 in the `gpu` tests. The interpreter has to be chosen before triton is first imported (triton's
-own library functions are jit'd at import), so this module sets TRITON_INTERPRET=1 when it can;
+own library functions are jit'd at import): _triton_mode.py sets TRITON_INTERPRET=1 when it can;
 if something imported triton earlier, one test re-runs this file in a subprocess instead.
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
+from _triton_mode import (CUDA, HAVE_TRITON, INTERPRET, needs_cuda_triton, needs_interpreter,  # noqa: F401
+                          needs_subprocess, rerun_interpreter_tests)
 
-CUDA = torch.cuda.is_available()
-if "triton" not in sys.modules and not CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-try:
-    import triton.language as tl
-except ImportError:
-    tl = None
-HAVE_TRITON = tl is not None
-INTERPRET = HAVE_TRITON and type(tl.sum).__name__ == "InterpretedFunction"
-
-from detailflow_engine.ops import _dispatch  # noqa: E402
-from detailflow_engine.ops.add_rmsnorm import add_rmsnorm, add_rmsnorm_ref, tolerance  # noqa: E402
-from detailflow_engine.prior import RMSNorm  # noqa: E402
+from detailflow_engine.ops import _dispatch
+from detailflow_engine.ops.add_rmsnorm import add_rmsnorm, add_rmsnorm_ref, tolerance
+from detailflow_engine.prior import RMSNorm
 
 if INTERPRET:
     from detailflow_engine.ops._triton.add_rmsnorm import add_rmsnorm_fwd
-
-if not HAVE_TRITON:
-    _WHY_NO_INTERP = "triton is not installed (pip install triton) "
-elif CUDA:
-    _WHY_NO_INTERP = "a CUDA device is present: the compiled kernel is tested by the gpu tests"
-else:
-    _WHY_NO_INTERP = ("triton was imported (without TRITON_INTERPRET=1) before this module: "
-                      "test_interpreter_in_subprocess runs these")
-needs_interpreter = pytest.mark.skipif(not INTERPRET, reason=_WHY_NO_INTERP)
-needs_cuda_triton = pytest.mark.skipif(
-    not (CUDA and HAVE_TRITON and not INTERPRET),
-    reason="needs a CUDA device and triton (compiled, TRITON_INTERPRET unset)")
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
@@ -147,14 +123,9 @@ def test_triton_interpreter_empty():
     assert h.shape == y.shape == (0, 16)
 
 
-@pytest.mark.skipif(not (HAVE_TRITON and not INTERPRET and not CUDA),
-                    reason="only when triton was imported before TRITON_INTERPRET=1 could be set here")
+@needs_subprocess
 def test_interpreter_in_subprocess():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-m", "not gpu", "-p", "no:cacheprovider",
-                           "-k", "interpreter and not subprocess"], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-6000:] + proc.stderr[-3000:]
+    rerun_interpreter_tests(__file__)
 
 
 # ---- the wrapper on CPU (torch backend), validation, torch.library
