@@ -371,6 +371,74 @@ def test_tokenizer_resume_continues_step_count(tmp_path):
     assert raw["steps"] == 2 and len(raw["optimizer"]["state"]) > 0
 
 
+def test_decoder_finetune_keeps_codes_and_lowers_loss(tmp_path, trained_tokenizer):
+    """--init-from + --train-decoder-only: step 0 from another run's weights; only the decoder side
+    moves, so clean and self-correction codes are unchanged while the reconstruction loss drops."""
+    src, _ = trained_tokenizer
+    trainer = tt.TokenizerTrainer(tok_args(tmp_path / "ft", *FAST_LR, "--no-scale-lr", "--init-from", str(src),
+                                           "--train-decoder-only", "--max-steps", "8"))
+    trainer.prepare_folder()
+    start = {k: v.clone() for k, v in trainer.vq.state_dict().items()}
+    want = tc.load_training_checkpoint(tc.latest_checkpoint(src))["model"]
+    assert all(torch.equal(start[k], want[k]) for k in want) and trainer.steps == 0
+    images = fixed_images()
+    plan = tt.StepPlan(16, 16, 32, 32, False, 8)
+
+    def codes_and_loss():
+        torch.manual_seed(3)
+        with torch.no_grad():
+            enc = tt.self_correction_encode(trainer.vq, images, 16, 8, 8)
+            torch.manual_seed(4)
+            return enc.codes, enc.input_codes, enc.target_codes, float(trainer.losses(images, plan)[0])
+
+    *codes_before, loss_before = codes_and_loss()
+    for _ in range(8):
+        trainer.train_step(images, plan)
+    *codes_after, loss_after = codes_and_loss()
+    assert loss_after < loss_before, (loss_before, loss_after)
+    assert all(torch.equal(a, b) for a, b in zip(codes_before, codes_after))
+    end = trainer.vq.state_dict()
+    moved = {k for k in start if k != "quantize.codebook_used" and not torch.equal(start[k], end[k])}
+    assert moved and all(k.startswith(tt.DECODER_SIDE) for k in moved), sorted(moved)[:5]
+
+
+def test_init_from_rejects_mismatched_or_missing_weights(tmp_path, trained_tokenizer):
+    src, _ = trained_tokenizer
+    other = tt.TokenizerTrainer(tok_args(tmp_path / "a", "--codebook-size", "32", "--init-from", str(src)))
+    with pytest.raises(ValueError, match="does not match the model flags"):
+        other.prepare_folder()
+    missing = tt.TokenizerTrainer(tok_args(tmp_path / "b", "--init-from", str(tmp_path / "nothing")))
+    with pytest.raises(FileNotFoundError, match="no training checkpoint"):
+        missing.prepare_folder()
+
+
+def test_fmnist_perceptual_net(tmp_path, monkeypatch):
+    from detailflow_engine.classifier import DEFAULT_CLASSIFIER, FashionCNN
+    from detailflow_ref import fmnist_perceptual as fp
+    from safetensors.torch import save_file
+
+    with pytest.raises(ValueError, match="evaluation classifier"):
+        fp.feature_net(DEFAULT_CLASSIFIER)
+    monkeypatch.delenv(fp.WEIGHTS_ENV, raising=False)
+    with pytest.raises(ValueError, match=fp.WEIGHTS_ENV):
+        fp.feature_net()
+    torch.manual_seed(0)
+    cnn = FashionCNN().eval()
+    path = tmp_path / "percep.safetensors"
+    save_file({k: v.contiguous() for k, v in cnn.state_dict().items()}, str(path))
+    monkeypatch.setenv(fp.WEIGHTS_ENV, str(path))
+    net = fp.feature_net()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    feats = net(x)
+    assert [tuple(f.shape) for f in feats] == [(2, 16, 32, 32), (2, 32, 16, 16), (2, 64, 8, 8)]
+    # the last map pooled and flattened is what the classifier's fc reads
+    with torch.no_grad():
+        want = cnn.body(x).flatten(1)
+    assert torch.allclose(torch.nn.functional.max_pool2d(feats[-1], 2).flatten(1), want)
+    assert [tuple(f.shape) for f in net(x[:, :, :8, :8])] == [tuple(f.shape) for f in feats]  # low-res targets
+    assert not any(p.requires_grad for p in net.parameters())
+
+
 def test_no_silent_overwrite(tmp_path):
     path = tc.save_checkpoint(tmp_path, 3, {"steps": 3})
     with pytest.raises(FileExistsError):

@@ -128,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     g.add_argument("--progress", action=B, default=True, help="tqdm progress bar on stderr")
     g.add_argument("--write-state-hash", action="store_true", help="write state_hash_rank<R>.txt at the end (DDP checks)")
+    g.add_argument("--init-from", default=None,
+                   help="start from the weights of this training checkpoint (.pt) or run folder (its newest "
+                        "checkpoint), with a fresh optimizer and step 0; the model flags must match it")
+    g.add_argument("--train-decoder-only", action="store_true",
+                   help="freeze the encoder, codebook and self-correction path: only the decoder and "
+                        "post_quant_conv learn, so the codes (and a prior trained on them) stay valid")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="fashion-mnist",
                    help="'fashion-mnist', 'synthetic[:N]' (random images) or an image folder (root/<class>/<img>)")
@@ -356,6 +362,27 @@ def _track_usage(vq: VQModel, codes: torch.Tensor) -> None:
 # --------------------------------------------------------------------------- training module
 
 
+DECODER_SIDE = ("decoder.", "post_quant_conv.")
+
+
+def freeze_all_but_decoder(vq: VQModel) -> list:
+    """Decoder fine-tuning: only the decoder and post_quant_conv keep requires_grad (names returned).
+
+    The encoder, quant_conv, codebook, refine_conv and refined_tokens are frozen, so every code the
+    tokenizer gives (clean, self-correction input and target) is unchanged by training.
+    """
+    trainable = []
+    for name, p in vq.named_parameters():
+        keep = name.startswith(DECODER_SIDE)
+        p.requires_grad_(keep)
+        if keep:
+            trainable.append(name)
+    if not trainable:
+        raise ValueError("--train-decoder-only: the model has no decoder parameters")
+    return trainable
+
+
+
 class TokenizerTrainModule(nn.Module):
     """The generator side of a step, as one forward (so DDP sees every parameter use)."""
 
@@ -525,8 +552,11 @@ class TokenizerTrainer:
         self.lr = args.lr * (args.global_batch_size / 256 if args.scale_lr else 1.0)
         betas = (args.beta1, args.beta2)
         fused = {"fused": True} if self.device.type == "cuda" else {}
+        if args.train_decoder_only:
+            freeze_all_but_decoder(self.vq)
         if args.optimizer == "adam":
-            self.optimizer = torch.optim.Adam(self.vq.parameters(), lr=self.lr, betas=betas, **fused)
+            trainable = [p for p in self.vq.parameters() if p.requires_grad]
+            self.optimizer = torch.optim.Adam(trainable, lr=self.lr, betas=betas, **fused)
         else:
             self.optimizer = torch.optim.AdamW(tc.weight_decay_groups(self.vq, args.weight_decay), lr=self.lr,
                                                betas=betas, **fused)
@@ -552,6 +582,23 @@ class TokenizerTrainer:
         self.info.barrier()
         if resume_from is not None:
             self.load_state(resume_from)
+        elif a.init_from:
+            self.load_init_weights(Path(a.init_from))
+
+    def load_init_weights(self, path: Path) -> None:
+        """--init-from: model weights (and EMA, from the same weights) of another run; step 0."""
+        ckpt_path = tc.latest_checkpoint(path) if path.is_dir() else path
+        if ckpt_path is None or not ckpt_path.is_file():
+            raise FileNotFoundError(f"--init-from {path}: no training checkpoint there")
+        state = tc.load_training_checkpoint(ckpt_path).get("model")
+        if not isinstance(state, dict):
+            raise ValueError(f"--init-from {ckpt_path}: not a tokenizer training checkpoint (no 'model' state)")
+        try:
+            self.vq.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ValueError(f"--init-from {ckpt_path} does not match the model flags of this run: {exc}") from None
+        if self.ema is not None:
+            self.ema.load_state_dict(state, strict=True)
 
     def load_state(self, path: Path) -> None:
         ckpt = tc.load_training_checkpoint(path)
@@ -633,7 +680,8 @@ class TokenizerTrainer:
         loss, recon, target, stats = self.losses(images, plan)
         loss.backward()
         if a.max_grad_norm:
-            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.vq.parameters(), a.max_grad_norm).detach()
+            trainable = [p for p in self.vq.parameters() if p.requires_grad]
+            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(trainable, a.max_grad_norm).detach()
         self.optimizer.step()
         if self.ema is not None:
             tc.update_ema(self.ema, self.vq, a.ema_decay)
