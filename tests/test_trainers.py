@@ -439,6 +439,32 @@ def test_fmnist_perceptual_net(tmp_path, monkeypatch):
     assert not any(p.requires_grad for p in net.parameters())
 
 
+def test_cpu_bf16_autocast_trains(tmp_path):
+    """--cpu-bf16: bf16 autocast and the math attention kernel on the CPU; steps still lower the loss."""
+    from torch.nn.attention import SDPBackend
+    cpu = torch.device("cpu")
+    with tc.autocast(cpu, "none"):
+        assert not torch.is_autocast_enabled("cpu")
+    with tc.autocast(cpu, "none", cpu_bf16=True):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert torch._fused_sdp_choice(*(torch.randn(1, 1, 4, 8),) * 3) == SDPBackend.MATH.value
+        assert (torch.randn(4, 8) @ torch.randn(8, 4)).dtype == torch.bfloat16
+    trainer = tt.TokenizerTrainer(tok_args(tmp_path, *FAST_LR, "--no-scale-lr", "--cpu-bf16"))
+    images = fixed_images()
+    plan = tt.StepPlan(16, 16, 32, 32, False, 8)
+
+    def loss():
+        torch.manual_seed(9)
+        with torch.no_grad():
+            return float(trainer.losses(images, plan)[0])
+
+    before = loss()
+    for _ in range(6):
+        trainer.train_step(images, plan)
+    assert loss() < before
+    assert all(p.dtype == torch.float32 for p in trainer.vq.parameters())  # fp32 master weights
+
+
 def test_no_silent_overwrite(tmp_path):
     path = tc.save_checkpoint(tmp_path, 3, {"steps": 3})
     with pytest.raises(FileExistsError):

@@ -67,7 +67,7 @@ def load_training_tokenizer(path, ema: bool = False, device="cpu") -> VQModel:
 @torch.no_grad()
 def extract(model: VQModel, images_u8: torch.Tensor, labels: torch.Tensor, batch_size: int = 256,
             flip: bool = True, top_k: int = 50, device="cpu", mixed_precision: str = "none",
-            progress: bool = False):
+            progress: bool = False, cpu_bf16: bool = False):
     """Codes for uint8 images (N, 3, S, S): returns (codes (N, A, T, K) int64, noise_idx (N,) int64)."""
     device = torch.device(device)
     sched = model.schedule
@@ -88,7 +88,7 @@ def extract(model: VQModel, images_u8: torch.Tensor, labels: torch.Tensor, batch
             noise_views = noise.repeat(a)
         else:
             noise = torch.full((b,), -1, dtype=torch.long, device=device)
-        with tc.autocast(device, mixed_precision):
+        with tc.autocast(device, mixed_precision, cpu_bf16):
             if correction:
                 enc = self_correction_encode(model, views, T, noise_views, top_k)
                 codes = torch.stack([enc.codes, enc.input_codes, enc.target_codes], dim=-1)
@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="images per forward (x2 with the flip)")
     p.add_argument("--limit", type=int, default=None, help="only the first N images")
     p.add_argument("--device", default="auto")
-    p.add_argument("--mixed-precision", default="bf16", choices=["none", "bf16"])
+    p.add_argument("--mixed-precision", default="bf16", choices=["none", "bf16"], help="autocast dtype on CUDA (CPU runs fp32)")
+    p.add_argument("--cpu-bf16", action="store_true", help=tc.CPU_BF16_HELP)
     p.add_argument("--global-seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
@@ -170,7 +171,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.limit:
         imgs, labels = imgs[:args.limit], labels[:args.limit]
     codes, noise = extract(model, imgs, labels, args.batch_size, args.flip, args.top_k, device,
-                           args.mixed_precision, args.progress)
+                           args.mixed_precision, args.progress, args.cpu_bf16)
     T = codes.shape[2]
     config = dict(model.config.raw_json, ar_image_size=size, ar_token_num=T)
     meta = {"format": FORMAT, "version": VERSION, "tokenizer_path": str(Path(args.vq_path).resolve()),

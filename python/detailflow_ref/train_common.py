@@ -133,8 +133,24 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def autocast(device: torch.device, mixed_precision: str):
-    """bf16/fp16 autocast on CUDA; a no-op on CPU or with 'none'."""
+CPU_BF16_HELP = ("on the CPU too: bf16 autocast and the math attention kernel (about 1.7x faster training "
+                 "steps on CPUs with AMX / AVX512-BF16; slower on CPUs without them)")
+
+
+def autocast(device: torch.device, mixed_precision: str, cpu_bf16: bool = False):
+    """bf16/fp16 autocast on CUDA; on the CPU a no-op unless ``cpu_bf16``.
+
+    ``cpu_bf16``: bf16 autocast on the CPU plus the math SDPA kernel, whose backward beats the CPU
+    flash-attention kernel by far on the tokenizer's short masked sequences (measured: 46% of a
+    step in the flash backward).
+    """
+    if device.type == "cpu" and cpu_bf16:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(device_type="cpu", dtype=torch.bfloat16))
+        stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        return stack
     if device.type != "cuda" or mixed_precision == "none":
         return contextlib.nullcontext()
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]

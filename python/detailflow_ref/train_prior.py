@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --results-dir")
     g.add_argument("--overwrite", action="store_true")
     g.add_argument("--device", default="auto")
-    g.add_argument("--mixed-precision", default="bf16", choices=["none", "bf16"])
+    g.add_argument("--mixed-precision", default="bf16", choices=["none", "bf16"], help="autocast dtype on CUDA (CPU runs fp32)")
+    g.add_argument("--cpu-bf16", action="store_true", help=tc.CPU_BF16_HELP)
     g.add_argument("--global-seed", type=int, default=0)
     g.add_argument("--max-steps", type=int, default=1000)
     g.add_argument("--global-batch-size", type=int, default=256)
@@ -276,7 +277,7 @@ class PriorTrainer:
         return z_in, z_tgt, labels
 
     def loss(self, z_in, z_tgt, labels) -> torch.Tensor:
-        with tc.autocast(self.device, self.args.mixed_precision):
+        with tc.autocast(self.device, self.args.mixed_precision, self.args.cpu_bf16):
             return prior_loss(self.ddp_model, z_in, z_tgt, labels)
 
     def train_step(self, z_in, z_tgt, labels) -> dict:
@@ -325,7 +326,7 @@ class PriorTrainer:
         ncls = min(self.config.num_classes, 10)
         labels = torch.arange(ncls, device=self.device).repeat_interleave(self.args.samples_per_class)
         gen = torch.Generator(device=self.device).manual_seed(self.args.global_seed)
-        with tc.autocast(self.device, self.args.mixed_precision):
+        with tc.autocast(self.device, self.args.mixed_precision, self.args.cpu_bf16):
             tokens = generate(model, labels, cfg_scale=self.args.cfg_scale, generator=gen)
             imgs = tok.decode_code(tokens).float().clamp(-1, 1)
         model.train(was)

@@ -120,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overwrite", action="store_true", help="allow replacing existing configs/checkpoints")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda")
     g.add_argument("--mixed-precision", default="bf16", choices=["none", "bf16"], help="autocast dtype on CUDA (CPU runs fp32)")
+    g.add_argument("--cpu-bf16", action="store_true", help=tc.CPU_BF16_HELP)
     g.add_argument("--global-seed", type=int, default=0)
     g.add_argument("--max-steps", type=int, default=1000, help="total optimizer steps")
     g.add_argument("--global-batch-size", type=int, default=128)
@@ -654,7 +655,7 @@ class TokenizerTrainer:
         disc = None
         if self.gan_active(step):
             disc = self.disc
-        with tc.autocast(self.device, self.args.mixed_precision):
+        with tc.autocast(self.device, self.args.mixed_precision, self.args.cpu_bf16):
             return self.ddp_module(images, target, plan, self.perceptual_weight(step + 1), disc,
                                    self.args.disc_weight if disc is not None else 0.0)
 
@@ -688,7 +689,7 @@ class TokenizerTrainer:
         if gan:
             tc.requires_grad(self.disc, True)
             self.optimizer_disc.zero_grad(set_to_none=True)
-            with tc.autocast(self.device, a.mixed_precision):
+            with tc.autocast(self.device, a.mixed_precision, a.cpu_bf16):
                 real = self.ddp_disc(disc_input(target.detach(), a.image_size))
                 fake = self.ddp_disc(disc_input(recon.detach(), a.image_size))
                 d_loss = a.disc_weight * hinge_d_loss(real.float(), fake.float())
@@ -718,7 +719,7 @@ class TokenizerTrainer:
         T = self.schedule.best_tokens(self.args.image_size)
         sched = [t for t in self.schedule.scheduled_tokens if t <= T]
         picks = sorted({sched[round(k * (len(sched) - 1) / 5)] for k in range(6)})
-        with tc.autocast(self.device, self.args.mixed_precision):
+        with tc.autocast(self.device, self.args.mixed_precision, self.args.cpu_bf16):
             codes, quant = model.encode(images, T)
             rows = [images] + [model.decode(quant, t).float().clamp(-1, 1) for t in picks]
         model.train(was_training)
