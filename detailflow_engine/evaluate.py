@@ -16,7 +16,9 @@ Three measurements:
   curve): the first --psnr-images test images are encoded once, each prefix t is decoded at its
   schedule size, upsampled bicubically (align_corners=False) to the tokenizer's image size,
   rounded to uint8 as generated images are (clamp(127.5 x + 128, 0, 255) truncated) and compared
-  with the input; the PSNR (peak 255) is computed per image and averaged.
+  with the input; the PSNR (peak 255) is computed per image and averaged. The classifier's
+  accuracy on the all-token reconstructions says how much of the class the tokenizer keeps
+  (an upper bound of sorts for the generated images).
 
 Models whose image size is not 32 work too: generated images are resized to 32x32 for the
 classifier (area when shrinking, bicubic when enlarging) and test images are resized to the
@@ -175,14 +177,16 @@ def generate_images(pipe, num_per_class: int, num_classes: int, seed: int, batch
     return torch.cat(out), torch.tensor(labels, dtype=torch.int64)
 
 
-def reconstruction_curve(tokenizer, images_u8: torch.Tensor, batch_size: int) -> List[dict]:
-    """PSNR at each scheduled prefix for uint8 (N, 3, 32, 32) images (see the module docstring)."""
+def reconstruction_curve(tokenizer, images_u8: torch.Tensor, batch_size: int) -> Tuple[List[dict], torch.Tensor]:
+    """PSNR at each scheduled prefix for uint8 (N, 3, S, S) images (see the module docstring),
+    and the uint8 reconstructions from all the tokens (the last prefix)."""
     size = tokenizer.image_size
     device = tokenizer.quant_conv.weight.device
     ref = resize_u8(images_u8, size)
     schedule = tokenizer.schedule
     ts = list(schedule.scheduled_tokens)
     sums = [0.0] * len(ts)
+    full = []
     starts = range(0, ref.shape[0], batch_size)
     for i in _progress(starts, "reconstruct", len(starts)):
         batch = ref[i:i + batch_size]
@@ -191,8 +195,10 @@ def reconstruction_curve(tokenizer, images_u8: torch.Tensor, batch_size: int) ->
             dec = tokenizer.decode(codes, num_tokens=t).float().cpu()
             rec = to_uint8(resize(dec, size))  # prefixes decode at or below the image size: bicubic up
             sums[k] += float(psnr_u8(rec, batch).sum())
+        full.append(rec)
     n = ref.shape[0]
-    return [{"tokens": t, "resolution": schedule.decode_size(t), "psnr": round(s / n, 4)} for t, s in zip(ts, sums)]
+    curve = [{"tokens": t, "resolution": schedule.decode_size(t), "psnr": round(s / n, 4)} for t, s in zip(ts, sums)]
+    return curve, torch.cat(full) if full else ref[:0]
 
 
 def class_balanced_split(labels: np.ndarray, per_class: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
@@ -298,9 +304,13 @@ def evaluate(args) -> dict:
     t3 = time.time()
 
     # reconstruction curve
-    curve = []
+    curve, recon_accuracy = [], None
     if args.psnr_images:
-        curve = reconstruction_curve(tokenizer, test_u8[:args.psnr_images], args.batch_size)
+        curve, recon_u8 = reconstruction_curve(tokenizer, test_u8[:args.psnr_images], args.batch_size)
+        # does the tokenizer keep the class? the classifier on the all-token reconstructions
+        recon_in = resize(u8_to_float(recon_u8), CLASSIFIER_SIZE).clamp(-1, 1)
+        recon_pred = clf.predict(recon_in.to(device))[0].argmax(1).cpu()
+        recon_accuracy = round(float((recon_pred == torch.from_numpy(test_y[:len(recon_pred)])).float().mean()), 4)
     t4 = time.time()
 
     meta = classifier_metadata(clf_path)
@@ -333,6 +343,7 @@ def evaluate(args) -> dict:
             "num_images": int(min(args.psnr_images, len(test_y))),
             "image_size": int(image_size),
             "psnr_curve": curve,
+            "classifier_accuracy": recon_accuracy,  # on the reconstructions from all the tokens
         },
         "timing_s": {"classify_test": round(t1 - t0, 2), "generate": round(t2 - t1, 2),
                      "classify_generated_and_frechet": round(t3 - t2, 2), "reconstruction": round(t4 - t3, 2),

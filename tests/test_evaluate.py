@@ -29,6 +29,31 @@ def one_thread():
 
 # ---------------------------------------------------------------------- Frechet distance
 
+class _IdentityTokenizer(torch.nn.Module):
+    """Decodes every prefix back to the encoded image itself: a lossless 'tokenizer'."""
+
+    image_size = 32
+
+    def __init__(self):
+        super().__init__()
+        self.quant_conv = torch.nn.Linear(1, 1)
+        self.schedule = type("S", (), {"scheduled_tokens": (1, 4), "decode_size": staticmethod(lambda t: 32)})()
+
+    def encode(self, pixels):
+        return pixels
+
+    def decode(self, codes, num_tokens=None):
+        return codes
+
+
+def test_reconstruction_curve_returns_full_token_reconstructions():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (5, 3, 32, 32), generator=gen, dtype=torch.uint8)
+    curve, recon = ev.reconstruction_curve(_IdentityTokenizer(), images, batch_size=2)
+    assert torch.equal(recon, images)  # uint8 -> [-1, 1] -> uint8 is exact
+    assert [p["tokens"] for p in curve] == [1, 4] and all(p["psnr"] >= 99 for p in curve)
+
+
 def test_frechet_zero_for_identical_statistics():
     rng = np.random.default_rng(0)
     f = rng.normal(size=(300, 16)) @ rng.normal(size=(16, 16))
@@ -166,6 +191,7 @@ def test_evaluate_end_to_end_tiny_model(tiny_a, one_thread, capsys, tmp_path):
     assert [p["tokens"] for p in rec["psnr_curve"]] == list(sched.scheduled_tokens)
     assert [p["resolution"] for p in rec["psnr_curve"]] == [sched.decode_size(t) for t in sched.scheduled_tokens]
     assert all(math.isfinite(p["psnr"]) and 0 < p["psnr"] <= 100 for p in rec["psnr_curve"])
+    assert 0 <= rec["classifier_accuracy"] <= 1
 
 
 @pytest.mark.parametrize("argv, match", [
