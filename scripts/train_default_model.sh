@@ -4,8 +4,8 @@
 #   into OUT_DIR/{perceptual, tokenizer, codes.npz, prior}.
 #
 #   DEVICE=cuda scripts/train_default_model.sh OUT_DIR        # the real recipe (one H200: 259 s measured)
-#   DEVICE=cpu STEPS_SCALE=0.002 TOK_BATCH=16 PRIOR_BATCH=16 EXTRACT_LIMIT=256 \
-#       scripts/train_default_model.sh /tmp/df-smoke           # CPU smoke test (about a minute)
+#   DEVICE=cpu STEPS_SCALE=0.002 TOK_BATCH=16 PRIOR_BATCH=16 EXTRACT_LIMIT=256 PERCEPTUAL_EPOCHS=1 \
+#       scripts/train_default_model.sh /tmp/df-smoke           # CPU smoke test (28 s with CPU_BF16=1)
 #
 # Model: 32x32 images, patch 4 (8x8 grid), 32 latent tokens, group_size 4 (causal_num 4),
 # codebook 1024 x 8 (L2-normalized), encoder/decoder siglip2_custom_L4_D128_H4 trained from
