@@ -366,22 +366,16 @@ def _track_usage(vq: VQModel, codes: torch.Tensor) -> None:
 DECODER_SIDE = ("decoder.", "post_quant_conv.")
 
 
-def freeze_all_but_decoder(vq: VQModel) -> list:
-    """Decoder fine-tuning: only the decoder and post_quant_conv keep requires_grad (names returned).
+def freeze_all_but_decoder(vq: VQModel) -> None:
+    """Decoder fine-tuning: only the decoder and post_quant_conv keep requires_grad.
 
     The encoder, quant_conv, codebook, refine_conv and refined_tokens are frozen, so every code the
     tokenizer gives (clean, self-correction input and target) is unchanged by training.
     """
-    trainable = []
     for name, p in vq.named_parameters():
-        keep = name.startswith(DECODER_SIDE)
-        p.requires_grad_(keep)
-        if keep:
-            trainable.append(name)
-    if not trainable:
+        p.requires_grad_(name.startswith(DECODER_SIDE))
+    if not any(p.requires_grad for p in vq.parameters()):
         raise ValueError("--train-decoder-only: the model has no decoder parameters")
-    return trainable
-
 
 
 class TokenizerTrainModule(nn.Module):
@@ -555,9 +549,9 @@ class TokenizerTrainer:
         fused = {"fused": True} if self.device.type == "cuda" else {}
         if args.train_decoder_only:
             freeze_all_but_decoder(self.vq)
+        self.trainable = [p for p in self.vq.parameters() if p.requires_grad]  # optimizer and clipping
         if args.optimizer == "adam":
-            trainable = [p for p in self.vq.parameters() if p.requires_grad]
-            self.optimizer = torch.optim.Adam(trainable, lr=self.lr, betas=betas, **fused)
+            self.optimizer = torch.optim.Adam(self.trainable, lr=self.lr, betas=betas, **fused)
         else:
             self.optimizer = torch.optim.AdamW(tc.weight_decay_groups(self.vq, args.weight_decay), lr=self.lr,
                                                betas=betas, **fused)
@@ -681,8 +675,7 @@ class TokenizerTrainer:
         loss, recon, target, stats = self.losses(images, plan)
         loss.backward()
         if a.max_grad_norm:
-            trainable = [p for p in self.vq.parameters() if p.requires_grad]
-            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(trainable, a.max_grad_norm).detach()
+            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.trainable, a.max_grad_norm).detach()
         self.optimizer.step()
         if self.ema is not None:
             tc.update_ema(self.ema, self.vq, a.ema_decay)
