@@ -18,7 +18,9 @@ Three measurements:
   rounded to uint8 as generated images are (clamp(127.5 x + 128, 0, 255) truncated) and compared
   with the input; the PSNR (peak 255) is computed per image and averaged. The classifier's
   accuracy on the all-token reconstructions says how much of the class the tokenizer keeps
-  (an upper bound of sorts for the generated images).
+  (an upper bound of sorts for the generated images), and the Frechet distance of those
+  reconstructions to the remaining test images (beside the originals' distance to the same
+  images) is the tokenizer's floor for the generated images' distance.
 
 Models whose image size is not 32 work too: generated images are resized to 32x32 for the
 classifier (area when shrinking, bicubic when enlarging) and test images are resized to the
@@ -201,6 +203,19 @@ def reconstruction_curve(tokenizer, images_u8: torch.Tensor, batch_size: int) ->
     return curve, torch.cat(full) if full else ref[:0]
 
 
+def reconstruction_frechet(recon_feats: np.ndarray, test_feats: np.ndarray) -> Optional[dict]:
+    """The tokenizer's floor for ``generated_vs_test``: features of the reconstructions of the
+    first n test images against the other test images, beside the originals of those n images
+    against the same others (same set sizes, so the small-set bias is shared). None when fewer
+    than two test images are left over."""
+    n = recon_feats.shape[0]
+    rest = test_feats[n:]
+    if rest.shape[0] < 2:
+        return None
+    return {"reconstructions_vs_rest_of_test": round(frechet_distance_features(recon_feats, rest), 4),
+            "originals_vs_rest_of_test": round(frechet_distance_features(test_feats[:n], rest), 4)}
+
+
 def class_balanced_split(labels: np.ndarray, per_class: int, seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
     """Two disjoint index sets with ``per_class`` items of every class each (seeded permutation)."""
     rng = np.random.default_rng(seed)
@@ -304,13 +319,16 @@ def evaluate(args) -> dict:
     t3 = time.time()
 
     # reconstruction curve
-    curve, recon_accuracy = [], None
+    curve, recon_accuracy, recon_frechet = [], None, None
     if args.psnr_images:
-        curve, recon_u8 = reconstruction_curve(tokenizer, test_u8[:args.psnr_images], args.batch_size)
+        n_rec = args.psnr_images
+        curve, recon_u8 = reconstruction_curve(tokenizer, test_u8[:n_rec], args.batch_size)
         # does the tokenizer keep the class? the classifier on the all-token reconstructions
         recon_in = resize(u8_to_float(recon_u8), CLASSIFIER_SIZE).clamp(-1, 1)
-        recon_pred = clf.predict(recon_in.to(device))[0].argmax(1).cpu()
-        recon_accuracy = round(float((recon_pred == torch.from_numpy(test_y[:len(recon_pred)])).float().mean()), 4)
+        recon_logits, recon_feats = clf.predict(recon_in.to(device))
+        recon_pred = recon_logits.argmax(1).cpu()
+        recon_accuracy = round(float((recon_pred == torch.from_numpy(test_y[:n_rec])).float().mean()), 4)
+        recon_frechet = reconstruction_frechet(recon_feats.cpu().numpy(), test_feats)
     t4 = time.time()
 
     meta = classifier_metadata(clf_path)
@@ -344,6 +362,7 @@ def evaluate(args) -> dict:
             "image_size": int(image_size),
             "psnr_curve": curve,
             "classifier_accuracy": recon_accuracy,  # on the reconstructions from all the tokens
+            "frechet_distance": recon_frechet,  # classifier features, as above; None when no test image is left
         },
         "timing_s": {"classify_test": round(t1 - t0, 2), "generate": round(t2 - t1, 2),
                      "classify_generated_and_frechet": round(t3 - t2, 2), "reconstruction": round(t4 - t3, 2),

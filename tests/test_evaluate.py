@@ -138,6 +138,19 @@ def test_classifier_errors(tmp_path):
         load_classifier().features(torch.zeros(1, 3, 28, 28))
 
 
+def test_reconstruction_frechet_compares_like_with_like():
+    rng = np.random.default_rng(0)
+    test = rng.normal(size=(600, 8))
+    exact = ev.reconstruction_frechet(test[:200].copy(), test)  # a lossless tokenizer
+    assert exact["reconstructions_vs_rest_of_test"] == exact["originals_vs_rest_of_test"]
+    assert exact["originals_vs_rest_of_test"] == pytest.approx(
+        ev.frechet_distance_features(test[:200], test[200:]), abs=1e-4)
+    blurred = ev.reconstruction_frechet(0.5 * test[:200] + 0.3, test)  # shrunk and shifted features
+    assert blurred["reconstructions_vs_rest_of_test"] > exact["originals_vs_rest_of_test"] + 0.5
+    assert blurred["originals_vs_rest_of_test"] == exact["originals_vs_rest_of_test"]
+    assert ev.reconstruction_frechet(test[:599], test) is None  # one test image left: no estimate
+
+
 # ---------------------------------------------------------------------- CLI
 
 def _run(capsys, *argv):
@@ -192,6 +205,9 @@ def test_evaluate_end_to_end_tiny_model(tiny_a, one_thread, capsys, tmp_path):
     assert [p["resolution"] for p in rec["psnr_curve"]] == [sched.decode_size(t) for t in sched.scheduled_tokens]
     assert all(math.isfinite(p["psnr"]) and 0 < p["psnr"] <= 100 for p in rec["psnr_curve"])
     assert 0 <= rec["classifier_accuracy"] <= 1
+    floor = rec["frechet_distance"]
+    assert set(floor) == {"reconstructions_vs_rest_of_test", "originals_vs_rest_of_test"}
+    assert all(math.isfinite(v) and v >= 0 for v in floor.values())
 
 
 @pytest.mark.parametrize("argv, match", [
