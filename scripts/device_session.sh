@@ -15,9 +15,9 @@ if [ "$TRAIN" = 1 ]; then
   (
     set -e
     DEVICE=cuda PYTHON=python3 bash scripts/train_default_model.sh /tmp/run
-    for k in tokenizer prior; do
-      python3 -m detailflow_engine.convert /tmp/run/$k /tmp/model/$k --kind $k --dtype fp16
-    done
+    TOK=/tmp/run/tokenizer; [ -d /tmp/run/tokenizer_gan ] && TOK=/tmp/run/tokenizer_gan
+    python3 -m detailflow_engine.convert $TOK /tmp/model/tokenizer --kind tokenizer --dtype fp16
+    python3 -m detailflow_engine.convert /tmp/run/prior /tmp/model/prior --kind prior --dtype fp16
     cp /tmp/run/recipe.txt /tmp/run/timing.json /tmp/model/ 2>/dev/null || true
     tar -C /tmp --exclude='*.pt' --exclude='*.npz' -czf "$OUT/default_model.tgz" model run
     echo "TRAIN OK"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the small embedded default DetailFlow model on Fashion-MNIST, end to end:
-#   perceptual feature net -> tokenizer -> code extraction -> prior,
-#   into OUT_DIR/{perceptual, tokenizer, codes.npz, prior}.
+#   perceptual feature net -> tokenizer -> code extraction -> prior -> GAN decoder fine-tuning,
+#   into OUT_DIR/{perceptual, tokenizer, codes.npz, prior, tokenizer_gan}.
 #
 #   DEVICE=cuda scripts/train_default_model.sh OUT_DIR        # the real recipe (one H200: 259 s measured)
 #   DEVICE=cpu STEPS_SCALE=0.002 TOK_BATCH=16 PRIOR_BATCH=16 EXTRACT_LIMIT=256 PERCEPTUAL_EPOCHS=1 \
@@ -24,8 +24,8 @@
 # Knobs (environment): DEVICE (cuda | cpu, default cuda if available), STEPS_SCALE (multiplies
 # both step counts, default 1), TOK_STEPS / PRIOR_STEPS (override the counts), TOK_BATCH /
 # PRIOR_BATCH, EXTRACT_LIMIT (encode only the first N training images), PERCEPTUAL_WEIGHT,
-# PERCEPTUAL_EPOCHS (default 5), CPU_BF16=1 (bf16 autocast on the CPU: AMX / AVX512-BF16 CPUs),
-# PYTHON, DETAILFLOW_FASHION_MNIST (dataset folder). Every stage refuses to overwrite existing outputs.
+# PERCEPTUAL_EPOCHS (default 5), GAN_WEIGHT / GAN_STEPS (stage 4; 0 skips it), CPU_BF16=1 (bf16
+# autocast on the CPU: AMX / AVX512-BF16 CPUs), PYTHON, DETAILFLOW_FASHION_MNIST (dataset folder). Every stage refuses to overwrite existing outputs.
 set -euo pipefail
 
 OUT=${1:?usage: $0 OUT_DIR}
@@ -100,6 +100,27 @@ $PY -m detailflow_ref.train_prior \
   --log-every "$(every "$PRIOR_STEPS" 60)" --vis-every "$(every "$PRIOR_STEPS" 3)" --global-seed 0
 T3=$(date +%s)
 
-printf '{"perceptual_s": %d, "tokenizer_s": %d, "extract_s": %d, "prior_s": %d, "total_s": %d}\n' \
-  $((TP - T0)) $((T1 - TP)) $((T2 - T1)) $((T3 - T2)) $((T3 - T0)) | tee "$OUT/timing.json"
-echo "done: $OUT/tokenizer $OUT/prior (losses in */log.jsonl, grids in */samples/)"
+# 4. The decoder alone against a PatchGAN (hinge loss, weight GAN_WEIGHT, default 0.05) next to the
+#    L2 and perceptual losses. Encoder, codebook and self-correction path stay frozen, so every code
+#    (and the prior trained on them) stays valid; sharper decodes lower the Frechet distance.
+#    GAN_WEIGHT=0 skips it and ships $OUT/tokenizer as is.
+GAN_WEIGHT=${GAN_WEIGHT:-0.05}
+SHIP_TOKENIZER="$OUT/tokenizer"
+if [ "$GAN_WEIGHT" != 0 ] && [ "$GAN_WEIGHT" != 0.0 ]; then
+  GAN_STEPS=${GAN_STEPS:-$(scale 1000)}
+  $PY -m detailflow_ref.train_tokenizer --init-from "$OUT/tokenizer" --train-decoder-only \
+    --results-dir "$OUT/tokenizer_gan" --data fashion-mnist --device "$DEVICE" --mixed-precision "$MP" \
+    --image-size 32 --encoder-patch-size 4 --decoder-patch-size 4 --num-latent-tokens 32 \
+    --group-size 4 --codebook-size 1024 --codebook-embed-dim 8 \
+    --encoder-model siglip2_custom_L4_D128_H4 --decoder-model siglip2_custom_L4_D128_H4 \
+    --degradation-prob 0.2 --correction-training --correction-top-k 50 "${PERCEPTUAL_ARGS[@]}" "${CPU_ARGS[@]}" \
+    --disc-weight "$GAN_WEIGHT" --disc-start 0 \
+    --lr 1e-4 --global-batch-size "$TOK_BATCH" --max-steps "$GAN_STEPS" \
+    --log-every "$(every "$GAN_STEPS" 60)" --vis-every "$(every "$GAN_STEPS" 3)" --global-seed 1
+  SHIP_TOKENIZER="$OUT/tokenizer_gan"
+fi
+T4=$(date +%s)
+
+printf '{"perceptual_s": %d, "tokenizer_s": %d, "extract_s": %d, "prior_s": %d, "gan_decoder_s": %d, "total_s": %d}\n' \
+  $((TP - T0)) $((T1 - TP)) $((T2 - T1)) $((T3 - T2)) $((T4 - T3)) $((T4 - T0)) | tee "$OUT/timing.json"
+echo "done: tokenizer $SHIP_TOKENIZER, prior $OUT/prior (losses in */log.jsonl, grids in */samples/)"
