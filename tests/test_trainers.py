@@ -371,12 +371,15 @@ def test_tokenizer_resume_continues_step_count(tmp_path):
     assert raw["steps"] == 2 and len(raw["optimizer"]["state"]) > 0
 
 
-def test_decoder_finetune_keeps_codes_and_lowers_loss(tmp_path, trained_tokenizer):
+@pytest.mark.parametrize("gan", [False, True], ids=["l2", "l2+gan"])
+def test_decoder_finetune_keeps_codes_and_lowers_loss(tmp_path, trained_tokenizer, gan):
     """--init-from + --train-decoder-only: step 0 from another run's weights; only the decoder side
-    moves, so clean and self-correction codes are unchanged while the reconstruction loss drops."""
+    moves, so clean and self-correction codes are unchanged while the reconstruction loss drops
+    (also with the PatchGAN on: the default model's last stage)."""
     src, _ = trained_tokenizer
+    gan_args = ("--disc-weight", "0.05", "--disc-start", "0") if gan else ()
     trainer = tt.TokenizerTrainer(tok_args(tmp_path / "ft", *FAST_LR, "--no-scale-lr", "--init-from", str(src),
-                                           "--train-decoder-only", "--max-steps", "8"))
+                                           "--train-decoder-only", "--max-steps", "8", *gan_args))
     trainer.prepare_folder()
     start = {k: v.clone() for k, v in trainer.vq.state_dict().items()}
     want = tc.load_training_checkpoint(tc.latest_checkpoint(src))["model"]
@@ -389,11 +392,14 @@ def test_decoder_finetune_keeps_codes_and_lowers_loss(tmp_path, trained_tokenize
         with torch.no_grad():
             enc = tt.self_correction_encode(trainer.vq, images, 16, 8, 8)
             torch.manual_seed(4)
-            return enc.codes, enc.input_codes, enc.target_codes, float(trainer.losses(images, plan)[0])
+            return enc.codes, enc.input_codes, enc.target_codes, float(trainer.losses(images, plan)[3]["rec_loss"])
 
     *codes_before, loss_before = codes_and_loss()
+    disc_before = [p.clone() for p in trainer.disc.parameters()] if gan else []
     for _ in range(8):
-        trainer.train_step(images, plan)
+        stats = trainer.train_step(images, plan)
+    assert ("gen_adv_loss" in stats and "disc_loss" in stats) == gan
+    assert all(not torch.equal(a, b) for a, b in zip(disc_before, trainer.disc.parameters() if gan else []))
     *codes_after, loss_after = codes_and_loss()
     assert loss_after < loss_before, (loss_before, loss_after)
     assert all(torch.equal(a, b) for a, b in zip(codes_before, codes_after))
