@@ -5,7 +5,7 @@
 #
 #   DEVICE=cuda scripts/train_default_model.sh OUT_DIR        # the real recipe (one H200: 259 s measured)
 #   DEVICE=cpu STEPS_SCALE=0.002 TOK_BATCH=16 PRIOR_BATCH=16 EXTRACT_LIMIT=256 PERCEPTUAL_EPOCHS=1 \
-#       scripts/train_default_model.sh /tmp/df-smoke           # CPU smoke test (28 s with CPU_BF16=1)
+#       scripts/train_default_model.sh /tmp/df-smoke           # CPU smoke test (34 s with CPU_BF16=1)
 #
 # Model: 32x32 images, patch 4 (8x8 grid), 32 latent tokens, group_size 4 (causal_num 4),
 # codebook 1024 x 8 (L2-normalized), encoder/decoder siglip2_custom_L4_D128_H4 trained from
@@ -25,7 +25,8 @@
 # both step counts, default 1), TOK_STEPS / PRIOR_STEPS (override the counts), TOK_BATCH /
 # PRIOR_BATCH, EXTRACT_LIMIT (encode only the first N training images), PERCEPTUAL_WEIGHT,
 # PERCEPTUAL_EPOCHS (default 5), GAN_WEIGHT / GAN_STEPS (stage 4; 0 skips it), CPU_BF16=1 (bf16
-# autocast on the CPU: AMX / AVX512-BF16 CPUs), PYTHON, DETAILFLOW_FASHION_MNIST (dataset folder). Every stage refuses to overwrite existing outputs.
+# autocast on the CPU: AMX / AVX512-BF16 CPUs), PYTHON, DETAILFLOW_FASHION_MNIST (dataset folder).
+# Every stage refuses to overwrite existing outputs.
 set -euo pipefail
 
 OUT=${1:?usage: $0 OUT_DIR}
@@ -56,6 +57,12 @@ every() { $PY -c "import sys; print(max(1, int(sys.argv[1]) // int(sys.argv[2]))
 
 PERCEPTUAL_WEIGHT=${PERCEPTUAL_WEIGHT:-4.0}
 PERCEPTUAL_ARGS=()
+# The tokenizer's model and training flags, shared by stages 1 and 4 (--init-from refuses a mismatch).
+TOK_ARGS=(--data fashion-mnist --device "$DEVICE" --mixed-precision "$MP"
+  --image-size 32 --encoder-patch-size 4 --decoder-patch-size 4 --num-latent-tokens 32
+  --group-size 4 --codebook-size 1024 --codebook-embed-dim 8
+  --encoder-model siglip2_custom_L4_D128_H4 --decoder-model siglip2_custom_L4_D128_H4
+  --degradation-prob 0.2 --correction-training --correction-top-k 50)
 
 mkdir -p "$OUT"
 T0=$(date +%s)
@@ -75,11 +82,7 @@ TP=$(date +%s)
 # 1. Tokenizer (official defaults otherwise: Adam betas 0.9/0.95, LR scaled by batch/256,
 #    warmup 5% then cosine to 0.1x, grad clip 1.0, L2 reconstruction + VQ/commit(0.25)).
 $PY -m detailflow_ref.train_tokenizer \
-  --results-dir "$OUT/tokenizer" --data fashion-mnist --device "$DEVICE" --mixed-precision "$MP" \
-  --image-size 32 --encoder-patch-size 4 --decoder-patch-size 4 --num-latent-tokens 32 \
-  --group-size 4 --codebook-size 1024 --codebook-embed-dim 8 \
-  --encoder-model siglip2_custom_L4_D128_H4 --decoder-model siglip2_custom_L4_D128_H4 \
-  --degradation-prob 0.2 --correction-training --correction-top-k 50 "${PERCEPTUAL_ARGS[@]}" "${CPU_ARGS[@]}" \
+  --results-dir "$OUT/tokenizer" "${TOK_ARGS[@]}" "${PERCEPTUAL_ARGS[@]}" "${CPU_ARGS[@]}" \
   --lr 3e-4 --global-batch-size "$TOK_BATCH" --max-steps "$TOK_STEPS" \
   --log-every "$(every "$TOK_STEPS" 60)" --vis-every "$(every "$TOK_STEPS" 3)" --global-seed 0
 T1=$(date +%s)
@@ -109,11 +112,7 @@ SHIP_TOKENIZER="$OUT/tokenizer"
 if [ "$GAN_WEIGHT" != 0 ] && [ "$GAN_WEIGHT" != 0.0 ]; then
   GAN_STEPS=${GAN_STEPS:-$(scale 1000)}
   $PY -m detailflow_ref.train_tokenizer --init-from "$OUT/tokenizer" --train-decoder-only \
-    --results-dir "$OUT/tokenizer_gan" --data fashion-mnist --device "$DEVICE" --mixed-precision "$MP" \
-    --image-size 32 --encoder-patch-size 4 --decoder-patch-size 4 --num-latent-tokens 32 \
-    --group-size 4 --codebook-size 1024 --codebook-embed-dim 8 \
-    --encoder-model siglip2_custom_L4_D128_H4 --decoder-model siglip2_custom_L4_D128_H4 \
-    --degradation-prob 0.2 --correction-training --correction-top-k 50 "${PERCEPTUAL_ARGS[@]}" "${CPU_ARGS[@]}" \
+    --results-dir "$OUT/tokenizer_gan" "${TOK_ARGS[@]}" "${PERCEPTUAL_ARGS[@]}" "${CPU_ARGS[@]}" \
     --disc-weight "$GAN_WEIGHT" --disc-start 0 \
     --lr 1e-4 --global-batch-size "$TOK_BATCH" --max-steps "$GAN_STEPS" \
     --log-every "$(every "$GAN_STEPS" 60)" --vis-every "$(every "$GAN_STEPS" 3)" --global-seed 1
