@@ -409,6 +409,24 @@ def test_decoder_finetune_keeps_codes_and_lowers_loss(tmp_path, trained_tokenize
     assert moved and all(k.startswith(tt.DECODER_SIDE) for k in moved), sorted(moved)[:5]
 
 
+def test_init_from_keeps_a_trained_discriminator(tmp_path):
+    gan = ("--disc-weight", "0.05", "--disc-start", "0")
+    src = tt.train(tok_args(tmp_path / "gan", "--max-steps", "2", *gan))
+    want = src.disc.state_dict()
+    assert len(src.optimizer_disc.state_dict()["state"]) > 0
+    warm = tt.TokenizerTrainer(tok_args(tmp_path / "warm", "--init-from", str(tmp_path / "gan"), *gan))
+    warm.prepare_folder()
+    assert warm.steps == 0 and all(torch.equal(v, want[k]) for k, v in warm.disc.state_dict().items())
+    assert len(warm.optimizer_disc.state_dict()["state"]) == len(src.optimizer_disc.state_dict()["state"])
+    fresh = tt.TokenizerTrainer(tok_args(tmp_path / "plain", "--init-from", str(tmp_path / "gan")))
+    fresh.prepare_folder()  # no discriminator in this run: only the model weights are taken
+    assert fresh.disc is None
+    other = tt.TokenizerTrainer(tok_args(tmp_path / "other", "--init-from", str(tmp_path / "gan"), *gan,
+                                         "--disc-dim", "32"))
+    with pytest.raises(ValueError, match="discriminator does not match"):
+        other.prepare_folder()
+
+
 def test_init_from_rejects_mismatched_or_missing_weights(tmp_path, trained_tokenizer):
     src, _ = trained_tokenizer
     other = tt.TokenizerTrainer(tok_args(tmp_path / "a", "--codebook-size", "32", "--init-from", str(src)))

@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--write-state-hash", action="store_true", help="write state_hash_rank<R>.txt at the end (DDP checks)")
     g.add_argument("--init-from", default=None,
                    help="start from the weights of this training checkpoint (.pt) or run folder (its newest "
-                        "checkpoint), with a fresh optimizer and step 0; the model flags must match it")
+                        "checkpoint), with a fresh optimizer and step 0; the model flags must match it. "
+                        "Its discriminator, if any, is kept when this run has one")
     g.add_argument("--train-decoder-only", action="store_true",
                    help="freeze the encoder, codebook and self-correction path: only the decoder and "
                         "post_quant_conv learn, so the codes (and a prior trained on them) stay valid")
@@ -585,7 +586,8 @@ class TokenizerTrainer:
         ckpt_path = tc.latest_checkpoint(path) if path.is_dir() else path
         if ckpt_path is None or not ckpt_path.is_file():
             raise FileNotFoundError(f"--init-from {path}: no training checkpoint there")
-        state = tc.load_training_checkpoint(ckpt_path).get("model")
+        ckpt = tc.load_training_checkpoint(ckpt_path)
+        state = ckpt.get("model")
         if not isinstance(state, dict):
             raise ValueError(f"--init-from {ckpt_path}: not a tokenizer training checkpoint (no 'model' state)")
         try:
@@ -594,6 +596,16 @@ class TokenizerTrainer:
             raise ValueError(f"--init-from {ckpt_path} does not match the model flags of this run: {exc}") from None
         if self.ema is not None:
             self.ema.load_state_dict(state, strict=True)
+        if self.disc is not None and "discriminator" in ckpt:
+            # A GAN run warm-started from a GAN run keeps the trained discriminator and its Adam
+            # state: a fresh one judges poorly for hundreds of steps, and meanwhile the L2 and
+            # perceptual terms pull the decoder back towards blur.
+            try:
+                self.disc.load_state_dict(ckpt["discriminator"], strict=True)
+            except RuntimeError as exc:
+                raise ValueError(f"--init-from {ckpt_path}: its discriminator does not match --disc-dim / "
+                                 f"--disc-layers of this run: {exc}") from None
+            self.optimizer_disc.load_state_dict(ckpt["optimizer_disc"])
 
     def load_state(self, path: Path) -> None:
         ckpt = tc.load_training_checkpoint(path)
