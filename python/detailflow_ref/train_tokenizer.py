@@ -596,16 +596,21 @@ class TokenizerTrainer:
             raise ValueError(f"--init-from {ckpt_path} does not match the model flags of this run: {exc}") from None
         if self.ema is not None:
             self.ema.load_state_dict(state, strict=True)
-        if self.disc is not None and "discriminator" in ckpt:
-            # A GAN run warm-started from a GAN run keeps the trained discriminator and its Adam
-            # state: a fresh one judges poorly for hundreds of steps, and meanwhile the L2 and
-            # perceptual terms pull the decoder back towards blur.
-            try:
-                self.disc.load_state_dict(ckpt["discriminator"], strict=True)
-            except RuntimeError as exc:
-                raise ValueError(f"--init-from {ckpt_path}: its discriminator does not match --disc-dim / "
-                                 f"--disc-layers of this run: {exc}") from None
-            self.optimizer_disc.load_state_dict(ckpt["optimizer_disc"])
+        # A GAN run warm-started from a GAN run keeps the trained discriminator and its Adam
+        # state: a fresh one judges poorly for hundreds of steps, and meanwhile the L2 and
+        # perceptual terms pull the decoder back towards blur.
+        self.load_discriminator(ckpt, f"--init-from {ckpt_path}")
+
+    def load_discriminator(self, ckpt: dict, where: str) -> None:
+        """The discriminator and its optimizer from a training checkpoint, when both sides have one."""
+        if self.disc is None or "discriminator" not in ckpt:
+            return
+        try:
+            self.disc.load_state_dict(ckpt["discriminator"], strict=True)
+        except RuntimeError as exc:
+            raise ValueError(f"{where}: its discriminator does not match --disc-dim / --disc-layers of this run: "
+                             f"{exc}") from None
+        self.optimizer_disc.load_state_dict(ckpt["optimizer_disc"])
 
     def load_state(self, path: Path) -> None:
         ckpt = tc.load_training_checkpoint(path)
@@ -613,9 +618,7 @@ class TokenizerTrainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.ema is not None:
             self.ema.load_state_dict(ckpt.get("ema", ckpt["model"]), strict=True)
-        if self.disc is not None and "discriminator" in ckpt:
-            self.disc.load_state_dict(ckpt["discriminator"])
-            self.optimizer_disc.load_state_dict(ckpt["optimizer_disc"])
+        self.load_discriminator(ckpt, f"--resume {path}")
         self.steps = int(ckpt["steps"])
         torch.manual_seed(self.args.global_seed * 7919 + self.steps * self.info.world_size + self.info.rank)
 
