@@ -362,6 +362,36 @@ def test_prior_resume_continues_step_count(tmp_path, codes_file):
     assert steps == [1, 2, 3, 4]
 
 
+def test_prior_init_from_takes_weights_for_longer_codes(tmp_path, codes_file):
+    """--init-from: another run's weights and EMA at step 0 with a fresh optimizer, also when the
+    new codes hold more tokens (a tokenizer grown from 16 to 32 tokens); other vocabularies are refused."""
+    src = tmp_path / "src"
+    source = tp.train(prior_args(src, codes_file, "--max-steps", "2", "--vis-every", "0", *FAST_LR))
+    longer = ec.load_codes(codes_file)
+    longer["codes"] = np.concatenate([longer["codes"], longer["codes"]], axis=2)  # (n, 2, 32, 3)
+    longer["config"] = dict(longer["config"], num_latent_tokens=32, ar_token_num=32)
+    warm = tp.PriorTrainer(prior_args(tmp_path / "warm", codes_file, "--init-from", str(src), *FAST_LR),
+                           codes=longer)
+    warm.prepare_folder()
+    assert warm.config.block_size == 32 and warm.steps == 0 and not warm.optimizer.state
+    for mine, theirs in ((warm.model, source.model), (warm.ema, source.ema)):
+        for (name, a), b in zip(mine.state_dict().items(), theirs.state_dict().values()):
+            assert torch.equal(a, b), name
+    assert not torch.equal(warm.ema.output.weight, warm.model.output.weight)  # EMA taken as EMA
+    torch.manual_seed(0)
+    batch = warm.batch(warm.codes[:8], warm.labels[:8])
+    assert math.isfinite(float(warm.train_step(*batch)["loss"]))
+
+    other_vocab = dict(longer, config=dict(longer["config"], codebook_size=128))
+    mismatched = tp.PriorTrainer(prior_args(tmp_path / "other", codes_file, "--init-from", str(src)),
+                                 codes=other_vocab)
+    with pytest.raises(ValueError, match="does not match the model flags"):
+        mismatched.prepare_folder()
+    missing = tp.PriorTrainer(prior_args(tmp_path / "none", codes_file, "--init-from", str(tmp_path / "nothing")))
+    with pytest.raises(FileNotFoundError, match="no training checkpoint"):
+        missing.prepare_folder()
+
+
 def test_tokenizer_resume_continues_step_count(tmp_path):
     folder = tmp_path / "tok"
     tt.train(tok_args(folder, "--max-steps", "1"))

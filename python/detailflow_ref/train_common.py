@@ -328,6 +328,26 @@ def load_training_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def load_init_checkpoint(path: Path) -> tuple[Path, dict]:
+    """--init-from: a training checkpoint (.pt) or a run folder's newest one, which must hold a 'model' state."""
+    path = Path(path)
+    ckpt_path = latest_checkpoint(path) if path.is_dir() else path
+    if ckpt_path is None or not ckpt_path.is_file():
+        raise FileNotFoundError(f"--init-from {path}: no training checkpoint there")
+    ckpt = load_training_checkpoint(ckpt_path)
+    if not isinstance(ckpt.get("model"), dict):
+        raise ValueError(f"--init-from {ckpt_path}: not a training checkpoint (no 'model' state)")
+    return ckpt_path, ckpt
+
+
+def load_init_weights(module: torch.nn.Module, state: dict, ckpt_path: Path) -> None:
+    """Strict load of --init-from weights, with an error that says which run they came from."""
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"--init-from {ckpt_path} does not match the model flags of this run: {exc}") from None
+
+
 def prepare_results_dir(folder: Path, resume: bool, overwrite: bool) -> Optional[Path]:
     """Checks before training: returns the checkpoint to resume from (or None).
 

@@ -95,6 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--results-dir", required=True)
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --results-dir")
     g.add_argument("--overwrite", action="store_true")
+    g.add_argument("--init-from", default=None,
+                   help="start from the weights (and EMA) of this prior training checkpoint (.pt) or run folder "
+                        "(its newest checkpoint), with a fresh optimizer, schedule and step 0; the model flags, "
+                        "vocabulary and classes must match it, the token count may differ (new codes, e.g. of a "
+                        "tokenizer with more tokens: the 2D rotary table is rebuilt for this run's block size)")
     g.add_argument("--device", default="auto")
     g.add_argument("--mixed-precision", default="bf16", choices=["none", "bf16"], help="autocast dtype on CUDA (CPU runs fp32)")
     g.add_argument("--cpu-bf16", action="store_true", help=tc.CPU_BF16_HELP)
@@ -242,6 +247,15 @@ class PriorTrainer:
         self.info.barrier()
         if resume_from is not None:
             self.load_state(resume_from)
+        elif a.init_from:
+            self.load_init_weights(Path(a.init_from))
+
+    def load_init_weights(self, path: Path) -> None:
+        """--init-from: model and EMA weights of another run; optimizer, schedule and step start afresh."""
+        ckpt_path, ckpt = tc.load_init_checkpoint(path)
+        tc.load_init_weights(self.model, ckpt["model"], ckpt_path)
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt.get("ema", ckpt["model"]), strict=True)
 
     def load_state(self, path: Path) -> None:
         ckpt = tc.load_training_checkpoint(path)

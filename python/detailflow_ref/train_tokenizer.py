@@ -583,19 +583,10 @@ class TokenizerTrainer:
 
     def load_init_weights(self, path: Path) -> None:
         """--init-from: model weights (and EMA, from the same weights) of another run; step 0."""
-        ckpt_path = tc.latest_checkpoint(path) if path.is_dir() else path
-        if ckpt_path is None or not ckpt_path.is_file():
-            raise FileNotFoundError(f"--init-from {path}: no training checkpoint there")
-        ckpt = tc.load_training_checkpoint(ckpt_path)
-        state = ckpt.get("model")
-        if not isinstance(state, dict):
-            raise ValueError(f"--init-from {ckpt_path}: not a tokenizer training checkpoint (no 'model' state)")
-        try:
-            self.vq.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            raise ValueError(f"--init-from {ckpt_path} does not match the model flags of this run: {exc}") from None
+        ckpt_path, ckpt = tc.load_init_checkpoint(path)
+        tc.load_init_weights(self.vq, ckpt["model"], ckpt_path)
         if self.ema is not None:
-            self.ema.load_state_dict(state, strict=True)
+            self.ema.load_state_dict(ckpt["model"], strict=True)
         # A GAN run warm-started from a GAN run keeps the trained discriminator and its Adam
         # state: a fresh one judges poorly for hundreds of steps, and meanwhile the L2 and
         # perceptual terms pull the decoder back towards blur.
