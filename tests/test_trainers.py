@@ -467,6 +467,32 @@ def test_init_from_rejects_mismatched_or_missing_weights(tmp_path, trained_token
         missing.prepare_folder()
 
 
+def test_init_from_grows_latent_tokens(tmp_path, trained_tokenizer):
+    """--grow-latent-tokens: 16 -> 32 tokens; old rows kept, new rows noisy copies of the late half."""
+    src, source = trained_tokenizer
+    args = ("--num-latent-tokens", "32", "--init-from", str(src))
+    plain = tt.TokenizerTrainer(tok_args(tmp_path / "plain", *args))
+    with pytest.raises(ValueError, match="does not match the model flags"):
+        plain.prepare_folder()
+    grown = tt.TokenizerTrainer(tok_args(tmp_path / "grown", *args, "--grow-latent-tokens"))
+    grown.prepare_folder()
+    old, new = source.vq.state_dict(), grown.vq.state_dict()
+    for key, value in new.items():
+        if key not in tt.LATENT_TOKEN_KEYS:
+            assert torch.equal(value, old[key]), key
+            continue
+        assert value.shape[1] == 32 and torch.equal(value[:, :16], old[key]), key
+        copies = old[key][:, 8:16].repeat_interleave(2, dim=1)
+        gap = (value[:, 16:] - copies).abs()
+        assert 0 < gap.max() < 0.6 * copies.std(), key  # noise of 0.1 std: under 6 sigma
+    torch.manual_seed(0)
+    assert math.isfinite(float(grown.train_step(fixed_images(2))["loss"]))
+    small = tt.TokenizerTrainer(tok_args(tmp_path / "small", "--num-latent-tokens", "8", "--init-from", str(src),
+                                         "--grow-latent-tokens"))
+    with pytest.raises(ValueError, match="more than this run's 8"):
+        small.prepare_folder()
+
+
 def test_fmnist_perceptual_net(tmp_path, monkeypatch):
     from detailflow_engine.classifier import DEFAULT_CLASSIFIER, FashionCNN
     from detailflow_ref import fmnist_perceptual as fp

@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from the weights of this training checkpoint (.pt) or run folder (its newest "
                         "checkpoint), with a fresh optimizer and step 0; the model flags must match it. "
                         "Its discriminator, if any, is kept when this run has one")
+    g.add_argument("--grow-latent-tokens", action="store_true",
+                   help="with --init-from a run with fewer latent tokens: its tokens keep their positions and "
+                        "the new ones start as noisy copies of its second half (more capacity without "
+                        "training from scratch; every code changes, so extract codes and train the prior again)")
     g.add_argument("--train-decoder-only", action="store_true",
                    help="freeze the encoder, codebook and self-correction path: only the decoder and "
                         "post_quant_conv learn, so the codes (and a prior trained on them) stay valid")
@@ -512,6 +516,34 @@ def image_batches(args, info: tc.DistInfo, local_batch: int, start_step: int):
 # --------------------------------------------------------------------------- trainer
 
 
+# Parameters with one row per latent token, (1, T, width).
+LATENT_TOKEN_KEYS = ("encoder.latent_pos_embed", "encoder.latent_tokens", "encoder.refined_tokens",
+                     "decoder.latent_pos_embed")
+
+
+@torch.no_grad()
+def grow_latent_tokens(state: dict, num_tokens: int, where: str, seed: int = 0) -> dict:
+    """A tokenizer state with T latent tokens grown to ``num_tokens``: positions 0..T-1 keep theirs, and
+    new position T+j starts as a copy of source token T//2 + j*(T - T//2)//(num_tokens - T) (the late,
+    fine-detail half, each used equally often) plus N(0, (0.1 std)^2) noise that breaks the symmetry."""
+    gen = torch.Generator().manual_seed(seed)
+    out = dict(state)
+    for key in LATENT_TOKEN_KEYS:
+        if key not in state:
+            continue
+        v = state[key]
+        old = v.shape[1]
+        if old > num_tokens:
+            raise ValueError(f"{where}: {key} has {old} latent tokens, more than this run's {num_tokens}")
+        if old == num_tokens:
+            continue
+        src = [old // 2 + j * (old - old // 2) // (num_tokens - old) for j in range(num_tokens - old)]
+        new = v[:, src]
+        new = new + 0.1 * new.std() * torch.randn(new.shape, generator=gen)
+        out[key] = torch.cat([v, new.to(v.dtype)], dim=1)
+    return out
+
+
 class TokenizerTrainer:
     """Holds the model, optimizer(s) and state of one tokenizer training run.
 
@@ -584,9 +616,12 @@ class TokenizerTrainer:
     def load_init_weights(self, path: Path) -> None:
         """--init-from: model weights (and EMA, from the same weights) of another run; step 0."""
         ckpt_path, ckpt = tc.load_init_checkpoint(path)
-        tc.load_init_weights(self.vq, ckpt["model"], ckpt_path)
+        state = ckpt["model"]
+        if self.args.grow_latent_tokens:
+            state = grow_latent_tokens(state, self.vq.config.num_latent_tokens, f"--init-from {ckpt_path}")
+        tc.load_init_weights(self.vq, state, ckpt_path)
         if self.ema is not None:
-            self.ema.load_state_dict(ckpt["model"], strict=True)
+            self.ema.load_state_dict(state, strict=True)
         # A GAN run warm-started from a GAN run keeps the trained discriminator and its Adam
         # state: a fresh one judges poorly for hundreds of steps, and meanwhile the L2 and
         # perceptual terms pull the decoder back towards blur.
