@@ -8,7 +8,7 @@
 #   DEVICE=cpu STEPS_SCALE=0.002 TOK_BATCH=16 PRIOR_BATCH=16 EXTRACT_LIMIT=256 PERCEPTUAL_EPOCHS=1 \
 #       scripts/train_default_model.sh /tmp/df-smoke           # CPU smoke test (CPU_BF16=1: see README)
 #
-# Model: 32x32 images, patch 4 (8x8 grid), 32 latent tokens, group_size 4 (causal_num 4),
+# Model: 32x32 images, patch 4 (8x8 grid), NUM_TOKENS latent tokens (default 64), group_size 4 (causal_num 4),
 # codebook 1024 x 8 (L2-normalized), encoder/decoder siglip2_custom_L4_D128_H4 trained from
 # scratch (resolution degradation p=0.2, self-correction on); prior GPT-custom-L6-D256-H8
 # (10 classes + null class, class dropout 0.1, correction_prob 0.3, EMA).
@@ -61,7 +61,7 @@ PERCEPTUAL_WEIGHT=${PERCEPTUAL_WEIGHT:-4.0}
 PERCEPTUAL_ARGS=()
 # The tokenizer's model and training flags, shared by stages 1-3 (--init-from refuses a mismatch).
 TOK_ARGS=(--data fashion-mnist --device "$DEVICE" --mixed-precision "$MP"
-  --image-size 32 --encoder-patch-size 4 --decoder-patch-size 4 --num-latent-tokens 32
+  --image-size 32 --encoder-patch-size 4 --decoder-patch-size 4 --num-latent-tokens "${NUM_TOKENS:-64}"
   --group-size 4 --codebook-size 1024 --codebook-embed-dim 8
   --encoder-model siglip2_custom_L4_D128_H4 --decoder-model siglip2_custom_L4_D128_H4
   --degradation-prob 0.2 --correction-training --correction-top-k 50)

@@ -98,9 +98,9 @@ def test_default_model_and_python_m(images, tmp_path):
         pytest.skip(str(e))
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "detailflow_engine.reconstruct", str(images[1]), "--device", "cpu",
-                           "--tokens", "4,32", "--out", str(out)], capture_output=True, text=True, timeout=120)
+                           "--tokens", "4,64", "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert load(out / "ramp_strip.png").shape == (32, 64, 3)  # default model: 32 px at 32 tokens
+    assert load(out / "ramp_strip.png").shape == (32, 64, 3)  # default model: 32 px at 64 tokens
 
 
 def test_bad_input_exits_2(tiny_a, images, tmp_path, capsys):
