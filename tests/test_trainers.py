@@ -405,11 +405,12 @@ def test_tokenizer_resume_continues_step_count(tmp_path):
 def test_decoder_finetune_keeps_codes_and_lowers_loss(tmp_path, trained_tokenizer, gan):
     """--init-from + --train-decoder-only: step 0 from another run's weights; only the decoder side
     moves, so clean and self-correction codes are unchanged while the reconstruction loss drops
-    (also with the PatchGAN on: the default model's last stage)."""
+    (also with the PatchGAN on: the default model's last stages), in the weights and in their EMA."""
     src, _ = trained_tokenizer
     gan_args = ("--disc-weight", "0.05", "--disc-start", "0") if gan else ()
     trainer = tt.TokenizerTrainer(tok_args(tmp_path / "ft", *FAST_LR, "--no-scale-lr", "--init-from", str(src),
-                                           "--train-decoder-only", "--max-steps", "8", *gan_args))
+                                           "--train-decoder-only", "--max-steps", "8", "--ema",
+                                           "--ema-decay", "0.9", *gan_args))
     trainer.prepare_folder()
     start = {k: v.clone() for k, v in trainer.vq.state_dict().items()}
     want = tc.load_training_checkpoint(tc.latest_checkpoint(src))["model"]
@@ -437,6 +438,9 @@ def test_decoder_finetune_keeps_codes_and_lowers_loss(tmp_path, trained_tokenize
     end = trainer.vq.state_dict()
     moved = {k for k in start if k != "quantize.codebook_used" and not torch.equal(start[k], end[k])}
     assert moved and all(k.startswith(tt.DECODER_SIDE) for k in moved), sorted(moved)[:5]
+    ema = trainer.ema.state_dict()  # frozen weights exact in the EMA too (0.9 x + 0.1 x is not x)
+    ema_moved = {k for k in start if k != "quantize.codebook_used" and not torch.equal(start[k], ema[k])}
+    assert ema_moved and all(k.startswith(tt.DECODER_SIDE) for k in ema_moved), sorted(ema_moved)[:5]
 
 
 def test_init_from_keeps_a_trained_discriminator(tmp_path):

@@ -162,11 +162,18 @@ def autocast(device: torch.device, mixed_precision: str, cpu_bf16: bool = False)
 
 @torch.no_grad()
 def update_ema(ema_model: nn.Module, model: nn.Module, decay: float = 0.9999) -> None:
-    """Official utils/ema.py: ema = decay * ema + (1 - decay) * param, parameters only (not buffers)."""
+    """Official utils/ema.py: ema = decay * ema + (1 - decay) * param, parameters only (not buffers).
+
+    Only parameters that train are averaged: a frozen one (e.g. the encoder and codebook under
+    ``--train-decoder-only``) keeps its value bit for bit, where decay * x + (1 - decay) * x would
+    drift by rounding (~15% of fp32 elements after 100 steps) and move the EMA's codes.
+    """
     ema_params = OrderedDict(ema_model.named_parameters())
-    names = [name for name, _ in model.named_parameters()]
-    targets = [ema_params[name] for name in names]
-    sources = [param.data for _, param in model.named_parameters()]
+    trained = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    if not trained:
+        return
+    targets = [ema_params[name] for name, _ in trained]
+    sources = [param.data for _, param in trained]
     # the per-tensor ema.mul_(decay).add_(param, alpha=1 - decay), batched into two launches
     torch._foreach_mul_(targets, decay)
     torch._foreach_add_(targets, sources, alpha=1 - decay)
