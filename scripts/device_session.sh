@@ -15,8 +15,8 @@ if [ "$TRAIN" = 1 ]; then
   (
     set -e
     DEVICE=cuda PYTHON=python3 bash scripts/train_default_model.sh /tmp/run
-    TOK=/tmp/run/tokenizer; [ -d /tmp/run/tokenizer_gan ] && TOK=/tmp/run/tokenizer_gan
-    python3 -m detailflow_engine.convert $TOK /tmp/model/tokenizer --kind tokenizer --dtype fp16
+    python3 -m detailflow_engine.convert "$(cat /tmp/run/ship_tokenizer.txt)" /tmp/model/tokenizer --kind tokenizer \
+      "$(cat /tmp/run/ship_tokenizer_ema.txt)" --dtype fp16
     python3 -m detailflow_engine.convert /tmp/run/prior /tmp/model/prior --kind prior --dtype fp16
     cp /tmp/run/recipe.txt /tmp/run/timing.json /tmp/model/ 2>/dev/null || true
     tar -C /tmp --exclude='*.pt' --exclude='*.npz' -czf "$OUT/default_model.tgz" model run

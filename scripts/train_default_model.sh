@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Train the small embedded default DetailFlow model on Fashion-MNIST, end to end:
 #   perceptual feature net -> tokenizer -> PatchGAN stages (decoder, then whole tokenizer) -> code
-#   extraction -> prior, into OUT_DIR/{perceptual, tokenizer, tokenizer_gan_decoder, tokenizer_gan,
-#   codes.npz, prior}.
+#   extraction -> prior -> decoder polish (PatchGAN, EMA), into OUT_DIR/{perceptual, tokenizer,
+#   tokenizer_gan_decoder, tokenizer_gan, codes.npz, prior, tokenizer_polish}; the tokenizer to
+#   ship is named in OUT_DIR/ship_tokenizer.txt (convert it with the flag in ship_tokenizer_ema.txt).
 #
 #   DEVICE=cuda scripts/train_default_model.sh OUT_DIR        # the real recipe (one H200; see below)
 #   DEVICE=cpu STEPS_SCALE=0.002 TOK_BATCH=16 PRIOR_BATCH=16 EXTRACT_LIMIT=256 PERCEPTUAL_EPOCHS=1 \
@@ -27,7 +28,8 @@
 # Knobs (environment): DEVICE (cuda | cpu, default cuda if available), STEPS_SCALE (multiplies
 # both step counts, default 1), TOK_STEPS / PRIOR_STEPS (override the counts), TOK_BATCH /
 # PRIOR_BATCH, EXTRACT_LIMIT (encode only the first N training images), PERCEPTUAL_WEIGHT,
-# PERCEPTUAL_EPOCHS (default 5), GAN_WEIGHT / GAN_STEPS (stages 2-3, each; 0 skips them), CPU_BF16=1 (bf16
+# PERCEPTUAL_EPOCHS (default 5), GAN_WEIGHT / GAN_STEPS (stages 2-3, each; GAN_WEIGHT=0 skips 2, 3, 6),
+# POLISH_STEPS (stage 6; 0 skips it), CPU_BF16=1 (bf16
 # autocast on the CPU: AMX / AVX512-BF16 CPUs), PYTHON, DETAILFLOW_FASHION_MNIST (dataset folder).
 # Every stage refuses to overwrite existing outputs.
 set -euo pipefail
@@ -130,6 +132,26 @@ $PY -m detailflow_ref.train_prior \
   --log-every "$(every "$PRIOR_STEPS" 60)" --vis-every "$(every "$PRIOR_STEPS" 3)" --global-seed 0
 T4=$(date +%s)
 
-printf '{"perceptual_s": %d, "tokenizer_s": %d, "gan_decoder_s": %d, "gan_tokenizer_s": %d, "extract_s": %d, "prior_s": %d, "total_s": %d}\n' \
-  $((TP - T0)) $((T1 - TP)) $((TG - T1)) $((T2 - TG)) $((T3 - T2)) $((T4 - T3)) $((T4 - T0)) | tee "$OUT/timing.json"
-echo "done: tokenizer $SHIP_TOKENIZER, prior $OUT/prior (losses in */log.jsonl, grids in */samples/)"
+# 6. Decoder polish: the decoder alone on against the same PatchGAN, keeping an EMA of its weights
+#    (decay 0.999); the encoder, codebook and self-correction path stay frozen (bit-exact in the
+#    EMA too), so the prior of 5 stays valid. The EMA weights ship (convert --ema). POLISH_STEPS=0
+#    (or GAN_WEIGHT=0) skips it.
+POLISH_STEPS=${POLISH_STEPS:-$(scale 1000)}
+SHIP_EMA=--no-ema
+if [ "$GAN_WEIGHT" != 0 ] && [ "$GAN_WEIGHT" != 0.0 ] && [ "$POLISH_STEPS" != 0 ]; then
+  $PY -m detailflow_ref.train_tokenizer --init-from "$SHIP_TOKENIZER" --train-decoder-only \
+    --results-dir "$OUT/tokenizer_polish" "${TOK_ARGS[@]}" "${PERCEPTUAL_ARGS[@]}" "${CPU_ARGS[@]}" \
+    --disc-weight "$GAN_WEIGHT" --disc-start 0 --lr 2e-4 --global-batch-size "$TOK_BATCH" \
+    --max-steps "$POLISH_STEPS" --ema --ema-decay 0.999 \
+    --log-every "$(every "$POLISH_STEPS" 60)" --vis-every "$(every "$POLISH_STEPS" 3)" --global-seed 3
+  SHIP_TOKENIZER="$OUT/tokenizer_polish"
+  SHIP_EMA=--ema
+fi
+T5=$(date +%s)
+# What to ship, for scripts/device_session.sh and users: convert ship_tokenizer with ship_tokenizer_ema.
+echo "$SHIP_TOKENIZER" > "$OUT/ship_tokenizer.txt"
+echo "$SHIP_EMA" > "$OUT/ship_tokenizer_ema.txt"
+
+printf '{"perceptual_s": %d, "tokenizer_s": %d, "gan_decoder_s": %d, "gan_tokenizer_s": %d, "extract_s": %d, "prior_s": %d, "polish_s": %d, "total_s": %d}\n' \
+  $((TP - T0)) $((T1 - TP)) $((TG - T1)) $((T2 - TG)) $((T3 - T2)) $((T4 - T3)) $((T5 - T4)) $((T5 - T0)) | tee "$OUT/timing.json"
+echo "done: tokenizer $SHIP_TOKENIZER ($SHIP_EMA), prior $OUT/prior (losses in */log.jsonl, grids in */samples/)"
