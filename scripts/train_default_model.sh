@@ -8,7 +8,7 @@
 #   DEVICE=cuda scripts/train_default_model.sh OUT_DIR        # the real recipe (one H200; see below)
 #   DEVICE=cpu STEPS_SCALE=0.002 TOK_BATCH=16 PRIOR_BATCH=16 EXTRACT_LIMIT=256 PERCEPTUAL_EPOCHS=1 \
 #       scripts/train_default_model.sh /tmp/df-smoke           # CPU smoke test (with CPU_BF16=1 and
-#       PERCEPTUAL_WEIGHT=0 it ran in 97 s on 2 cores busy with training, session 6)
+#       PERCEPTUAL_WEIGHT=0 it ran in 32 s on 2 idle cores, session 7)
 #
 # Model: 32x32 images, patch 4 (8x8 grid), NUM_TOKENS latent tokens (default 64), group_size 4 (causal_num 4),
 # codebook 1024 x 8 (L2-normalized), encoder/decoder siglip2_custom_L4_D128_H4 trained from
