@@ -98,12 +98,16 @@ T1=$(date +%s)
 #    (--init-from carries it: a fresh one judged poorly for hundreds of steps). Sharper decodes
 #    lower the Frechet distance. GAN_WEIGHT=0 skips both and ships $OUT/tokenizer as is.
 GAN_WEIGHT=${GAN_WEIGHT:-0.05}
-SHIP_TOKENIZER="$OUT/tokenizer"
-if [ "$GAN_WEIGHT" != 0 ] && [ "$GAN_WEIGHT" != 0.0 ]; then
-  GAN_STEPS=${GAN_STEPS:-$(scale 1000)}
+GAN_ON=1; { [ "$GAN_WEIGHT" = 0 ] || [ "$GAN_WEIGHT" = 0.0 ]; } && GAN_ON=0
+# The flags of every PatchGAN stage (2, 3 and 6), for STEPS at LR, into GAN_ARGS.
+gan_args() {
   GAN_ARGS=("${TOK_ARGS[@]}" "${PERCEPTUAL_ARGS[@]}" "${CPU_ARGS[@]}" --disc-weight "$GAN_WEIGHT" --disc-start 0
-    --lr 1e-4 --global-batch-size "$TOK_BATCH" --max-steps "$GAN_STEPS"
-    --log-every "$(every "$GAN_STEPS" 60)" --vis-every "$(every "$GAN_STEPS" 3)")
+    --lr "$2" --global-batch-size "$TOK_BATCH" --max-steps "$1"
+    --log-every "$(every "$1" 60)" --vis-every "$(every "$1" 3)")
+}
+SHIP_TOKENIZER="$OUT/tokenizer"
+if [ "$GAN_ON" = 1 ]; then
+  gan_args "${GAN_STEPS:-$(scale 1000)}" 1e-4
   $PY -m detailflow_ref.train_tokenizer --init-from "$OUT/tokenizer" --train-decoder-only \
     --results-dir "$OUT/tokenizer_gan_decoder" "${GAN_ARGS[@]}" --global-seed 1
   TG=$(date +%s)
@@ -138,12 +142,10 @@ T4=$(date +%s)
 #    (or GAN_WEIGHT=0) skips it.
 POLISH_STEPS=${POLISH_STEPS:-$(scale 1000)}
 SHIP_EMA=--no-ema
-if [ "$GAN_WEIGHT" != 0 ] && [ "$GAN_WEIGHT" != 0.0 ] && [ "$POLISH_STEPS" != 0 ]; then
+if [ "$GAN_ON" = 1 ] && [ "$POLISH_STEPS" != 0 ]; then
+  gan_args "$POLISH_STEPS" 2e-4
   $PY -m detailflow_ref.train_tokenizer --init-from "$SHIP_TOKENIZER" --train-decoder-only \
-    --results-dir "$OUT/tokenizer_polish" "${TOK_ARGS[@]}" "${PERCEPTUAL_ARGS[@]}" "${CPU_ARGS[@]}" \
-    --disc-weight "$GAN_WEIGHT" --disc-start 0 --lr 2e-4 --global-batch-size "$TOK_BATCH" \
-    --max-steps "$POLISH_STEPS" --ema --ema-decay 0.999 \
-    --log-every "$(every "$POLISH_STEPS" 60)" --vis-every "$(every "$POLISH_STEPS" 3)" --global-seed 3
+    --results-dir "$OUT/tokenizer_polish" "${GAN_ARGS[@]}" --ema --ema-decay 0.999 --global-seed 3
   SHIP_TOKENIZER="$OUT/tokenizer_polish"
   SHIP_EMA=--ema
 fi
