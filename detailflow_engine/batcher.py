@@ -31,10 +31,17 @@ from detailflow_engine.prior import step_plan
 DEFAULT_SETTINGS = {"cfg_scale": 1.45, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
                     "gradual_cfg": False, "num_tokens": None}
 _INT64 = (-(2 ** 63), 2 ** 63 - 1)
+# The longest gathering wait: beyond a minute a request would rather time out than wait for
+# company, and threading.Condition.wait overflows on huge or infinite timeouts.
+MAX_WAIT_MS = 60_000.0
 
 
 class BatcherClosed(RuntimeError):
     """submit() after close(), or a request still queued when close(cancel_pending=True) ran."""
+
+
+class BatcherDied(RuntimeError):
+    """The worker thread died (a bug or a fatal error): every pending and later request fails with this."""
 
 
 @dataclass
@@ -88,12 +95,15 @@ class DetailFlowBatcher:
             raise ValueError("the batcher needs a pipeline with a tokenizer (it returns images)")
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
-        if not max_wait_ms >= 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
-        self.pipeline, self.max_batch, self.max_wait = pipeline, max_batch, max_wait_ms / 1000.0
+        if (isinstance(max_wait_ms, bool) or not isinstance(max_wait_ms, (int, float, np.integer, np.floating))
+                or not 0 <= max_wait_ms <= MAX_WAIT_MS):
+            raise ValueError(f"max_wait_ms must be a number in [0, {MAX_WAIT_MS:g}], got {max_wait_ms!r}")
+        self.pipeline, self.max_batch, self.max_wait = pipeline, max_batch, float(max_wait_ms) / 1000.0
         self._queue: List[_Request] = []
         self._cond = threading.Condition()
         self._closed = False
+        self._died: Optional[BaseException] = None  # set once, by the dying worker
+        self._in_flight: List[_Request] = []  # taken from the queue, not yet answered
         self.batches_run = 0  # statistics: batches run and images generated
         self.images_run = 0
         self._worker = threading.Thread(target=self._loop, name="DetailFlowBatcher", daemon=True)
@@ -122,6 +132,9 @@ class DetailFlowBatcher:
             return fut
         req = _Request(labs, seeds, key, fut)
         with self._cond:
+            if self._died is not None:
+                fut.set_exception(self._death_error())
+                return fut
             if self._closed:
                 fut.set_exception(BatcherClosed("the batcher is closed"))
                 return fut
@@ -169,9 +182,29 @@ class DetailFlowBatcher:
                 self._cond.wait(left)
             taken = self._queue
             self._queue = []
+            self._in_flight = list(taken)
             return taken
 
+    def _death_error(self) -> BatcherDied:
+        e = self._died
+        return BatcherDied(f"the batcher's worker thread died ({type(e).__name__}: {e}); "
+                           f"create a new DetailFlowBatcher")
+
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # noqa: BLE001 - whatever killed the worker, nobody may hang on it
+            with self._cond:
+                self._died = e
+                pending = self._in_flight + self._queue
+                self._in_flight, self._queue = [], []
+            for r in pending:
+                if not r.future.done():
+                    err = self._death_error()
+                    err.__cause__ = e  # the worker's own traceback stays reachable from every future
+                    r.future.set_exception(err)
+
+    def _serve(self) -> None:
         while True:
             reqs = self._take()
             if reqs is None:
@@ -220,4 +253,4 @@ class DetailFlowBatcher:
             k += n
 
 
-__all__ = ["DetailFlowBatcher", "BatcherClosed"]
+__all__ = ["DetailFlowBatcher", "BatcherClosed", "BatcherDied", "MAX_WAIT_MS"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from detailflow_engine import DetailFlowBatcher
-from detailflow_engine.batcher import BatcherClosed
+from detailflow_engine.batcher import BatcherClosed, BatcherDied
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -150,3 +150,29 @@ def test_constructor_checks(pipe):
     for kw in ({"max_batch": 0}, {"max_batch": 2.5}, {"max_wait_ms": -1}):
         with pytest.raises(ValueError):
             DetailFlowBatcher(pipe, **kw)
+    # an infinite or huge wait used to kill the worker (OverflowError in Condition.wait) and
+    # leave every request hanging: refused up front, naming the setting
+    for bad in (float("inf"), 1e16, float("nan"), "5", None, True):
+        with pytest.raises(ValueError, match="max_wait_ms"):
+            DetailFlowBatcher(pipe, max_wait_ms=bad)
+
+
+def test_worker_death_fails_pending_and_later_requests(pipe):
+    """If the worker thread dies, nobody waits forever: queued and later requests fail at once."""
+    batcher = DetailFlowBatcher(pipe, max_batch=4, max_wait_ms=50)
+
+    def boom(group):
+        raise SystemExit("simulated fatal error in the worker")
+
+    batcher._pack = boom  # the worker calls it after gathering
+    futs = [batcher.submit([1], seed=i) for i in range(3)]
+    for f in futs:
+        with pytest.raises(BatcherDied, match="worker thread died.*simulated fatal error"):
+            f.result(10)
+    batcher._worker.join(10)
+    assert not batcher._worker.is_alive()
+    t0 = time.monotonic()
+    with pytest.raises(BatcherDied):
+        batcher.submit([2], seed=0).result(10)
+    assert time.monotonic() - t0 < 1.0
+    batcher.close(timeout=5)

@@ -21,9 +21,11 @@
 // Inner loop (per thread, per group of NP panels, per tile of MT rows of x): MT x NP zmm
 // accumulators each hold 16 outputs of one row; per k: NP weight loads, MT broadcasts of
 // x[m, k], MT x NP FMAs; no horizontal sums. x is staged once per call (split across the
-// threads) transposed to (k, m), so the MT broadcasts of one k are adjacent. Sums run in
-// blocks of 64 k (accuracy: see kBlock). M > MT: the panel group is read again per row tile,
-// from cache; the last pass prefetches the next group from DRAM (see prefetch_ahead).
+// threads), tile by tile transposed to (k, r), so the MT broadcasts of one k are adjacent and
+// a tile's block is read front to back. Sums run in blocks of 64 k (accuracy: see kBlock).
+// M > MT: the panel group is read again per row tile, from cache; the last pass prefetches the
+// next group from DRAM (see prefetch_ahead). Large M runs in chunks of ~96 rows (plan_tiles).
+// Batch invariance: each output is one k-ordered chain whatever M, tiling or threads.
 // Variants, chosen at run time (__builtin_cpu_supports; the binary runs on any x86-64):
 //   - avx512-fp32       fp32 W: vfmadd231ps. x bf16 is widened to fp32 when staged (exact).
 //   - avx512-bf16-dot   bf16 W and bf16 x, CPU with avx512_bf16: vdpbf16ps on (W pair, x pair).
@@ -77,7 +79,7 @@ struct Job {
   const void* w;     // first panel of the group
   int64_t pstride;   // elements from one panel to the next
   const void* xs;    // staged x (float (k, m) or uint32 pairs (k2, m)), at this tile's first row
-  int64_t ldxs;      // = M: staged elements per k (or per pair of k)
+  int64_t ldxs;      // = the tile height R: staged elements per k (or per pair of k)
   int64_t ksteps;    // K (fp32 W), or ceil(K / 2) pairs (bf16 W)
   void* y;           // y at (first row of the tile, first column of the group)
   int64_t ldy;
@@ -100,24 +102,30 @@ inline float wfloat(int8_t v) { return static_cast<float>(v); }
 
 // ------------------------------------------------------------------ staging of x
 
-// xs[k * M + m] = float(x[m, k]) for k in [k0, k1); zero for k >= K (the bf16 pad column).
+// Staged x is tile-major: the R rows of tile t (rows [t R, t R + R)) are one contiguous block
+// of S k-steps x R values, so a micro-kernel reads its rows' values for one k side by side and
+// walks its block front to back (the hardware prefetcher follows it).
+// xs[(t S + k) R + r] = float(x[t R + r, k]) for k in [k0, k1); zero for k >= K (the bf16 pad).
 template <typename X>
-void stage_float(const X* x, int64_t M, int64_t K, int64_t ldx, float* xs, int64_t k0, int64_t k1) {
+void stage_float(const X* x, int64_t M, int64_t K, int64_t ldx, int64_t R, int64_t S, float* xs,
+                 int64_t k0, int64_t k1) {
   for (int64_t m = 0; m < M; ++m) {
     const X* row = x + m * ldx;
-    for (int64_t k = k0; k < k1; ++k) xs[k * M + m] = k < K ? to_float(row[k]) : 0.0f;
+    float* dst = xs + (m / R) * S * R + m % R;
+    for (int64_t k = k0; k < k1; ++k) dst[k * R] = k < K ? to_float(row[k]) : 0.0f;
   }
 }
 
-// xp[k2 * M + m] = bits(x[m, 2 k2]) | bits(x[m, 2 k2 + 1]) << 16, for k2 in [k0, k1).
-void stage_pairs(const bf16* x, int64_t M, int64_t K, int64_t ldx, uint32_t* xp, int64_t k0,
-                 int64_t k1) {
+// The same for bf16 pairs: xp[(t S + k2) R + r] = bits(x[m, 2 k2]) | bits(x[m, 2 k2 + 1]) << 16.
+void stage_pairs(const bf16* x, int64_t M, int64_t K, int64_t ldx, int64_t R, int64_t S, uint32_t* xp,
+                 int64_t k0, int64_t k1) {
   for (int64_t m = 0; m < M; ++m) {
     const bf16* row = x + m * ldx;
+    uint32_t* dst = xp + (m / R) * S * R + m % R;
     for (int64_t k2 = k0; k2 < k1; ++k2) {
       const uint32_t lo = row[2 * k2].bits;
       const uint32_t hi = 2 * k2 + 1 < K ? row[2 * k2 + 1].bits : 0u;
-      xp[k2 * M + m] = lo | (hi << 16);
+      dst[k2 * R] = lo | (hi << 16);
     }
   }
 }
@@ -125,14 +133,15 @@ void stage_pairs(const bf16* x, int64_t M, int64_t K, int64_t ldx, uint32_t* xp,
 // ------------------------------------------------------------------ portable loops
 
 template <typename Wt, typename Y>
-void portable_panel(const Wt* w, const float* xs, int64_t M, int64_t K, Y* y, int64_t ldy,
-                    int64_t ncols, const float* scale) {
+void portable_panel(const Wt* w, const float* xs, int64_t M, int64_t R, int64_t S, int64_t K, Y* y,
+                    int64_t ldy, int64_t ncols, const float* scale) {
   for (int64_t m = 0; m < M; ++m) {
+    const float* xm = xs + (m / R) * S * R + m % R;  // row m of the tile-major staging
     float total[kP] = {};
     for (int64_t k0 = 0; k0 < K; k0 += kBlock) {  // blocked sums, as the AVX-512 loops
       float acc[kP] = {};
       for (int64_t k = k0; k < std::min(K, k0 + kBlock); ++k) {
-        const float xv = xs[k * M + m];
+        const float xv = xm[k * R];
         // fp32: w[k * 16 + j]; bf16: pairs, w[(k / 2) * 32 + 2 j + k % 2]
         const Wt* wk = kIsBf16<Wt> ? w + (k / 2) * 2 * kP + (k % 2) : w + k * kP;
         const int64_t step = kIsBf16<Wt> ? 2 : 1;
@@ -423,13 +432,23 @@ Variant pick_variant() {
 struct Tiles {
   int np;
   int64_t count, rows;  // `count` tiles of `rows` rows (the last may be shorter)
+  int64_t chunk;        // tiles per chunk: a thread runs all its panels over one chunk, then the next
 };
 
 // Two panels per call always (each x broadcast feeds 2 FMAs; 2 streams for the prefetcher);
 // at most 12 rows a tile. M = 16 -> 2 tiles of 8, M = 64 -> 6 tiles of 11 (the last 9).
+// Large M is cut into chunks of ~kChunkRows rows so that a chunk's staged x stays in L2 while
+// every panel group of the thread's range passes over it (one chunk re-streams the weights:
+// >= 192 FMAs per weight, compute-bound). bf16, N = 3072, K = 1024, M = 3200, 2 threads: 202
+// GFLOP/s unchunked, see benchmarks/README.md for the chunked figure.
+// None of this changes a sum: every output is the same k-ordered chain (blocks of kBlock)
+// whatever M, the tiling, the chunking or the thread split, so a row's result never depends on
+// the other rows of the call (batch invariance; tests/ops/test_decode_gemm.py checks it).
+constexpr int64_t kChunkRows = 96;
 Tiles plan_tiles(int64_t M) {
   const int64_t count = (M + kMaxRows - 1) / kMaxRows;
-  return {2, count, (M + count - 1) / count};
+  const int64_t rows = (M + count - 1) / count;
+  return {2, count, rows, std::max<int64_t>(1, kChunkRows / rows)};
 }
 
 }  // namespace
@@ -456,10 +475,13 @@ void decode_gemm(const X* x, int64_t M, int64_t K, int64_t ldx, const Wt* packed
   const int64_t stage_steps = pairs ? Kp / 2 : Kp;  // staged k steps (pairs or single k)
   const int64_t ksteps = kIsBf16<Wt> ? Kp / 2 : Kp;
   const Tiles tiles = plan_tiles(M);
+  const int64_t R = tiles.rows;
 
-  // Staged x: float (Kp, M) or uint32 pairs (Kp / 2, M); 4 bytes per element either way.
+  // Staged x, tile-major (see stage_float): float (k, r) or uint32 pairs (k2, r) blocks of R
+  // rows; 4 bytes per element either way (a short last tile's missing rows are never read).
   thread_local std::vector<float> stage_buf;
-  if (stage_buf.size() < static_cast<size_t>(stage_steps * M)) stage_buf.resize(stage_steps * M);
+  const size_t stage_size = static_cast<size_t>(tiles.count * R * stage_steps);
+  if (stage_buf.size() < stage_size) stage_buf.resize(stage_size);
   float* xs = stage_buf.data();
 
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, panels)));
@@ -470,12 +492,12 @@ void decode_gemm(const X* x, int64_t M, int64_t K, int64_t ldx, const Wt* packed
       const int64_t k0 = stage_steps * t / T, k1 = stage_steps * (t + 1) / T;
       if constexpr (kIsBf16<X>) {
         if (pairs) {
-          stage_pairs(x, M, K, ldx, reinterpret_cast<uint32_t*>(xs), k0, k1);
+          stage_pairs(x, M, K, ldx, R, stage_steps, reinterpret_cast<uint32_t*>(xs), k0, k1);
         } else {
-          stage_float(x, M, K, ldx, xs, k0, k1);
+          stage_float(x, M, K, ldx, R, stage_steps, xs, k0, k1);
         }
       } else {
-        stage_float(x, M, K, ldx, xs, k0, k1);
+        stage_float(x, M, K, ldx, R, stage_steps, xs, k0, k1);
       }
     }
 #pragma omp barrier
@@ -483,32 +505,35 @@ void decode_gemm(const X* x, int64_t M, int64_t K, int64_t ldx, const Wt* packed
     const int64_t p0 = panels * t / T, p1 = panels * (t + 1) / T;
     if (variant == Variant::Portable) {
       for (int64_t p = p0; p < p1; ++p)
-        portable_panel(packed + p * pstride, xs, M, K, y + p * kP, ldy,
+        portable_panel(packed + p * pstride, xs, M, R, stage_steps, K, y + p * kP, ldy,
                        std::min<int64_t>(kP, N - p * kP), scales ? scales + p * kP : nullptr);
     } else {
 #if defined(__x86_64__)
-      for (int64_t p = p0; p < p1; p += tiles.np) {
-        const int np = static_cast<int>(std::min<int64_t>(tiles.np, p1 - p));
-        for (int64_t m0 = 0; m0 < M; m0 += tiles.rows) {
-          const int mt = static_cast<int>(std::min<int64_t>(tiles.rows, M - m0));
-          MicroFn fn;
-          if (variant == Variant::Fp32) {
-            fn = micro_for<Fp32Micro, X>(np, mt);
-          } else if (variant == Variant::Int8) {
-            fn = micro_for<Int8Micro, X>(np, mt);
-          } else if (variant == Variant::Bf16Dot) {
-            fn = micro_for<Bf16DotMicro, X>(np, mt);
-          } else {
-            fn = micro_for<Bf16WidenMicro, X>(np, mt);
+      for (int64_t c0 = 0; c0 < tiles.count; c0 += tiles.chunk) {
+        const int64_t c1 = std::min(tiles.count, c0 + tiles.chunk);
+        for (int64_t p = p0; p < p1; p += tiles.np) {
+          const int np = static_cast<int>(std::min<int64_t>(tiles.np, p1 - p));
+          for (int64_t ti = c0; ti < c1; ++ti) {
+            const int64_t m0 = ti * R;
+            const int mt = static_cast<int>(std::min<int64_t>(R, M - m0));
+            MicroFn fn;
+            if (variant == Variant::Fp32) {
+              fn = micro_for<Fp32Micro, X>(np, mt);
+            } else if (variant == Variant::Int8) {
+              fn = micro_for<Int8Micro, X>(np, mt);
+            } else if (variant == Variant::Bf16Dot) {
+              fn = micro_for<Bf16DotMicro, X>(np, mt);
+            } else {
+              fn = micro_for<Bf16WidenMicro, X>(np, mt);
+            }
+            const bool next_group = c1 - c0 > 1 && ti + 1 == c1;  // last of several passes
+            const float* tile_xs = xs + ti * R * stage_steps;
+            const Job job{packed + p * pstride, pstride, tile_xs, R, ksteps, y + m0 * ldy + p * kP, ldy,
+                          N - p * kP,
+                          next_group ? np * pstride * static_cast<int64_t>(sizeof(Wt)) : kPrefetchBytes,
+                          scales ? scales + p * kP : nullptr};
+            fn(job);
           }
-          const bool next_group = tiles.count > 1 && m0 + tiles.rows >= M;  // last of several passes
-          const Job job{packed + p * pstride, pstride,
-                        pairs ? static_cast<const void*>(reinterpret_cast<const uint32_t*>(xs) + m0)
-                              : static_cast<const void*>(xs + m0),
-                        M, ksteps, y + m0 * ldy + p * kP, ldy, N - p * kP,
-                        next_group ? np * pstride * static_cast<int64_t>(sizeof(Wt)) : kPrefetchBytes,
-                        scales ? scales + p * kP : nullptr};
-          fn(job);
         }
       }
 #endif

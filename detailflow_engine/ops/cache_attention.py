@@ -12,7 +12,6 @@ reference `cache_attention_ref`, which is also the test oracle.
 """
 from __future__ import annotations
 
-import functools
 import math
 import operator
 from typing import Optional, Tuple
@@ -190,26 +189,19 @@ _dispatch.register("cache_attention", "cpu", _cpu_impl, applies=_cpu_applies)
 _dispatch.register("cache_attention", "torch", _torch_impl)
 
 
-# CUDA: flash-decoding. Fewer (b, h, row tile) blocks than SMs -> split each head's keys across
-# blocks, aiming at ~2 blocks per SM with >= 64 keys per split (below that the second, combine
-# launch costs more than the shorter key loop saves), and combine the partials in a second kernel.
-# Worked example, H200 (132 SMs), batch 1 with CFG: B*H = 32 blocks, L = 129
-# -> min(ceil(264 / 32) = 9, ceil(129 / 64) = 3) = 3 splits; B = 64 (1024 blocks) -> 1 split.
-# Untuned (no GPU when written): revisit _MIN_KEYS_PER_SPLIT with the H200 benchmark.
-_MIN_KEYS_PER_SPLIT = 64
+# CUDA: flash-decoding. Each head's L keys are split into ceil(L / 64) ranges, one block each,
+# and a second kernel combines the partials in split order. The split count depends on L only,
+# never on the batch: a split changes the summation order, so a count chosen from B * H (to fill
+# the SMs, as flash-decoding usually does) would give a row other bits at another batch size.
+# DetailFlow-16 (L <= 129): 1 split for the first 64 keys, 2 up to 128, 3 for the last group.
+# Below 64 keys per split the combine launch costs more than the shorter key loop saves.
+# Untuned (no GPU when written): revisit _KEYS_PER_SPLIT with the H200 benchmark.
+_KEYS_PER_SPLIT = 64
 _MAX_SPLITS = 64
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
-def _num_splits(blocks: int, L: int, device: torch.device) -> int:
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    if blocks >= sms:
-        return 1
-    return max(1, min(-(-2 * sms // blocks), -(-L // _MIN_KEYS_PER_SPLIT), _MAX_SPLITS))
+def _num_splits(L: int) -> int:
+    return max(1, min(-(-L // _KEYS_PER_SPLIT), _MAX_SPLITS))
 
 
 def _cuda_impl(q, k_new, v_new, k_cache, v_cache, out, start_pos, scale, num_splits=None) -> None:
@@ -222,7 +214,7 @@ def _cuda_impl(q, k_new, v_new, k_cache, v_cache, out, start_pos, scale, num_spl
     L = start_pos + n_q
     dev = q.device
     if num_splits is None:
-        num_splits = _num_splits(B * H * -(-n_q // 8), L, dev)
+        num_splits = _num_splits(L)
     ext = _dispatch.extension()
     # the launched split count: same rounding as cache_attention_splits() in cache_attention_cuda.h
     ext_splits = max(1, min(int(num_splits), L))

@@ -435,3 +435,30 @@ def test_cuda_graph_capture_replay(B):
     torch.cuda.synchronize()
     assert (out.float() - ref.float()).abs().max().item() <= tolerance(dtype)[0]
     assert torch.equal(static[3], k_ref) and torch.equal(static[4], v_ref)
+
+
+def _rows_alone_vs_together(device, dtype, op=cache_attention):
+    """Batch invariance: each (b, h) row of a B = 40 call equals the same row in a B = 1 call."""
+    B, H, n_q, d, L_max, start_pos = 40, 4, 8, 64, 129, 113
+    g = torch.Generator(device=device).manual_seed(9)
+    q, k_new, v_new = (torch.randn(B, H, n_q, d, generator=g, device=device).to(dtype) for _ in range(3))
+    k_cache, v_cache = (torch.randn(B, H, L_max, d, generator=g, device=device).to(dtype) for _ in range(2))
+    together = op(q, k_new, v_new, k_cache.clone(), v_cache.clone(), start_pos)
+    for b in (0, 1, 17, 39):
+        sl = slice(b, b + 1)
+        alone = op(q[sl], k_new[sl], v_new[sl], k_cache[sl].clone(), v_cache[sl].clone(), start_pos)
+        assert torch.equal(alone[0], together[b]), f"row {b} differs alone and in a batch of {B}"
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_rows_do_not_depend_on_the_batch(dtype):
+    _rows_alone_vs_together("cpu", dtype)
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", CUDA_DTYPES, ids=CUDA_IDS)
+def test_cuda_rows_do_not_depend_on_the_batch(dtype):
+    """The split count depends on L only (B = 1 would take more splits if it followed the SMs)."""
+    _rows_alone_vs_together("cuda", dtype)

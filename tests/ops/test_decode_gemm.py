@@ -63,7 +63,8 @@ SHAPES = [
     pytest.param(16, 48, 64, id="M16-two-tiles"),
     pytest.param(33, 19, 33, id="M33-three-tiles"),
     pytest.param(64, 769, 19, id="M64-six-tiles"),
-    pytest.param(256, 33, 65, id="M256-crossover"),  # linear.MAX_ROWS sends up to 256 rows here
+    pytest.param(256, 33, 65, id="M256-chunks"),  # several ~96-row chunks of 11-row tiles
+    pytest.param(1000, 40, 130, id="M1000-chunks"),  # large batch: chunked, last tile short
     pytest.param(2, 3072, 1024, id="real-wqkv-M2"),
     pytest.param(16, 1024, 2816, id="real-w2-M16"),
     pytest.param(16, 8192, 1024, id="real-output-M16"),
@@ -141,15 +142,40 @@ def test_forced_backend(backend, monkeypatch):
     check(*make(16, 40, 66, BF16, BF16))
 
 
+# (x dtype, weight format): every inner loop of the CPU kernel (fp32, bf16 dot / widen, int8).
+INVARIANCE_MODES = [(F32, F32), (BF16, BF16), (F32, BF16), (F32, I8), (BF16, I8)]
+
+
+@needs_cpu_kernels
+@pytest.mark.parametrize("x_dtype,w_fmt", INVARIANCE_MODES, ids=["fp32", "bf16", "fp32-x-bf16-w", "int8", "bf16-x-int8"])
+def test_rows_do_not_depend_on_the_batch(x_dtype, w_fmt):
+    """Batch invariance: a row's output is the same bits alone, among 7, 193 or 1000 rows (the
+    tile, chunk and old F.linear-crossover boundaries), and with 1 or 2 threads."""
+    x, w = make(1000, 75, 131, x_dtype, F32 if w_fmt == I8 else w_fmt, seed=3)
+    packed = pack_int8(w) if w_fmt == I8 else pack_weight(w)
+    alone = torch.cat([decode_gemm(x[i:i + 1], packed) for i in range(0, 1000, 37)])
+    for M in (7, 13, 97, 193, 257, 1000):
+        y = decode_gemm(x[:M], packed)
+        rows = list(range(0, M, 37))
+        assert torch.equal(y[rows], alone[:len(rows)]), f"rows of an M={M} call differ from the same rows alone"
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = decode_gemm(x[:257], packed)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one_thread, decode_gemm(x[:257], packed)), "the result depends on the thread count"
+
+
 @needs_cpu_kernels
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 def test_decode_linear_swap(dtype):
-    """replace_linears keeps the state dict; few rows run the kernel, many rows F.linear
-    (exactly), and a changed weight is repacked."""
+    """replace_linears keeps the state dict; any row count runs the kernel (a row's result is
+    the same alone or among 300), and a changed weight is repacked."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(33, 40, bias=False), nn.Linear(40, 7, bias=True)).to(dtype)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    replace_linears(model, max_rows=8)
+    replace_linears(model)
     assert type(model[0]) is DecodeLinear and type(model[1]) is nn.Linear  # biased ones stay
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
@@ -158,8 +184,10 @@ def test_decode_linear_swap(dtype):
         check(x, model[0].weight.detach(), packed=model[0]._packed)
         y = model[0](x)
         assert (y.float() - F.linear(x, model[0].weight).float()).abs().max() <= 2 ** -6 * y.float().abs().max()
-        x_big = torch.randn(9, 33).to(dtype)  # 9 rows: F.linear
-        assert torch.equal(model[0](x_big), F.linear(x_big, model[0].weight))
+        x_big = torch.randn(300, 33).to(dtype)  # past the old F.linear crossover: still ours
+        y_big = model[0](x_big)
+        check(x_big, model[0].weight.detach(), packed=model[0]._packed)
+        assert all(torch.equal(model[0](x_big[i:i + 1])[0], y_big[i]) for i in (0, 7, 150, 299))
         model[0].weight.mul_(2)  # in place: the packed copy must follow
         torch.testing.assert_close(model[0](x), F.linear(x, model[0].weight), atol=1e-4, rtol=2e-2)
         model.load_state_dict(before)
@@ -275,13 +303,13 @@ def test_int8_packed_layout_and_strides(M, N, K):
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 def test_decode_linear_int8(dtype):
     """int8 DecodeLinear: Q + scales buffers in the state dict (scales stay fp32 across .to),
-    few rows on the int8 kernel, many rows on the torch path, both equal to the dequantized
-    product within the tolerance rule."""
+    few and many rows on the int8 kernel, equal to the dequantized product within the
+    tolerance rule."""
     torch.manual_seed(0)
     lin = nn.Linear(66, 40, bias=False)
     w32 = lin.weight.detach().clone()
     model = nn.Sequential(lin)
-    replace_linears(model, max_rows=8, weights="int8")
+    replace_linears(model, weights="int8")
     d = model[0]
     assert type(d) is DecodeLinear and d.weight.dtype == I8 and d.scales.dtype == F32
     assert set(model.state_dict()) == {"0.weight", "0.scales"}
@@ -291,7 +319,7 @@ def test_decode_linear_int8(dtype):
     q, s = quantize_int8(w32)
     assert torch.equal(d.weight, q) and torch.equal(d.scales, s)
     with torch.no_grad():
-        for rows in (8, 9):  # kernel, torch path
+        for rows in (8, 300):
             x = torch.randn(rows, 66).to(dtype)
             y = d(x)
             ref = decode_gemm_ref(x.float(), q, s)
