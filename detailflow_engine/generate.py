@@ -41,7 +41,8 @@ INT64_MAX = 2 ** 63 - 1
 # A manifest record's settings: an image depends on these (plus its class and seed), so --resume
 # requires them to match. device and batch size are recorded/ignored: they do not select the image.
 SETTING_KEYS = ("cfg_scale", "temperature", "top_k", "top_p", "gradual_cfg", "num_tokens",
-                "ckpt", "tokenizer", "ema", "dtype", "weights", "progressive")
+                "ckpt", "tokenizer", "ema", "dtype", "weights", "progressive",
+                "prior_sha256", "tokenizer_sha256")  # the weights as loaded, not just their folder
 
 
 class UsageError(Exception):
@@ -377,9 +378,9 @@ def _main(argv, dist: "Dist") -> int:
     except UsageError as e:
         error = str(e)
     dist.agree(error)
-    pipe, out, plan, settings, records, clean, size = prepared
+    pipe, out, plan, settings, records, clean, size, found = prepared
     try:
-        return _generate(args, pipe, out, plan, settings, records, clean, size, dist)
+        return _generate(args, pipe, out, plan, settings, records, clean, size, found, dist)
     except KeyboardInterrupt:
         print(f"\ninterrupted: the finished images are in {out}; rerun the same command with --resume "
               f"to finish", file=sys.stderr)
@@ -387,7 +388,8 @@ def _main(argv, dist: "Dist") -> int:
 
 
 def _prepare(args, device):
-    """All checks and the model, with nothing written: -> (pipe, out, plan, settings, records, clean, size)."""
+    """All checks and the model, with nothing written:
+    -> (pipe, out, plan, settings, records, clean, size, what --out held)."""
     class_list = parse_classes(args.classes)
     out = Path(args.out)
     check_out_writable(out)
@@ -410,11 +412,16 @@ def _prepare(args, device):
     settings = {"cfg_scale": args.cfg_scale, "temperature": args.temperature, "top_k": args.top_k,
                 "top_p": args.top_p, "gradual_cfg": args.gradual_cfg, "num_tokens": num_tokens,
                 "ckpt": str(prior_path), "tokenizer": str(tok_path), "ema": True, "dtype": args.dtype,
-                "weights": args.weights, "progressive": args.progressive}
+                "weights": args.weights, "progressive": args.progressive,
+                # a newer checkpoints/<N>.pt in the same folder is other weights: --resume must notice
+                "prior_sha256": outputs.weights_fingerprint(pipe.prior),
+                "tokenizer_sha256": outputs.weights_fingerprint(pipe.tokenizer)}
 
     # ---- what is in --out already (still nothing written)
     manifest_path = out / outputs.MANIFEST
     records, clean = [], True
+    names = [outputs.MANIFEST] + target_files(len(plan), args)
+    found = outputs.folder_state(out, names)
     if out.is_dir():
         if args.resume and manifest_path.exists():
             try:
@@ -422,17 +429,40 @@ def _prepare(args, device):
             except (outputs.ManifestError, OSError) as e:
                 raise UsageError(f"--resume: {_one_line(e)}; use --overwrite or a new --out") from None
             check_resume(out, records, settings, plan)
-        elif not args.resume and not args.overwrite:
-            present = [name for name in [outputs.MANIFEST] + target_files(len(plan), args)
-                       if (out / name).exists()]
+        elif not args.overwrite:
+            present = [name for name in names if (out / name).exists()]
+            if present and args.resume:  # no manifest: nothing here is provably this run's
+                raise UsageError(f"--resume: --out {out} has no {outputs.MANIFEST} but holds "
+                                 f"{_listing(present)}, which no run recorded: move them away, or use "
+                                 f"--overwrite or a new --out")
             if present:
-                more = f" and {len(present) - 3} more" if len(present) > 3 else ""
-                raise UsageError(f"--out {out} already holds {', '.join(present[:3])}{more}: use --resume to "
+                raise UsageError(f"--out {out} already holds {_listing(present)}: use --resume to "
                                  f"finish that run, --overwrite to replace it, or a new --out")
-    return pipe, out, plan, settings, records, clean, size
+    found = (names, found)  # what --out held: checked again under the folder lock
+    return pipe, out, plan, settings, records, clean, size, found
 
 
-def _generate(args, pipe, out: Path, plan, settings, records, clean, size, dist: "Dist") -> int:
+def _listing(names: List[str]) -> str:
+    more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+    return ", ".join(names[:3]) + more
+
+
+def _take_folder(out: Path, found):
+    """Lock --out for this run (one writer per folder), then make sure that it still holds what
+    the checks saw: another run may have written it while this one loaded and ran its first batch."""
+    try:
+        lock = outputs.FolderLock(out)
+    except outputs.FolderLocked as e:
+        raise UsageError(f"--out: {e}: wait for it to finish, or use another --out") from None
+    names, state = found
+    if outputs.folder_state(out, names) != state:
+        lock.release()
+        raise UsageError(f"--out {out} was changed by another run while this one was starting; "
+                         f"nothing was written: rerun (with --resume to finish that run) or use another --out")
+    return lock
+
+
+def _generate(args, pipe, out: Path, plan, settings, records, clean, size, found, dist: "Dist") -> int:
     from tqdm import tqdm
 
     from detailflow_engine.pipeline import to_uint8
@@ -468,9 +498,8 @@ def _generate(args, pipe, out: Path, plan, settings, records, clean, size, dist:
     # the device type, not cuda:<rank>: records do not depend on which rank made the image
     record_base = dict(settings, device=pipe.device.type, size=size)
     t0 = time.perf_counter()
-    bar = tqdm(total=len(plan), initial=len(done), unit="img", file=sys.stderr, desc="generate",
-               dynamic_ncols=True, disable=not lead)
-    manifest = None
+    bar = None  # shown once the run is under way: no bar above a setup error's one line
+    manifest = lock = None
     try:
         # The first batch runs before --out is touched: a model that cannot run here (an op
         # without a kernel for this device/dtype) fails with --out as it was.
@@ -481,16 +510,13 @@ def _generate(args, pipe, out: Path, plan, settings, records, clean, size, dist:
             except NotImplementedError as e:
                 error = (f"the model cannot run with --device {pipe.device.type} --dtype {args.dtype}: "
                          f"{_one_line(e)}")
-        try:
-            dist.agree(error)
-        except UsageError:
-            bar.leave = False  # erase the bar: the error is the one line left
-            raise
+        dist.agree(error)
 
         error = None
         if lead:  # set up --out while the other ranks wait at the next check point
             try:
                 out.mkdir(parents=True, exist_ok=True)
+                lock = _take_folder(out, found)
                 outputs.remove_stale_temps(out)
                 if args.overwrite:
                     _remove_previous_run(out, plan, args)
@@ -499,7 +525,11 @@ def _generate(args, pipe, out: Path, plan, settings, records, clean, size, dist:
                 manifest = outputs.ManifestAppender(manifest_path)
             except OSError as e:
                 error = f"cannot create --out {out}: {_one_line(e)}"
+            except UsageError as e:
+                error = str(e)
         dist.agree(error)
+        bar = tqdm(total=len(plan), initial=len(done), unit="img", file=sys.stderr, desc="generate",
+                   dynamic_ncols=True, disable=not lead)
 
         for k in range(rounds):
             finished = []
@@ -510,9 +540,9 @@ def _generate(args, pipe, out: Path, plan, settings, records, clean, size, dist:
                     rec = dict(record_base, file=outputs.image_name(i), index=i, seed=seed, **{"class": cls})
                     if args.progressive:
                         strip = outputs.progressive_strip([p[j] for p in previews], size)
-                        outputs.save_png(out / outputs.progressive_name(i), strip)
+                        _save_own(out / outputs.progressive_name(i), strip, args.overwrite)
                         rec["progressive_file"] = outputs.progressive_name(i)
-                    outputs.save_png(out / outputs.image_name(i), images[j])
+                    _save_own(out / outputs.image_name(i), images[j], args.overwrite)
                     if dist.active:
                         finished.append(rec)
                     else:  # single process: record each image as soon as its files are in place
@@ -527,14 +557,42 @@ def _generate(args, pipe, out: Path, plan, settings, records, clean, size, dist:
                         manifest.append(rec)
                         done[rec["index"]] = rec
                     bar.update(len(gathered))
+        if not lead:
+            return 0
+        _write_run_outputs(args, out, plan, done, manifest_path)
+    except UsageError:
+        if bar is not None:
+            bar.leave = False  # erase the bar: the error is the one line left
+        raise
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if manifest is not None:
             manifest.close()
+        if lock is not None:
+            lock.release()
+    dt = time.perf_counter() - t0
+    n = len(todo)
+    kept = f"; {len(plan) - n} were already there" if len(plan) > n else ""
+    procs = f" by {world} processes" if dist.active else ""
+    print(f"wrote {n} images to {out}{procs} in {dt:.1f} s ({n / max(dt, 1e-9):.2f} images/s){kept}")
+    return 0
 
-    if not lead:
-        return 0
-    # ---- whole-run outputs, from the PNGs on disk
+
+def _save_own(path: Path, image, overwrite: bool) -> None:
+    """Write an image's PNG. A file already at that name that the manifest does not record is
+    replaced only if it is this run's own (an image is deterministic, so a PNG written before an
+    interruption has exactly these bytes) or with --overwrite; anything else is not ours to lose."""
+    if not overwrite and path.exists():
+        if path.read_bytes() == outputs.png_bytes(image):
+            return
+        raise UsageError(f"--resume: {path} is not an image of this run (no manifest record, other pixels); "
+                         f"move it away, or use --overwrite or a new --out")
+    outputs.save_png(path, image)
+
+
+def _write_run_outputs(args, out: Path, plan, done, manifest_path: Path) -> None:
+    """The whole-run outputs (manifest rewritten whole, grid, npz), from the PNGs on disk."""
     outputs.write_manifest(manifest_path, [done[i] for i in sorted(done)])
     paths = [out / outputs.image_name(i) for i, _, _ in plan]
     if args.grid_max:
@@ -543,12 +601,6 @@ def _generate(args, pipe, out: Path, plan, settings, records, clean, size, dist:
     if args.npz:
         outputs.write_npz(out / outputs.NPZ, paths)
     outputs.fsync_dir(out)
-    dt = time.perf_counter() - t0
-    n = len(todo)
-    kept = f"; {len(plan) - n} were already there" if len(plan) > n else ""
-    procs = f" by {world} processes" if dist.active else ""
-    print(f"wrote {n} images to {out}{procs} in {dt:.1f} s ({n / max(dt, 1e-9):.2f} images/s){kept}")
-    return 0
 
 
 def _remove_previous_run(out: Path, plan, args) -> None:

@@ -5,6 +5,7 @@ place with ``os.replace``: a reader (or an interrupted run) never sees a half-wr
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -19,6 +20,7 @@ TMP_PREFIX = ".detailflow-tmp-"  # leftovers of a killed run carry this prefix a
 MANIFEST = "manifest.jsonl"
 GRID = "grid.png"
 NPZ = "samples.npz"
+LOCK = ".detailflow.lock"  # held (flock) by the one run writing a folder; left behind, harmless
 
 
 def _umask() -> int:
@@ -104,6 +106,60 @@ def fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------------- one writer per folder
+
+class FolderLocked(RuntimeError):
+    """Another process holds the folder's lock."""
+
+
+class FolderLock:
+    """An advisory lock (flock on ``folder/.detailflow.lock``) held while a run writes ``folder``.
+
+    The kernel drops it when the process exits, killed or not, so a crashed run never leaves a
+    folder locked. The file itself stays, empty (removing it would race with a second locker;
+    a pid in it would make two runs' folders differ byte for byte).
+    """
+
+    def __init__(self, folder: Path):
+        import fcntl
+
+        self.path = Path(folder) / LOCK
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise FolderLocked(f"{folder} is being written by another run (it holds {self.path})") from None
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+
+def folder_state(folder: Path, names: Iterable[str]) -> Tuple:
+    """What a run found in ``folder``: the manifest's bytes' digest and which of ``names`` exist.
+    Compared again under the lock, so a run never acts on a folder another run changed meanwhile."""
+    folder = Path(folder)
+    manifest = folder / MANIFEST
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
+    return digest, tuple(n for n in names if (folder / n).exists())
+
+
+def weights_fingerprint(module) -> str:
+    """sha256 of a model's state dict as loaded (names, dtypes, shapes, bytes): the identity of
+    the weights a run used, whatever file or folder they came from."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------------- manifest

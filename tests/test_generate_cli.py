@@ -430,3 +430,117 @@ def test_weights_flag(tiny_a, tmp_path, capsys):
             assert manifest(tmp_path / "q")[0]["weights"] == "int8"
     else:  # load_prior cannot quantize yet: a clear refusal, nothing written
         assert rc == 2 and "int8" in err and err.count("\n") == 1 and not (tmp_path / "q").exists(), err
+
+
+# ---------------------------------------------------------------------- one writer, own files, same weights
+
+def test_second_writer_is_refused(tiny_a, tmp_path, capsys):
+    """A folder locked by another run: one error line, nothing written (issue: two runs into one
+    --out interleaved their manifests)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    held = outputs.FolderLock(out)
+    try:
+        before = snapshot(out)
+        rc, _, err = run(tiny_a, out, "--classes", 1, "--num-images", 2, capsys=capsys)
+        assert rc == 2 and err.startswith("error: ") and "another run" in err and err.count("\n") == 1, err
+        assert snapshot(out) == before
+    finally:
+        held.release()
+    assert run(tiny_a, out, "--classes", 1, "--num-images", 2) == 0  # released: the folder is usable
+
+
+def test_two_runs_started_together_never_mix(tiny_a, tmp_path):
+    """Two processes, other seeds, one new folder: exactly one writes it, the other exits 2 with one
+    line; every manifest record describes the PNG beside it."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "detailflow_engine.generate"] + model_args(tiny_a) + [
+        "--classes", "1,2", "--num-images", 8, "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([str(c) for c in cmd + ["--seed", seed]], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for seed in (1, 100)]
+    results = [(p.wait(timeout=180), p.stderr.read()) for p in procs]
+    for p in procs:
+        p.stdout.close(), p.stderr.close()
+    codes = sorted(rc for rc, _ in results)
+    assert codes == [0, 2], results
+    loser = next(err for rc, err in results if rc == 2)
+    assert loser.strip().splitlines()[-1].startswith("error: ") and "Traceback" not in loser
+    winner_seed = manifest(out)[0]["seed"]
+    assert [r["seed"] for r in manifest(out)] == list(range(winner_seed, winner_seed + 8))
+    # the winner's images are exactly what a lone run with its seed writes
+    solo = tmp_path / "solo"
+    assert run(tiny_a, solo, "--classes", "1,2", "--num-images", 8, "--seed", winner_seed) == 0
+    assert pngs(out) == pngs(solo)
+
+
+def test_folder_changed_while_starting_is_refused(tiny_a, tmp_path, monkeypatch, capsys):
+    """Another run writes --out after this one's checks: refused under the lock, its files kept."""
+    from detailflow_engine.pipeline import DetailFlowPipeline
+
+    out = tmp_path / "run"
+    real = DetailFlowPipeline.generate
+
+    def generate_while_other_run_writes(self, *a, **kw):
+        out.mkdir(exist_ok=True)
+        (out / "000000.png").write_bytes(b"the other run's image")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(DetailFlowPipeline, "generate", generate_while_other_run_writes)
+    rc, _, err = run(tiny_a, out, "--classes", 1, "--num-images", 2, capsys=capsys)
+    assert rc == 2 and "changed by another run" in err and err.count("\n") == 1, err
+    assert (out / "000000.png").read_bytes() == b"the other run's image"
+    assert not (out / "manifest.jsonl").exists()
+
+
+def test_resume_refuses_files_it_did_not_write(tiny_a, reference, tmp_path, capsys):
+    # no manifest: a foreign PNG and grid are nobody's run, so --resume must not replace them
+    out = tmp_path / "foreign"
+    out.mkdir()
+    (out / "000003.png").write_bytes(b"someone's picture")
+    (out / "grid.png").write_bytes(b"someone's grid")
+    before = snapshot(out)
+    rc, _, err = run(tiny_a, out, *REF_ARGS, "--resume", capsys=capsys)
+    assert rc == 2 and "no manifest.jsonl" in err and "000003.png" in err and err.count("\n") == 1, err
+    assert snapshot(out) == before
+
+    # a manifest of this run, plus an unrecorded PNG: replaced only if it is this run's own image
+    out = tmp_path / "partial"
+    assert run(tiny_a, out, *REF_ARGS, "--batch-size", 6) == 0
+    lines = (out / "manifest.jsonl").read_text().splitlines(keepends=True)
+    (out / "manifest.jsonl").write_text("".join(lines[:3]))  # images 3..5 on disk, unrecorded
+    (out / "000004.png").write_bytes((reference / "000001.png").read_bytes())  # a foreign image
+    capsys.readouterr()
+    rc, _, err = run(tiny_a, out, *REF_ARGS, "--resume", capsys=capsys)
+    assert rc == 2 and "000004.png is not an image of this run" in err and err.count("\n") == 1, err
+    assert (out / "000004.png").read_bytes() == (reference / "000001.png").read_bytes()
+    (out / "000004.png").unlink()  # the user moved it away: 3 and 5 are this run's own, kept
+    assert run(tiny_a, out, *REF_ARGS, "--resume") == 0
+    assert pngs(out) == pngs(reference)
+
+
+def test_resume_refuses_other_weights(tiny_a, tmp_path, capsys):
+    """A newer checkpoints/<N>.pt in the same folder is another model: --resume names it."""
+    import shutil
+
+    import torch
+
+    prior = tmp_path / "prior"
+    shutil.copytree(tiny_a / "prior", prior)
+    argv = ["--ckpt", prior, "--tokenizer", tiny_a / "tokenizer", "--device", "cpu", "--classes", 1,
+            "--num-images", 4]
+    out = tmp_path / "run"
+    assert main([str(a) for a in argv + ["--out", out]]) == 0
+    capsys.readouterr()
+    rec = manifest(out)[0]
+    assert len(rec["prior_sha256"]) == 64 and len(rec["tokenizer_sha256"]) == 64
+    (out / "000003.png").unlink()
+    ckpt = torch.load(prior / "checkpoints" / "16.pt", map_location="cpu", weights_only=False)
+    for sd in (ckpt["model"], ckpt.get("ema") or {}):
+        sd["norm.weight"] = sd["norm.weight"] * 1.01
+    torch.save(ckpt, prior / "checkpoints" / "32.pt")
+    before = snapshot(out)
+    rc = main([str(a) for a in argv + ["--out", out, "--resume"]])
+    err = capsys.readouterr().err
+    assert rc == 2 and "prior_sha256" in err and err.count("\n") == 1, err
+    assert snapshot(out) == before
