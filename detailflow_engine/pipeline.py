@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from detailflow_engine.loading import load_prior, load_tokenizer, resolve_device, resolve_dtype
+from detailflow_engine.ops import _dispatch
 from detailflow_engine.ops.group_sample import group_sample
 from detailflow_engine.prior import Prior, Step, step_plan
 from detailflow_engine.tokenizer import Tokenizer
@@ -108,7 +109,11 @@ class DetailFlowPipeline:
             raise ValueError(f"weights={weights!r} is not supported by this version of load_prior")
         prior = load_prior(prior_path, ema=ema, device=device, dtype=dtype, **extra)
         prior.cuda_graphs = bool(cuda_graphs)
-        return cls(prior, load_tokenizer(tokenizer_path, device=device, dtype=dtype))
+        pipe = cls(prior, load_tokenizer(tokenizer_path, device=device, dtype=dtype))
+        # each compiled kernel proves itself once on this device before it serves (ops/_dispatch),
+        # here rather than inside the first generation or a CUDA-graph capture
+        _dispatch.selfcheck(device)
+        return pipe
 
     @property
     def device(self) -> torch.device:

@@ -4,18 +4,26 @@ Each op has an ordered list of backends; the first whose `applies(*tensors)` hol
 Order: CUDA `_C`, Triton, CPU `_C`, then the torch reference, which always applies.
 Falling back to the reference warns once per op and process. `DETAILFLOW_BACKEND`
 (torch | cpu | cuda | triton) forces a backend for debugging and side-by-side benchmarks.
+
+Self-check at first use: the first time a process routes an op to a compiled or Triton backend
+on a device, that backend runs once on a small fixed input against the op's torch reference
+(the op's `selfcheck`, registered beside it, within its tolerance). On an error or a mismatch
+it warns once (op, backend, device, what went wrong) and the op takes its next backend on that
+device for the rest of the process. `DETAILFLOW_SELFCHECK=0` turns this off. Kernels that have
+never run on a given GPU thus cannot silently corrupt images there.
 """
 from __future__ import annotations
 
 import os
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 from torch.utils import _python_dispatch
 
 BACKEND_ENV = "DETAILFLOW_BACKEND"
+SELFCHECK_ENV = "DETAILFLOW_SELFCHECK"
 BACKENDS = ("cuda", "triton", "cpu", "torch")
 
 # Must match csrc/include/dispatch.h DType.
@@ -108,6 +116,96 @@ def register(op: str, name: str, fn: Callable, applies: Optional[Callable[..., b
     _TABLE[op] = entries
 
 
+# op -> check(backend, reference_fn, device): runs `backend.fn` (same signature as the torch
+# entry's `reference_fn`) on small fixed inputs on `device` (those its `applies` accepts) and
+# raises when a result is wrong.
+_SELFCHECKS: Dict[str, Callable[["Backend", Callable, torch.device], None]] = {}
+_CHECKED: Dict[tuple, bool] = {}  # (op, backend, device type, index) -> passed
+OP_MODULES = ("decode_gemm", "cache_attention", "group_sample", "vq_lookup", "code_search", "add_rmsnorm", "rope_qkv")
+
+
+def register_selfcheck(op: str, check: Callable[["Backend", Callable, torch.device], None]) -> None:
+    _SELFCHECKS[op] = check
+
+
+def expect_close(what: str, got: torch.Tensor, want: torch.Tensor, atol: float, rtol: float) -> None:
+    """A self-check's comparison: |got - want| <= atol + rtol * max|want| everywhere, finite."""
+    got, want = got.float(), want.float()
+    if got.shape != want.shape:
+        raise AssertionError(f"{what}: shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+    err = (got - want).abs().max().item() if want.numel() else 0.0
+    bound = atol + rtol * (want.abs().max().item() if want.numel() else 0.0)
+    if not err <= bound:  # NaN fails too
+        raise AssertionError(f"{what}: max error {err:.3g} > {bound:.3g}")
+
+
+def selfcheck_enabled() -> bool:
+    return os.environ.get(SELFCHECK_ENV, "1").strip() != "0"
+
+
+def _device_of(args, kwargs) -> Optional[torch.device]:
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a.device
+    return None
+
+
+def _passes_selfcheck(op: str, b: Backend, device: Optional[torch.device]) -> bool:
+    """Whether backend `b` of `op` may serve `device` (its self-check, run once per process)."""
+    if b.name == "torch" or device is None or op not in _SELFCHECKS:
+        return True
+    key = (op, b.name, device.type, device.index)
+    ok = _CHECKED.get(key)
+    if ok is None:
+        if not selfcheck_enabled():
+            return True
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return True  # no check inside a graph capture; from_pretrained checked eagerly before
+        reference = next(e.fn for e in _TABLE[op] if e.name == "torch")
+        try:
+            _SELFCHECKS[op](b, reference, device)
+            ok = True
+        except Exception as e:  # noqa: BLE001 - any failure of an unproven kernel means: not this one
+            ok = False
+            warnings.warn(f"detailflow_engine: self-check of {op} on the {b.name} backend failed on {device} "
+                          f"({type(e).__name__}: {' '.join(str(e).split())[:300]}); {op} uses its next "
+                          f"backend on {device} for the rest of this process", RuntimeWarning, stacklevel=4)
+        _CHECKED[key] = ok
+    return ok
+
+
+def selfcheck(device: Union[str, torch.device]) -> Dict[str, str]:
+    """Run every op's self-check for `device` now (from_pretrained does, so that the first
+    generation or a CUDA-graph capture never pays for it) -> {op: backend that will serve it}."""
+    import importlib
+
+    for name in OP_MODULES:  # registration happens at import
+        importlib.import_module(f"detailflow_engine.ops.{name}")
+    device = torch.device(device)
+    chosen = {}
+    for op, entries in _TABLE.items():
+        for b in entries:
+            if b.name == "torch" or not _backend_may_serve(op, b.name, device):
+                continue
+            if _passes_selfcheck(op, b, device):
+                chosen[op] = b.name
+                break
+        else:
+            chosen[op] = "torch"
+    return chosen
+
+
+def _backend_may_serve(op: str, name: str, device: torch.device) -> bool:
+    """Whether backend `name` is built for `device` at all (what its `applies` tests besides shapes)."""
+    if name == "cpu":
+        return device.type == "cpu" and has_cpu_kernels()
+    if name == "cuda":
+        return device.type == "cuda" and has_cuda_kernels()
+    if name == "triton":
+        return device.type == "cuda" and _triton_available()
+    return False
+
+
 def forced_backend() -> Optional[str]:
     value = os.environ.get(BACKEND_ENV, "").strip().lower()
     if not value:
@@ -132,8 +230,9 @@ def pick(op: str, *args, **kwargs) -> Backend:
                 return _ranged(op, b) if PROFILE_RANGES else b
         raise RuntimeError(f"{BACKEND_ENV}={forced} but {op} has no such backend "
                            f"(registered: {[b.name for b in entries]})")
+    device = _device_of(args, kwargs) if _SELFCHECKS else None
     for b in entries:
-        if b.applies(*args, **kwargs):
+        if b.applies(*args, **kwargs) and _passes_selfcheck(op, b, device):
             if b.name == "torch" and op not in _WARNED:
                 _WARNED.add(op)
                 why = _C_IMPORT_ERROR or "no compiled backend applies to these inputs"

@@ -163,3 +163,24 @@ def _triton_impl(x, delta, weight, eps):
 
 _dispatch.register("add_rmsnorm", "triton", _triton_impl, applies=_triton_applies)
 _dispatch.register("add_rmsnorm", "torch", _torch_impl)
+
+
+def _selfcheck(backend, reference, device) -> None:
+    """Residual add + RMSNorm of 5 rows of an odd width, with and without the residual."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(5, 300, generator=g).to(device=device, dtype=dtype)
+        delta = torch.randn(5, 300, generator=g).to(device=device, dtype=dtype)
+        weight = torch.randn(300, generator=g).to(device=device, dtype=dtype)
+        for d in (delta, None):
+            if not backend.applies(x, d, weight):
+                continue
+            h, y = backend.fn(x, d, weight, 1e-5)
+            want_h, want_y = reference(x, d, weight, 1e-5)
+            atol, _ = tolerance(dtype)
+            if d is not None:
+                _dispatch.expect_close(f"add_rmsnorm {dtype} residual", h, want_h, atol, 1e-4)
+            _dispatch.expect_close(f"add_rmsnorm {dtype}", y, want_y, atol, 1e-4 if dtype == torch.float32 else 2e-2)
+
+
+_dispatch.register_selfcheck("add_rmsnorm", _selfcheck)

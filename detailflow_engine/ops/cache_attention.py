@@ -252,3 +252,25 @@ def _cuda_applies(q, k_new, v_new, k_cache, v_cache, out) -> bool:
 
 
 _dispatch.register("cache_attention", "cuda", _cuda_impl, applies=_cuda_applies)
+
+
+def _selfcheck(backend, reference, device) -> None:
+    """A group step (8 queries) deep into a 40-slot cache: head dim 64 in each dtype, an odd 40 in fp32."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in _CUDA_DTYPES if device.type == "cuda" else _DTYPES:
+        for d in (64, 40) if dtype == torch.float32 else (64,):
+            q, k_new, v_new = (torch.randn(1, 2, 8, d, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+            cache = torch.randn(1, 2, 40, d, generator=g).to(device=device, dtype=dtype)
+            out, want = torch.empty_like(q), torch.empty_like(q)
+            kc, vc, kr, vr = cache.clone(), cache.clone(), cache.clone(), cache.clone()
+            if not backend.applies(q, k_new, v_new, kc, vc, out):
+                continue
+            backend.fn(q, k_new, v_new, kc, vc, out, 29, 1.0 / math.sqrt(d))
+            reference(q, k_new, v_new, kr, vr, want, 29, 1.0 / math.sqrt(d))
+            if not (torch.equal(kc, kr) and torch.equal(vc, vr)):
+                raise AssertionError(f"cache_attention {dtype} d={d}: the cache write differs")
+            atol, _ = tolerance(dtype)
+            _dispatch.expect_close(f"cache_attention {dtype} d={d}", out, want, atol, 1e-4)
+
+
+_dispatch.register_selfcheck("cache_attention", _selfcheck)

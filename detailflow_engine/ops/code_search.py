@@ -171,3 +171,25 @@ def _cuda_applies(latents, codebook, out) -> bool:
 _dispatch.register("code_search", "cuda", _cuda_impl, applies=_cuda_applies)
 _dispatch.register("code_search", "cpu", _cpu_impl, applies=_cpu_applies)
 _dispatch.register("code_search", "torch", _torch_impl)
+
+
+def _selfcheck(backend, reference, device) -> None:
+    """Nearest normalized codeword for 37 latents over 300 codes: indices equal, or tied within eps."""
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(37, 8, generator=g).to(device)
+    codebook = torch.randn(300, 8, generator=g).to(device)
+    out = torch.empty(37, dtype=torch.int64, device=device)
+    want = torch.empty_like(out)
+    if not backend.applies(latents, codebook, out):
+        return
+    backend.fn(latents, codebook, False, out)
+    reference(latents, codebook, False, want)
+    if not torch.equal(out, want):
+        e = torch.nn.functional.normalize(codebook, dim=1)
+        z = torch.nn.functional.normalize(latents, dim=1)
+        sim = (z * e[out]).sum(1), (z * e[want]).sum(1)
+        if not bool(((sim[0] - sim[1]).abs() <= 1e-5).all()):
+            raise AssertionError(f"code_search: indices {out.tolist()} != reference {want.tolist()}")
+
+
+_dispatch.register_selfcheck("code_search", _selfcheck)

@@ -371,3 +371,30 @@ def _torch_impl(x, packed, weight, scales, out) -> None:
 _dispatch.register("decode_gemm", "cuda", _cuda_impl, applies=_cuda_applies)
 _dispatch.register("decode_gemm", "cpu", _cpu_impl, applies=_cpu_applies)
 _dispatch.register("decode_gemm", "torch", _torch_impl)
+
+
+def _selfcheck(backend, reference, device) -> None:
+    """Ragged shapes (a partial panel and row tile, odd K) in each weight format the backend takes."""
+    g = torch.Generator().manual_seed(0)
+    x32, w32 = torch.randn(5, 67, generator=g), torch.randn(37, 67, generator=g)
+    cases = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float32, torch.int8)]
+    if device.type == "cuda":
+        cases += [(torch.bfloat16, torch.int8), (torch.float16, torch.float16)]
+    for x_dtype, w_dtype in cases:
+        x = x32.to(device=device, dtype=x_dtype)
+        try:
+            p = pack_int8(w32.to(device)) if w_dtype == torch.int8 else pack_weight(w32.to(device=device, dtype=w_dtype))
+        except ValueError:
+            continue  # a format this device does not pack (fp16 on the CPU)
+        args = (x, p.packed, p.weight, p.scales)
+        y, want = torch.empty(5, 37, dtype=x_dtype, device=device), torch.empty(5, 37, dtype=x_dtype, device=device)
+        if not backend.applies(*args, y):
+            continue
+        backend.fn(*args, y)
+        reference(*args, want)
+        atol, rtol = tolerance(x_dtype)
+        _dispatch.expect_close(f"decode_gemm x {x_dtype} W {w_dtype}", y, want, atol,
+                               1e-4 if x_dtype == torch.float32 else 2e-2)
+
+
+_dispatch.register_selfcheck("decode_gemm", _selfcheck)

@@ -382,3 +382,25 @@ def _cuda_applies(logits, seeds, positions) -> bool:
 _dispatch.register("group_sample", "cuda", _cuda_impl, applies=_cuda_applies)
 _dispatch.register("group_sample", "cpu", _cpu_impl, applies=_cpu_applies)
 _dispatch.register("group_sample", "torch", _ref_compute)
+
+
+def _selfcheck(backend, reference, device) -> None:
+    """Exact tokens against the reference: CFG with top-k / top-p draws (the shared Philox stream)
+    and greedy, 2 images x 3 positions over an odd vocabulary."""
+    g = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(4, 3, 1001, generator=g)).to(device)
+    seeds = torch.tensor([7, 2 ** 40 + 3], dtype=torch.int64, device=device)
+    positions = torch.tensor([5, 6, 7], dtype=torch.int64, device=device)
+    if not backend.applies(logits, seeds, positions):
+        return
+    for cfg_scale, temperature, top_k, top_p in ((1.5, 1.0, 50, 0.9), (1.5, 0.0, 0, 1.0)):
+        st = _settings(4, 2, 1001, cfg_scale, temperature, top_k, top_p)
+        tokens, logprobs = backend.fn(logits, seeds, positions, st)
+        want, want_lp = reference(logits, seeds, positions, st)
+        if not torch.equal(tokens.cpu(), want.cpu()):
+            raise AssertionError(f"group_sample (cfg {cfg_scale}, T {temperature}, top_k {top_k}, top_p {top_p}): "
+                                 f"tokens {tokens.tolist()} != reference {want.tolist()}")
+        _dispatch.expect_close("group_sample logprobs", logprobs, want_lp, 1e-3, 1e-4)
+
+
+_dispatch.register_selfcheck("group_sample", _selfcheck)

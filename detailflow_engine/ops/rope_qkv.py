@@ -155,3 +155,20 @@ def _triton_impl(qkv, freqs, n_head):
 
 _dispatch.register("rope_qkv", "triton", _triton_impl, applies=_triton_applies)
 _dispatch.register("rope_qkv", "torch", _torch_impl)
+
+
+def _selfcheck(backend, reference, device) -> None:
+    """Rotary + head split of a fused QKV projection: 2 rows x 3 positions, 4 heads of 64."""
+    g = torch.Generator().manual_seed(0)
+    freqs = torch.randn(3, 32, 2, generator=g).to(device)
+    for dtype in (torch.float32, torch.bfloat16):
+        qkv = torch.randn(2, 3, 3 * 256, generator=g).to(device=device, dtype=dtype)
+        if not backend.applies(qkv, freqs):
+            continue
+        got, want = backend.fn(qkv, freqs, 4), reference(qkv, freqs, 4)
+        atol, _ = tolerance(dtype)
+        for name, a, b in zip("qkv", got, want):
+            _dispatch.expect_close(f"rope_qkv {dtype} {name}", a, b, atol, 1e-4 if dtype == torch.float32 else 2e-2)
+
+
+_dispatch.register_selfcheck("rope_qkv", _selfcheck)

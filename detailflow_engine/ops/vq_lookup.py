@@ -256,3 +256,26 @@ def _cuda_applies(codes, codebook, weight, bias, pos_embed, out) -> bool:
 _dispatch.register("vq_lookup", "cuda", _cuda_impl, applies=_cuda_applies)
 _dispatch.register("vq_lookup", "cpu", _cpu_impl, applies=_cpu_applies)
 _dispatch.register("vq_lookup", "torch", _torch_impl)
+
+
+def _selfcheck(backend, reference, device) -> None:
+    """Gather + normalize + projection + bias + positions, an odd width, each float dtype."""
+    g = torch.Generator().manual_seed(0)
+    dtypes = (torch.float32, torch.bfloat16, torch.float16) if device.type == "cuda" else (torch.float32, torch.bfloat16)
+    codes = torch.tensor([[0, 5, 99, 17], [3, 3, 1, 98]], dtype=torch.int64, device=device)
+    for dtype in dtypes:
+        codebook = torch.randn(100, 8, generator=g).to(device=device, dtype=dtype)
+        weight = torch.randn(37, 8, generator=g).to(device=device, dtype=dtype)
+        bias = torch.randn(37, generator=g).to(device=device, dtype=dtype)
+        pos = torch.randn(4, 37, generator=g).to(device=device, dtype=dtype)
+        out = torch.empty(2, 4, 37, dtype=dtype, device=device)
+        want = torch.empty_like(out)
+        if not backend.applies(codes, codebook, weight, bias, pos, out):
+            continue
+        backend.fn(codes, codebook, weight, bias, pos, out)
+        reference(codes, codebook, weight, bias, pos, want)
+        atol, _ = tolerance(dtype)
+        _dispatch.expect_close(f"vq_lookup {dtype}", out, want, atol, 1e-4 if dtype == torch.float32 else 2e-2)
+
+
+_dispatch.register_selfcheck("vq_lookup", _selfcheck)
