@@ -131,6 +131,18 @@ def resolve_model_path(path_or_repo: Union[str, os.PathLike], revision: Optional
     parsed = parse_repo_id(str(path_or_repo))
     if parsed is None:
         return path
+    if path.parent != Path(".") and path.parent.is_dir():
+        # 'runs/prior' where runs/ is a local folder: most likely a mistyped local path; a repo
+        # of that name is still found, but a failure says first that the path does not exist
+        try:
+            return _resolve_repo(parsed, revision, cache_dir)
+        except HubError as e:
+            raise HubError(f"{path_or_repo} does not exist ({path.parent} is a local folder, so this looks like a "
+                           f"mistyped local path); as a Hugging Face repo id: {e}") from None
+    return _resolve_repo(parsed, revision, cache_dir)
+
+
+def _resolve_repo(parsed, revision, cache_dir) -> Path:
     repo_id, rev = parsed
     revision = revision or rev or "main"
     where = f"Hugging Face repo {repo_id}@{revision}"

@@ -8,6 +8,8 @@ An image's tokens therefore depend only on its own seed, never on the batch it r
 from __future__ import annotations
 
 import inspect
+import math
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Union
@@ -54,13 +56,65 @@ def cfg_scale_for_step(cfg_scale: float, step: Step, num_groups: int, gradual_cf
     return cfg_scale * (num_groups - step.group_index + 1) / (num_groups + 1)
 
 
+_INT64 = (-(2 ** 63), 2 ** 63 - 1)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _label_list(class_labels) -> List:
+    """class_labels as given (one int, a sequence, an array or tensor, any iterable, read once) -> a list."""
+    if isinstance(class_labels, (torch.Tensor, np.ndarray)):
+        if class_labels.ndim > 1:
+            raise ValueError(f"class_labels must be 1-D, got shape {tuple(class_labels.shape)}")
+        class_labels = class_labels.tolist()  # a 0-d one becomes a plain number
+    if _is_int(class_labels) or isinstance(class_labels, (float, bool, np.bool_)):
+        return [class_labels]
+    if isinstance(class_labels, (str, bytes)):
+        raise ValueError(f"class_labels must be ints, got the string {class_labels!r}")
+    try:
+        return list(class_labels)
+    except TypeError:
+        raise ValueError(f"class_labels must be an int or a sequence of ints, got {type(class_labels).__name__}") from None
+
+
 def _seed_list(seed: Union[int, Sequence[int]], batch: int) -> List[int]:
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
-        return [int(seed) + i for i in range(batch)]
-    seeds = [int(s) for s in seed]
-    if len(seeds) != batch:
-        raise ValueError(f"seed is a list of {len(seeds)} seeds but there are {batch} class labels")
-    return seeds
+    """An int seed s -> [s, s + 1, ...]; a sequence -> one int seed per image, each in int64."""
+    if isinstance(seed, (torch.Tensor, np.ndarray)) and seed.ndim == 0:
+        seed = seed.item()
+    if _is_int(seed):
+        seeds = [int(seed) + i for i in range(batch)]
+        if not (_INT64[0] <= seeds[0] and seeds[-1] <= _INT64[1]):
+            raise ValueError(f"seed {int(seed)} (+ image index up to {batch - 1}) must fit in int64 "
+                             f"[{_INT64[0]}, {_INT64[1]}]")
+        return seeds
+    if isinstance(seed, (str, bytes, float, bool, np.bool_, np.floating)) or seed is None:
+        raise ValueError(f"seed must be an int or a sequence of ints (one per image), got {seed!r}")
+    if isinstance(seed, (torch.Tensor, np.ndarray)):
+        seed = seed.tolist()
+    try:
+        given = list(seed)
+    except TypeError:
+        raise ValueError(f"seed must be an int or a sequence of ints (one per image), got "
+                         f"{type(seed).__name__}") from None
+    for s in given:
+        if not _is_int(s):
+            raise ValueError(f"seed must be an int or a sequence of ints, got {s!r} in {given!r}")
+        if not _INT64[0] <= int(s) <= _INT64[1]:
+            raise ValueError(f"seed {int(s)} does not fit in int64 [{_INT64[0]}, {_INT64[1]}]")
+    if len(given) != batch:
+        raise ValueError(f"seed is a list of {len(given)} seeds but there are {batch} class labels")
+    return [int(s) for s in given]
+
+
+def _real(name: str, v) -> float:
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number, got {v!r}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}")
+    return v
 
 
 class DetailFlowPipeline:
@@ -121,27 +175,58 @@ class DetailFlowPipeline:
 
     # ------------------------------------------------------------------ generation
 
-    def _check_args(self, labels, cfg_scale, temperature, top_k, top_p) -> torch.Tensor:
+    def _check_args(self, labels, cfg_scale, temperature, top_k, top_p, gradual_cfg=False) -> torch.Tensor:
+        """Validate labels and settings -> the labels as an int64 tensor; ValueError naming the argument."""
         n = self.prior.config.num_classes
-        if isinstance(labels, torch.Tensor):
-            labels = labels.tolist()
-        if isinstance(labels, (int, np.integer)):
-            labels = [labels]
-        labels = list(labels)
+        labels = _label_list(labels)
         if not labels:
             raise ValueError("class_labels is empty: give at least one class label")
         for lab in labels:
-            if isinstance(lab, bool) or not isinstance(lab, (int, np.integer)) or not 0 <= int(lab) < n:
+            if not _is_int(lab):
+                raise ValueError(f"class label {lab!r} is a {type(lab).__name__}: class labels must be ints")
+            if not 0 <= int(lab) < n:
                 raise ValueError(f"class label {lab!r} is outside [0, {n}) for this model")
-        if cfg_scale < 0:
+        if _real("cfg_scale", cfg_scale) < 0:
             raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
-        if temperature < 0:
+        if _real("temperature", temperature) < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 0:
+        if not _is_int(top_k) or top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
-        if not 0 < top_p <= 1:
+        if not 0 < _real("top_p", top_p) <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if not isinstance(gradual_cfg, (bool, np.bool_)):
+            raise ValueError(f"gradual_cfg must be a bool, got {gradual_cfg!r}")
         return torch.tensor([int(x) for x in labels], dtype=torch.int64, device=self.device)
+
+    def _check_result_size(self, n: int, num_tokens: Optional[int]) -> None:
+        """Refuse a call whose float32 pixels alone would not fit: name the size."""
+        plan = step_plan(self.prior.config, num_tokens)
+        side = self.tokenizer.schedule.decode_size(plan[-1].stop)
+        need = n * 3 * side * side * 4
+        budget = self.images_per_pass(False) * self._cache_bytes(False)
+        if need > budget:
+            raise ValueError(f"{n} images of {side} px need {need / 2 ** 30:.1f} GB of float32 pixels, more "
+                             f"than the {budget / 2 ** 30:.1f} GB this call may hold: generate them in smaller "
+                             f"calls (the generate CLI and the batcher do)")
+
+    def _cache_bytes(self, use_cfg: bool) -> int:
+        """Memory one image needs during generation: its KV-cache rows and one step's fp32 logits."""
+        c = self.prior.config
+        elt = self.prior.output.weight.element_size() if self.prior.output.weight.is_floating_point() else 4
+        per_row = c.n_layer * 2 * c.block_size * c.dim * elt + c.group_size * c.vocab_size * 4 * 2
+        return per_row * (2 if use_cfg else 1)
+
+    def images_per_pass(self, use_cfg: bool = True) -> int:
+        """The most images one generation pass holds; larger calls run in passes of this size.
+        Budget: a quarter of the machine's memory on the CPU, half of the GPU's on CUDA."""
+        if self.device.type == "cuda":
+            budget = torch.cuda.get_device_properties(self.device).total_memory // 2
+        else:
+            try:
+                budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+            except (ValueError, OSError, AttributeError):
+                budget = 4 << 30
+        return max(1, budget // self._cache_bytes(use_cfg))
 
     @torch.inference_mode()
     def generate_tokens(self, class_labels, cfg_scale: float = 1.45, temperature: float = 1.0,
@@ -153,13 +238,25 @@ class DetailFlowPipeline:
         CFG runs when cfg_scale > 1: rows [cond | null class] in one batch, mixed as u + s (c - u).
         cfg_scale <= 1 samples from the conditional logits alone (the official code asserts instead).
         """
-        labels = self._check_args(class_labels, cfg_scale, temperature, top_k, top_p)
+        labels = self._check_args(class_labels, cfg_scale, temperature, top_k, top_p, gradual_cfg)
+        cfg_scale, temperature, top_p, gradual_cfg = float(cfg_scale), float(temperature), float(top_p), bool(gradual_cfg)
         cfg = self.prior.config
         plan = step_plan(cfg, num_tokens)
         B, T = labels.shape[0], plan[-1].stop
         seeds = _seed_list(seed, B)
-        seed_t = torch.tensor(seeds, dtype=torch.int64, device=self.device)
         use_cfg = cfg_scale > 1.0
+        per_pass = self.images_per_pass(use_cfg)
+        if B > per_pass:
+            if callback is not None or return_step_logits:
+                raise ValueError(f"{B} images do not fit in one pass here ({per_pass} do: the KV cache "
+                                 f"takes {self._cache_bytes(use_cfg) / 2 ** 20:.1f} MB per image); with a "
+                                 f"callback or return_step_logits, give at most {per_pass} class labels per call")
+            # passes of per_pass images: batch invariance makes the result the same as one pass
+            parts = [self.generate_tokens(labels[i:i + per_pass], cfg_scale, temperature, top_k, top_p,
+                                          gradual_cfg, seeds[i:i + per_pass], num_tokens)[0]
+                     for i in range(0, B, per_pass)]
+            return torch.cat(parts), seeds
+        seed_t = torch.tensor(seeds, dtype=torch.int64, device=self.device)
         rows = torch.cat([labels, torch.full_like(labels, self.prior.null_class)]) if use_cfg else labels
         num_groups = T // cfg.group_size  # as the official loop: groups of the tokens generated
         with self._lock:
@@ -202,10 +299,10 @@ class DetailFlowPipeline:
         """
         if self.tokenizer is None:
             raise ValueError("this pipeline has no tokenizer: use generate_tokens, or give a tokenizer")
-        tokens, seeds = self.generate_tokens(class_labels, cfg_scale, temperature, top_k, top_p, gradual_cfg,
+        labels = _label_list(class_labels)  # read once: a generator is consumed here
+        self._check_result_size(len(labels), num_tokens)
+        tokens, seeds = self.generate_tokens(labels, cfg_scale, temperature, top_k, top_p, gradual_cfg,
                                              seed, num_tokens, callback)
         with self._lock:
             pixels = self.tokenizer.decode(tokens)
-        labels = [int(x) for x in (class_labels.tolist() if isinstance(class_labels, torch.Tensor)
-                                   else ([class_labels] if isinstance(class_labels, int) else class_labels))]
-        return GenerationResult(tokens=tokens, pixels=pixels, seeds=seeds, labels=labels)
+        return GenerationResult(tokens=tokens, pixels=pixels, seeds=seeds, labels=[int(x) for x in labels])
