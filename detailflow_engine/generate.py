@@ -27,6 +27,7 @@ one line per finished image, so an interrupted run leaves only whole files behin
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -37,7 +38,10 @@ from typing import List, Optional
 from detailflow_engine import outputs
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1  # the run started and could not finish (disk full, a peer process gone)
 INT64_MAX = 2 ** 63 - 1
+MAX_IMAGES = 10_000_000  # one run's plan is held in memory: 10 M images is 50x FID-50k
+DIST_TIMEOUT_S = 600  # a collective waits this long for a peer (torch's default: 30 minutes)
 # A manifest record's settings: an image depends on these (plus its class and seed), so --resume
 # requires them to match. device and batch size are recorded/ignored: they do not select the image.
 SETTING_KEYS = ("cfg_scale", "temperature", "top_k", "top_p", "gradual_cfg", "num_tokens",
@@ -103,6 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "nearest-neighbour upsampled to the final size, left to right")
     o.add_argument("--npz", action="store_true",
                    help="also write samples.npz for the ADM evaluator (key arr_0, uint8 [N, H, W, 3])")
+    o.add_argument("--dist-timeout", type=float, default=DIST_TIMEOUT_S, metavar="S",
+                   help=f"torchrun: how long a process waits for its peers before failing (default {DIST_TIMEOUT_S} s)")
     o.add_argument("--grid-max", type=int, default=1024, metavar="N",
                    help="grid.png tiles the first N images (default: 1024; 0 = no grid)")
     return p
@@ -132,22 +138,24 @@ def check_numbers(args) -> None:
     def bad(msg):
         raise UsageError(msg)
 
-    if args.cfg_scale < 0 or args.cfg_scale != args.cfg_scale:
-        bad(f"--cfg-scale must be >= 0, got {args.cfg_scale}")
-    if args.temperature < 0 or args.temperature != args.temperature:
-        bad(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 <= args.cfg_scale < math.inf:
+        bad(f"--cfg-scale must be a finite number >= 0, got {args.cfg_scale}")
+    if not 0 <= args.temperature < math.inf:
+        bad(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.top_k < 0:
         bad(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
     if not 0 < args.top_p <= 1:
         bad(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.num_images is not None and args.num_images < 1:
-        bad(f"--num-images must be >= 1, got {args.num_images}")
-    if args.num_per_class is not None and args.num_per_class < 1:
-        bad(f"--num-per-class must be >= 1, got {args.num_per_class}")
+    if args.num_images is not None and not 1 <= args.num_images <= MAX_IMAGES:
+        bad(f"--num-images must be in 1..{MAX_IMAGES:,}, got {args.num_images}")
+    if args.num_per_class is not None and not 1 <= args.num_per_class <= MAX_IMAGES:
+        bad(f"--num-per-class must be in 1..{MAX_IMAGES:,}, got {args.num_per_class}")
     if args.batch_size < 1:
         bad(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.num_tokens is not None and args.num_tokens < 1:
         bad(f"--num-tokens must be >= 1, got {args.num_tokens}")
+    if not 0 < args.dist_timeout < math.inf:
+        bad(f"--dist-timeout must be a positive number of seconds, got {args.dist_timeout}")
     if args.grid_max < 0:
         bad(f"--grid-max must be >= 0, got {args.grid_max}")
     if (args.ckpt is None) != (args.tokenizer is None):
@@ -231,6 +239,9 @@ def plan_images(args, classes: List[int]) -> List[tuple]:
         labels = [classes[i % len(classes)] for i in range(args.num_images)]
     else:
         per = 1 if args.num_per_class is None else args.num_per_class
+        if per * len(classes) > MAX_IMAGES:
+            raise UsageError(f"--num-per-class {per} x {len(classes)} classes = {per * len(classes):,} images, "
+                             f"more than {MAX_IMAGES:,} in one run: split it over several --out folders")
         labels = [c for c in classes for _ in range(per)]
     if not -(2 ** 63) <= args.seed or args.seed + len(labels) - 1 > INT64_MAX:
         raise UsageError(f"--seed {args.seed}: seed + image index must fit in int64")
@@ -290,7 +301,7 @@ class Dist:
             raise UsageError(f"RANK={self.rank} is outside [0, WORLD_SIZE={self.world})")
         self.active = False
 
-    def init(self, device: str) -> str:
+    def init(self, device: str, timeout_s: float = DIST_TIMEOUT_S) -> str:
         """Start the process group (gloo on CPU, nccl on CUDA) -> this rank's device."""
         if self.world <= 1:
             return device
@@ -309,7 +320,10 @@ class Dist:
         else:
             device = "cpu"
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo")
+            from datetime import timedelta
+
+            # bounded: a frozen or killed peer fails the others within minutes, not half an hour
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
         self.active = True
         return device
 
@@ -357,6 +371,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         if dist is None or not dist.active or dist.rank == 0:  # torchrun: one copy of the message
             print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # mid-run: disk full, folder removed; what was finished stays recorded
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"error: writing the outputs failed{where}: {e.strerror or _one_line(e)}; the finished images "
+              f"are recorded in the manifest: fix it and rerun with --resume", file=sys.stderr)
+        return EXIT_FAILED
+    except RuntimeError as e:
+        if dist is None or not dist.active:
+            raise
+        # a collective that timed out or lost a peer (torch.distributed raises RuntimeError / DistError)
+        print(f"error: rank {dist.rank}: a peer process stopped answering ({_one_line(e)[:200]}); the finished "
+              f"images are recorded: rerun with --resume", file=sys.stderr)
+        return EXIT_FAILED
     finally:
         if dist is not None:
             dist.close()
@@ -369,7 +395,7 @@ def _main(argv, dist: "Dist") -> int:
     except SystemExit as e:  # --help
         return int(e.code or 0)
     check_numbers(args)
-    device = dist.init(args.device)
+    device = dist.init(args.device, args.dist_timeout)
     # Every rank runs the same checks; they agree before anything is written, so a problem that
     # shows on one rank only (its GPU, a file) stops all of them with that rank's message.
     error, prepared = None, None

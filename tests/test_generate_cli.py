@@ -380,24 +380,89 @@ def _default_model_or_skip():
         pytest.skip(str(e))
 
 
-def test_torchrun_two_processes_match_one(tmp_path):
-    """Two gloo ranks on the default model write exactly the files of a single-process run."""
+@pytest.mark.parametrize("dtype,nproc", [("fp32", 2), ("bf16", 3)])
+def test_torchrun_processes_match_one(tmp_path, dtype, nproc):
+    """gloo ranks on the default model write exactly the files of a single-process run (bf16 too:
+    its images once changed with the batch size, so other ranks' batches gave other files)."""
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
     _default_model_or_skip()
-    argv = ["--device", "cpu", "--classes", "1,4,7", "--num-images", 5, "--seed", 11, "--npz", "--progressive"]
+    argv = ["--device", "cpu", "--dtype", dtype, "--classes", "1,4,7", "--num-images", 5, "--seed", 11, "--npz",
+            "--progressive"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main([str(a) for a in argv] + ["--batch-size", "4", "--out", str(one)]) == 0
-    proc = _torchrun(2, *argv, "--batch-size", 2, "--out", two)
+    proc = _torchrun(nproc, *argv, "--batch-size", 2, "--out", two)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.search(r"wrote 5 images to .* by 2 processes in", proc.stdout), proc.stdout
+    assert re.search(rf"wrote 5 images to .* by {nproc} processes in", proc.stdout), proc.stdout
     names = sorted(p.name for p in one.iterdir())
     assert names == sorted(p.name for p in two.iterdir())
     assert len([n for n in names if re.fullmatch(r"\d{6}\.png", n)]) == 5 and "samples.npz" in names
     for name in names:  # PNGs, strips, grid, npz and the manifest: byte for byte
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+
+def test_torchrun_frozen_peer_fails_in_bounded_time(tmp_path):
+    """A rank that hangs inside its first batch: the others give up after --dist-timeout with one
+    error line instead of waiting torch's default 30 minutes."""
+    import time
+
+    _default_model_or_skip()
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, time\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    import detailflow_engine.pipeline as p\n"
+        "    p.DetailFlowPipeline.generate = lambda *a, **k: time.sleep(3600)\n")
+    out = tmp_path / "out"
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = str(hook) + (os.pathsep + old if old else "")
+    try:
+        t0 = time.monotonic()
+        proc = _torchrun(2, "--device", "cpu", "--classes", "3", "--num-images", 4, "--batch-size", 1,
+                         "--dist-timeout", 10, "--out", out, timeout=150)
+    finally:
+        if old is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = old
+    assert proc.returncode != 0 and time.monotonic() - t0 < 150
+    assert "error: rank 0: a peer process stopped answering" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_cli_numbers_refused(tiny_a, tmp_path, capsys):
+    out = tmp_path / "out"
+    for args, flag in ((["--cfg-scale", "inf"], "--cfg-scale"), (["--temperature", "inf"], "--temperature"),
+                       (["--cfg-scale", "nan"], "--cfg-scale"), (["--num-images", 10 ** 12], "--num-images"),
+                       (["--num-per-class", 10 ** 7, "--classes", "all"], "--num-per-class"),
+                       (["--dist-timeout", "0"], "--dist-timeout")):
+        rc, _, err = run(tiny_a, out, *args, capsys=capsys)
+        assert rc == 2 and err.startswith(f"error: {flag}") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_disk_full_mid_run(tiny_a, reference, tmp_path, monkeypatch, capsys):
+    """ENOSPC after 2 images: one error line, exit 1, the 2 images recorded; --resume finishes."""
+    import errno
+
+    out = tmp_path / "run"
+    real_save, saved = outputs.save_png, []
+
+    def save_until_full(path, array):
+        if len(saved) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real_save(path, array)
+        saved.append(path)
+
+    monkeypatch.setattr(outputs, "save_png", save_until_full)
+    rc, _, err = run(tiny_a, out, *REF_ARGS, capsys=capsys)
+    assert rc == 1 and err.count("error: ") == 1 and "No space left on device" in err and "--resume" in err, err
+    assert "Traceback" not in err and len(manifest(out)) == 2
+    monkeypatch.setattr(outputs, "save_png", real_save)
+    assert run(tiny_a, out, *REF_ARGS, "--resume") == 0
+    assert pngs(out) == pngs(reference)
 
 
 def test_torchrun_bad_input_one_message(tmp_path):
