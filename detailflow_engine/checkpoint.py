@@ -400,6 +400,12 @@ def check_state_dict(expected: Mapping[str, Union[torch.Size, Sequence[int], tor
 
 # --------------------------------------------------------------------------- writing
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_place(tmp: Path, dst: Path, overwrite: bool) -> None:
     if overwrite:
         os.replace(tmp, dst)
@@ -469,13 +475,14 @@ def save_safetensors_folder(loaded: LoadedCheckpoint, out_dir: Union[str, os.Pat
                 shutil.copyfile(src, tmp)
             else:
                 save_file(tensors, str(tmp), metadata=meta)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp (and save_file) make 0600 files: give open()'s usual mode
             staged.append((tmp, out / name))
         for tmp, dst in staged:
             _atomic_place(tmp, dst, overwrite)
     except CheckpointError:
         raise
-    except OSError as exc:
-        raise CheckpointError(f"cannot write {out}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - OSError, or safetensors' own error on a full disk
+        raise CheckpointError(f"cannot write {out}: {type(exc).__name__}: {exc}") from exc
     finally:
         for tmp in temps:
             if tmp.exists():

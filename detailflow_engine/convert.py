@@ -49,6 +49,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         msg = " ".join(str(exc).split())  # exactly one line
         print(f"error: {msg}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - anything else from a foreign file: still one line
+        msg = " ".join(str(exc).split())
+        print(f"error: cannot convert {args.src}: {type(exc).__name__}: {msg}", file=sys.stderr)
+        return 2
     print(f"wrote {out}: {len(loaded.state_dict)} tensors from {loaded.weights_path} "
           f"({loaded.which!r} weights, {len(loaded.skipped)} training-only tensors dropped)")
     return 0

@@ -105,10 +105,10 @@ def check_args(args) -> None:
     for flag, v in (("--repeats", args.repeats), ("--reference-repeats", args.reference_repeats)):
         if v < 1:
             raise UsageError(f"{flag} must be >= 1, got {v}")
-    if args.cfg_scale < 0:
-        raise UsageError(f"--cfg-scale must be >= 0, got {args.cfg_scale}")
-    if args.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 <= args.cfg_scale < float("inf"):  # NaN fails too
+        raise UsageError(f"--cfg-scale must be a finite number >= 0, got {args.cfg_scale}")
+    if not 0 <= args.temperature < float("inf"):
+        raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.top_k < 0:
         raise UsageError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
     if not 0 < args.top_p <= 1:
@@ -123,6 +123,14 @@ def check_args(args) -> None:
             raise UsageError(f"--trace {args.trace}: folder {parent} does not exist")
         if os.path.isdir(args.trace):
             raise UsageError(f"--trace {args.trace} is a folder; give a file name")
+        existed = os.path.exists(args.trace)
+        try:  # a real open, as the write after the run will do (permission bits do not bind root)
+            with open(args.trace, "a"):
+                pass
+        except OSError as e:
+            raise UsageError(f"--trace {args.trace}: cannot write it ({e.strerror}); checked before the run") from None
+        if not existed:
+            os.unlink(args.trace)
 
 
 # ------------------------------------------------------------------ models

@@ -63,15 +63,29 @@ def parse_budgets(tokens: Optional[List[str]], scheduled: List[int]) -> List[int
     return sorted(set(budgets))
 
 
+MAX_IMAGE_PIXELS = 64_000_000  # an 8000 x 8000 photo; a larger header is a decompression bomb here
+
+
 def read_image(path: Path) -> np.ndarray:
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
+    if not path.exists():
+        raise UsageError(f"image {path} does not exist")
+    if not path.is_file():  # a FIFO or device would block open() or stream forever
+        raise UsageError(f"image {path} is not a regular file")
     try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise UsageError(f"image {path} does not exist") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size  # from the header: nothing decoded yet
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise UsageError(f"image {path} is {w} x {h} = {w * h:,} pixels, more than the "
+                                     f"{MAX_IMAGE_PIXELS:,} this tool decodes (a decompression bomb?)")
+                return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as e:
         raise UsageError(f"cannot read image {path}: {_one_line(e)}") from None
 
 
@@ -172,8 +186,11 @@ def _main(argv) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"cannot create --out {out}: {_one_line(e)}") from None
-    for name, decodes in zip(names, decoded):
-        outputs.save_png(out / name, outputs.progressive_strip(decodes, height))
+    try:
+        for name, decodes in zip(names, decoded):
+            outputs.save_png(out / name, outputs.progressive_strip(decodes, height))
+    except OSError as e:  # disk full: every strip written so far is whole (atomic writes)
+        raise UsageError(f"cannot write {e.filename or out}: {e.strerror or _one_line(e)}") from None
     outputs.fsync_dir(out)
     sizes = ", ".join(f"{t}->{d.shape[0]}px" for t, d in zip(budgets, decoded[0]))
     print(f"wrote {len(names)} strips to {out} (tokens -> decode size: {sizes}; strip height {height})")

@@ -335,3 +335,34 @@ def test_convert_to_fp16_halves_the_file_and_loads(tiny_a, tmp_path):
     from detailflow_engine.loading import load_prior
 
     assert load_prior(tmp_path / "p16").output.weight.dtype == torch.float32  # cast back to the engine dtype
+
+
+def test_convert_files_get_the_usual_mode(tiny_a, tmp_path):
+    """mkstemp makes 0600 files; converted models are readable by others as open() would make them."""
+    import os
+
+    from detailflow_engine.convert import main as convert_main
+
+    mask = os.umask(0o022)
+    try:
+        assert convert_main([str(tiny_a / "prior"), str(tmp_path / "out"), "--kind", "prior"]) == 0
+    finally:
+        os.umask(mask)
+    for name in ("config.json", "config.yaml", "model.safetensors"):
+        assert (tmp_path / "out" / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_convert_disk_full_is_one_line(tiny_a, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import detailflow_engine.checkpoint as ck
+    from detailflow_engine.convert import main as convert_main
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck.shutil, "copyfile", full)
+    assert convert_main([str(tiny_a / "prior"), str(tmp_path / "out"), "--kind", "prior"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot write") and "No space left on device" in err and err.count("\n") == 1
+    assert not [p for p in (tmp_path / "out").iterdir()]  # no temp file left behind

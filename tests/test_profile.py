@@ -165,6 +165,9 @@ def test_profile_ranges_only_when_on():
     (["--top-p", "0"], "--top-p"),
     (["--cfg-scale", "-1"], "--cfg-scale"),
     (["--trace", "/no/such/dir/t.json"], "does not exist"),
+    (["--trace", "/proc/detailflow-trace.json"], "cannot write it"),  # refused before, not after, the run
+    (["--cfg-scale", "nan"], "--cfg-scale must be a finite number"),
+    (["--temperature", "inf"], "--temperature must be a finite number"),
     (["--dtype", "fp8"], "invalid choice"),
     (["--bogus"], "unrecognized"),
 ])

@@ -138,3 +138,32 @@ def test_bad_input_exits_2(tiny_a, images, tmp_path, capsys):
     assert (existing / "noise_strip.png").read_bytes() == b"old"
     assert main([str(images[0]), "--out", str(existing), "--overwrite"] + tok) == 0
     assert load(existing / "noise_strip.png").shape == (64, 7 * 64, 3)
+
+
+def test_fifo_bomb_and_full_disk(tiny_a, images, tmp_path, monkeypatch, capsys):
+    """A FIFO is refused without opening it (it would block), a header claiming a huge image is
+    refused before decoding, and a full disk is one line."""
+    import errno
+    import os
+
+    from detailflow_engine import outputs
+
+    tok = ["--tokenizer", str(tiny_a / "tokenizer"), "--device", "cpu"]
+    fifo = tmp_path / "in" / "pipe.png"
+    os.mkfifo(fifo)
+    bomb = tmp_path / "in" / "bomb.png"
+    Image.new("1", (10_000, 10_000)).save(bomb)  # 100 M pixels in a small file
+    out = tmp_path / "out"
+    for path, msg in ((fifo, "is not a regular file"), (bomb, "decompression bomb")):
+        rc = main([str(path), "--out", str(out)] + tok)
+        err = capsys.readouterr().err
+        assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and msg in err, err
+    assert not out.exists()
+
+    def full(path, array):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(outputs, "save_png", full)
+    rc = main([str(images[0]), "--out", str(out)] + tok)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: cannot write") and "No space left" in err and err.count("\n") == 1
