@@ -15,7 +15,7 @@
 // W is cut into panels of 16 output rows; panel p stores, for each k (fp32) or pair of k
 // (bf16), the 16 rows' weights side by side, so one 64-byte load gives one k of 16 outputs
 // (fp32) or two k of 16 outputs (bf16). Panels are adjacent, so a thread that owns a range of
-// panels (static OpenMP split over N) reads one contiguous slice of the buffer, front to back.
+// panels (dynamic OpenMP items of 8 panels, see kItemPanels) reads contiguous slices, front to back.
 // x: (M, K) rows with stride ldx, y: (M, N) rows with stride ldy, unit last stride.
 //
 // Inner loop (per thread, per group of NP panels, per tile of MT rows of x): MT x NP zmm
@@ -445,6 +445,9 @@ struct Tiles {
 // whatever M, the tiling, the chunking or the thread split, so a row's result never depends on
 // the other rows of the call (batch invariance; tests/ops/test_decode_gemm.py checks it).
 constexpr int64_t kChunkRows = 96;
+// Panels per dynamically scheduled work item: 8 x 16 = 128 output columns, 256-512 KB of fp32
+// weights at K = 1024; GPT-L's 1024-wide matrices make 8 items, the 8192-wide head 64.
+constexpr int64_t kItemPanels = 8;
 Tiles plan_tiles(int64_t M) {
   const int64_t count = (M + kMaxRows - 1) / kMaxRows;
   const int64_t rows = (M + count - 1) / count;
@@ -501,39 +504,45 @@ void decode_gemm(const X* x, int64_t M, int64_t K, int64_t ldx, const Wt* packed
       }
     }
 #pragma omp barrier
-    // Static split over panels: thread t streams panels [p0, p1), one contiguous slice.
-    const int64_t p0 = panels * t / T, p1 = panels * (t + 1) / T;
-    if (variant == Variant::Portable) {
-      for (int64_t p = p0; p < p1; ++p)
-        portable_panel(packed + p * pstride, xs, M, R, stage_steps, K, y + p * kP, ldy,
-                       std::min<int64_t>(kP, N - p * kP), scales ? scales + p * kP : nullptr);
-    } else {
+    // Dynamic split: work items of kItemPanels adjacent panels (one contiguous slice of the
+    // buffer each) x one row chunk, handed out in order (row chunk-major, so a chunk's staged x
+    // stays in cache while its items run). A thread slowed by a busy neighbour on its core takes
+    // fewer items instead of holding up the others with a fixed half (bench_neighbour.py).
+    const int64_t items_n = (panels + kItemPanels - 1) / kItemPanels;
+    const int64_t chunks = variant == Variant::Portable ? 1 : (tiles.count + tiles.chunk - 1) / tiles.chunk;
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t item = 0; item < items_n * chunks; ++item) {
+      const int64_t p0 = (item % items_n) * kItemPanels, p1 = std::min(panels, p0 + kItemPanels);
+      if (variant == Variant::Portable) {
+        for (int64_t p = p0; p < p1; ++p)
+          portable_panel(packed + p * pstride, xs, M, R, stage_steps, K, y + p * kP, ldy,
+                         std::min<int64_t>(kP, N - p * kP), scales ? scales + p * kP : nullptr);
+        continue;
+      }
 #if defined(__x86_64__)
-      for (int64_t c0 = 0; c0 < tiles.count; c0 += tiles.chunk) {
-        const int64_t c1 = std::min(tiles.count, c0 + tiles.chunk);
-        for (int64_t p = p0; p < p1; p += tiles.np) {
-          const int np = static_cast<int>(std::min<int64_t>(tiles.np, p1 - p));
-          for (int64_t ti = c0; ti < c1; ++ti) {
-            const int64_t m0 = ti * R;
-            const int mt = static_cast<int>(std::min<int64_t>(R, M - m0));
-            MicroFn fn;
-            if (variant == Variant::Fp32) {
-              fn = micro_for<Fp32Micro, X>(np, mt);
-            } else if (variant == Variant::Int8) {
-              fn = micro_for<Int8Micro, X>(np, mt);
-            } else if (variant == Variant::Bf16Dot) {
-              fn = micro_for<Bf16DotMicro, X>(np, mt);
-            } else {
-              fn = micro_for<Bf16WidenMicro, X>(np, mt);
-            }
-            const bool next_group = c1 - c0 > 1 && ti + 1 == c1;  // last of several passes
-            const float* tile_xs = xs + ti * R * stage_steps;
-            const Job job{packed + p * pstride, pstride, tile_xs, R, ksteps, y + m0 * ldy + p * kP, ldy,
-                          N - p * kP,
-                          next_group ? np * pstride * static_cast<int64_t>(sizeof(Wt)) : kPrefetchBytes,
-                          scales ? scales + p * kP : nullptr};
-            fn(job);
+      const int64_t c0 = (item / items_n) * tiles.chunk, c1 = std::min(tiles.count, c0 + tiles.chunk);
+      for (int64_t p = p0; p < p1; p += tiles.np) {
+        const int np = static_cast<int>(std::min<int64_t>(tiles.np, p1 - p));
+        for (int64_t ti = c0; ti < c1; ++ti) {
+          const int64_t m0 = ti * R;
+          const int mt = static_cast<int>(std::min<int64_t>(R, M - m0));
+          MicroFn fn;
+          if (variant == Variant::Fp32) {
+            fn = micro_for<Fp32Micro, X>(np, mt);
+          } else if (variant == Variant::Int8) {
+            fn = micro_for<Int8Micro, X>(np, mt);
+          } else if (variant == Variant::Bf16Dot) {
+            fn = micro_for<Bf16DotMicro, X>(np, mt);
+          } else {
+            fn = micro_for<Bf16WidenMicro, X>(np, mt);
           }
+          const bool next_group = c1 - c0 > 1 && ti + 1 == c1;  // last of several passes
+          const float* tile_xs = xs + ti * R * stage_steps;
+          const Job job{packed + p * pstride, pstride, tile_xs, R, ksteps, y + m0 * ldy + p * kP, ldy,
+                        N - p * kP,
+                        next_group ? np * pstride * static_cast<int64_t>(sizeof(Wt)) : kPrefetchBytes,
+                        scales ? scales + p * kP : nullptr};
+          fn(job);
         }
       }
 #endif
