@@ -529,8 +529,8 @@ def check_config_fits(config: Union[TokenizerConfig, PriorConfig], state_dict: M
         indices = _layer_indices(state_dict, prefix)
         if indices != list(range(count)):
             raise CheckpointConfigError(
-                f"{config_path}: {field_} asks for {count} layers under {prefix!r} but the weights in "
-                f"{weights_path} hold {_describe_layers(indices)}")
+                f"{config_path}: {field_} does not match the weights in {weights_path}: they hold "
+                f"{_describe_layers(indices)} under {prefix!r}, the config asks for {count}")
     for key, (shape, fields) in sizes.items():
         if key not in state_dict:
             raise CheckpointConfigError(
