@@ -5,6 +5,9 @@ A model folder holds ``config.json`` (the official ``ModelArgs.__dict__``) and
 write reads back byte-for-byte the same way in the official loaders, and derive
 typed, validated sizes from them. Sizes come from config.json (the official
 loader re-derives the GPT sizes from the yaml name; config.json is the truth).
+
+Every field we read is typed and bounded (``_Fields``, the ``MAX_*`` bounds): a bad value raises
+:class:`ConfigError` naming the file, the field and what was expected, before anything is built.
 """
 from __future__ import annotations
 
