@@ -43,6 +43,13 @@ Memory
   are read whole. Safetensors files are opened with ``safe_open`` and only kept keys are read
   (those tensors are ordinary in-memory tensors).
 
+Checks (all before a model is built)
+  The config's values are typed and bounded (config.py); the weights must be float32, float16
+  or bfloat16 (:data:`WEIGHT_DTYPES`; training-only keys are exempt); and the sizes the config
+  sets (layer counts, widths, vocab/codebook, classes, groups, tokens, patch sizes) must match
+  the state dict's shapes (:func:`check_config_fits`), so an absurd config is refused in
+  milliseconds. ``loading`` refuses NaN/inf weights after the copy (:func:`first_non_finite`).
+
 Errors
   Every problem raises :class:`CheckpointError` (a ``ValueError``) naming the path and/or key.
   Config problems raise :class:`CheckpointConfigError`, which is both a ``CheckpointError`` and
@@ -51,6 +58,7 @@ Errors
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pickle
 import re
@@ -68,7 +76,8 @@ from detailflow_engine.config import (ConfigError, PriorConfig, TokenizerConfig,
 __all__ = [
     "CheckpointError", "CheckpointConfigError", "ConfigError", "LoadedCheckpoint",
     "TOKENIZER_TRAINING_PREFIXES", "PRIOR_TRAINING_PREFIXES", "KINDS",
-    "load_checkpoint", "check_state_dict", "save_safetensors_folder", "find_weights",
+    "load_checkpoint", "check_state_dict", "check_weight_dtypes", "check_config_fits",
+    "first_non_finite", "save_safetensors_folder", "find_weights", "WEIGHT_DTYPES",
 ]
 
 KINDS = ("tokenizer", "prior")
@@ -85,6 +94,10 @@ SAFETENSORS_NAME = "model.safetensors"
 _META_WHICH = "detailflow.which"
 _META_KIND = "detailflow.kind"
 _MAX_NAMES = 5  # names reported per category in check_state_dict
+# The dtypes weights may have on disk: official training writes fp32, our converter fp16/bf16;
+# the engine casts them to the requested dtype. int8 is made at load (never stored), so an int,
+# bool, complex or float8 tensor would be cast silently into nonsense: refused.
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class CheckpointError(ValueError):
@@ -169,7 +182,8 @@ def _read_config(kind: str, folder: Path):
     try:
         cfg, ycfg = read_config_files(folder)
         cls = TokenizerConfig if kind == "tokenizer" else PriorConfig
-        return cls.from_dicts(cfg, ycfg, where=str(folder / "config.json"))
+        return cls.from_dicts(cfg, ycfg, where=str(folder / "config.json"),
+                              yaml_where=str(folder / "config.yaml"))
     except CheckpointConfigError:
         raise
     except ConfigError as exc:
@@ -354,6 +368,10 @@ def load_checkpoint(path: Union[str, os.PathLike], kind: str, ema: Optional[bool
     if not state:
         raise CheckpointError(f"{weights}: the {which!r} state dict is empty"
                               + (f" after skipping {len(skipped)} training-only keys" if skipped else ""))
+    training = TOKENIZER_TRAINING_PREFIXES if kind == "tokenizer" else PRIOR_TRAINING_PREFIXES
+    check_weight_dtypes({k: v for k, v in state.items() if not (training and k.startswith(training))},
+                        where=f"{weights}: {which!r} weights")
+    check_config_fits(config, state, config_path=folder / "config.json", weights_path=weights)
     return LoadedCheckpoint(kind=kind, config=config, state_dict=state, folder=folder,
                             weights_path=weights, which=which, skipped=skipped)
 
@@ -396,6 +414,134 @@ def check_state_dict(expected: Mapping[str, Union[torch.Size, Sequence[int], tor
         parts.append(f"{len(mismatched)} shape mismatch(es): " + listing(
             mismatched, lambda k: f"{k} expected {exp[k]} found {got[k]}"))
     raise CheckpointError(f"{where}: state dict does not match the model: " + " | ".join(parts))
+
+
+def check_weight_dtypes(state_dict: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuse tensors that are not float32/float16/bfloat16 (:data:`WEIGHT_DTYPES`), naming the first."""
+    bad = [k for k, t in state_dict.items() if t.dtype not in WEIGHT_DTYPES]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise CheckpointError(
+            f"{where}: {bad[0]} has dtype {state_dict[bad[0]].dtype}{more}; weights must be float32, "
+            f"float16 or bfloat16 (int8 weights are made at load, never stored)")
+
+
+def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> Optional[tuple[str, str, int]]:
+    """(first key holding NaN/inf in mapping order, 'NaN' | 'inf', number of bad tensors), or None.
+
+    One ``torch.aminmax`` pass per float tensor: NaN propagates into both, +-inf shows as one of
+    them; the flags are gathered on the tensors' device and read once. Measured on this 2-core
+    machine (shared, so it varies): the DetailFlow-16 prior's 1.3 GB of fp32 weights in 0.05-0.2 s,
+    the tokenizer's 1.1 GB in 0.04-0.06 s, bf16 about the same; ``torch.isfinite(t).all()``
+    took 0.6-3.8 s for the same tensors (it writes a bool per element first).
+    """
+    names, lows, highs = [], [], []
+    for name, t in tensors.items():
+        if t.is_floating_point() and t.numel():
+            lo, hi = torch.aminmax(t.detach())
+            names.append(name)
+            lows.append(lo.float())
+            highs.append(hi.float())
+    if not names:
+        return None
+    lows, highs = torch.stack(lows), torch.stack(highs)
+    bad = ~(torch.isfinite(lows) & torch.isfinite(highs))
+    count = int(bad.sum())
+    if not count:
+        return None
+    i = int(bad.nonzero()[0, 0])
+    return names[i], "NaN" if math.isnan(float(lows[i])) else "inf", count
+
+
+# Keys that carry each size a config sets, compared before any module is built so that an
+# absurd config costs milliseconds, not a build or an allocation: key -> (shape, the config
+# fields behind it). check_state_dict still compares every key with the built meta model.
+def _prior_size_keys(c: PriorConfig) -> dict:
+    d = c.dim
+    return {
+        "tok_embeddings.weight": ((c.vocab_size, d), f"vocab_size={c.vocab_size}, dim={d}"),
+        "output.weight": ((c.vocab_size, d), f"vocab_size={c.vocab_size}, dim={d}"),
+        "cls_embedding.embedding_table.weight": (
+            (c.num_classes + int(c.class_dropout_prob > 0), d),
+            f"num_classes={c.num_classes} (+1 null class when class_dropout_prob > 0), dim={d}"),
+        "spe_tok_embeddings.special_embeddings.weight": (
+            (c.group_size - 1, d), f"group_size={c.group_size} (group_size - 1 rows), dim={d}"),
+        "layers.0.attention.wqkv.weight": (
+            ((c.n_head + 2 * c.n_kv_head) * c.head_dim, d), f"dim={d}, n_head={c.n_head}, n_kv_head={c.n_kv_head}"),
+        "layers.0.feed_forward.w1.weight": (
+            (c.ffn_hidden, d), f"dim={d}, multiple_of={c.multiple_of}, ffn_dim_multiplier={c.ffn_dim_multiplier}"),
+    }
+
+
+def _tokenizer_size_keys(c: TokenizerConfig) -> dict:
+    e, d, n = c.encoder, c.decoder, c.num_latent_tokens
+    enc, dec = f"encoder_model={e.name!r}", f"decoder_model={d.name!r}"
+    return {
+        "encoder.latent_tokens": ((1, n, e.hidden_size), f"num_latent_tokens={n}, {enc}"),
+        "decoder.latent_pos_embed": ((1, n, d.hidden_size), f"num_latent_tokens={n}, {dec}"),
+        "encoder.visual_model.embeddings.patch_embedding.weight": (
+            (e.hidden_size, 3 * e.patch_size ** 2), f"{enc}, enc_patch_size={e.patch_size}"),
+        "decoder.to_pixel.model.weight": (
+            (3 * d.patch_size ** 2, d.hidden_size), f"dec_patch_size={d.patch_size}, {dec}"),
+        "encoder.visual_model.encoder.layers.0.mlp.fc1.weight": ((e.intermediate_size, e.hidden_size), enc),
+        "decoder.visual_model.encoder.layers.0.mlp.fc1.weight": ((d.intermediate_size, d.hidden_size), dec),
+        "quantize.embedding.weight": (
+            (c.codebook_size, c.codebook_embed_dim),
+            f"codebook_size={c.codebook_size}, codebook_embed_dim={c.codebook_embed_dim}"),
+    }
+
+
+def _layer_counts(config) -> dict:
+    """Layer-list prefix -> (layers the config asks for, the config field)."""
+    if isinstance(config, PriorConfig):
+        return {"layers.": (config.n_layer, f"n_layer={config.n_layer}")}
+    e, d = config.encoder, config.decoder
+    return {"encoder.visual_model.encoder.layers.": (e.num_layers, f"encoder_model={e.name!r}"),
+            "decoder.visual_model.encoder.layers.": (d.num_layers, f"decoder_model={d.name!r}")}
+
+
+def _layer_indices(names: Iterable[str], prefix: str) -> list[int]:
+    found = set()
+    for name in names:
+        if name.startswith(prefix):
+            index = name[len(prefix):].split(".", 1)[0]
+            if index.isascii() and index.isdigit() and len(index) <= 9:
+                found.add(int(index))
+    return sorted(found)
+
+
+def _describe_layers(indices: list[int]) -> str:
+    if indices == list(range(len(indices))):
+        return f"{len(indices)} layers" + (f" (0..{len(indices) - 1})" if indices else "")
+    shown = ", ".join(map(str, indices[:8])) + (", ..." if len(indices) > 8 else "")
+    return f"{len(indices)} layers numbered {shown}"
+
+
+def check_config_fits(config: Union[TokenizerConfig, PriorConfig], state_dict: Mapping[str, torch.Tensor],
+                      config_path: Union[str, os.PathLike], weights_path: Union[str, os.PathLike]) -> None:
+    """Compare the sizes a config sets with the state dict's shapes, before anything is built.
+
+    Checks the layer counts (``layers.N.`` indices must be exactly 0..n-1) and one key per size
+    (widths, vocab/codebook, classes, groups, tokens, patch sizes); raises
+    :class:`CheckpointConfigError` naming the config file, its fields and the key.
+    """
+    sizes = _prior_size_keys(config) if isinstance(config, PriorConfig) else _tokenizer_size_keys(config)
+    for prefix, (count, field_) in _layer_counts(config).items():
+        indices = _layer_indices(state_dict, prefix)
+        if indices != list(range(count)):
+            raise CheckpointConfigError(
+                f"{config_path}: {field_} does not match the weights in {weights_path}: they hold "
+                f"{_describe_layers(indices)} under {prefix!r}, the config asks for {count}")
+    for key, (shape, fields) in sizes.items():
+        if key not in state_dict:
+            raise CheckpointConfigError(
+                f"{config_path}: the weights in {weights_path} have no {key} (expected {shape} from "
+                f"{fields}; is this a {'prior' if isinstance(config, PriorConfig) else 'tokenizer'} checkpoint?)")
+        found = tuple(state_dict[key].shape)
+        if found != shape:
+            raise CheckpointConfigError(
+                f"{config_path}: {fields} do not match the weights in {weights_path}: {key} is "
+                f"{found}, the config gives {shape}")
 
 
 # --------------------------------------------------------------------------- writing

@@ -2,7 +2,9 @@
 
 Models are built on the meta device (no random init of hundreds of MB), given real
 storage on the target device, and filled by a strict, shape-checked state-dict copy, so the
-result never aliases the checkpoint file.
+result never aliases the checkpoint file. Before that, ``load_checkpoint`` has bounded every
+config value and compared the config's sizes with the state dict's shapes, so an absurd config
+is refused before anything is built; after the copy, NaN/inf weights are refused by name.
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from typing import Optional, Union
 
 import torch
 
-from detailflow_engine.checkpoint import check_state_dict, load_checkpoint
+from detailflow_engine.checkpoint import (CheckpointError, check_state_dict, first_non_finite,
+                                          load_checkpoint)
 from detailflow_engine.linear import WEIGHT_MODES, replace_linears
 from detailflow_engine.prior import Prior
 from detailflow_engine.tokenizer import Tokenizer
@@ -56,9 +59,22 @@ def _build(model_cls, loaded, device, dtype, prepare=None) -> torch.nn.Module:
     check_state_dict(model.state_dict(), loaded.state_dict, where=str(loaded.weights_path))
     model = model.to_empty(device=device)
     model.load_state_dict(loaded.state_dict, strict=True)
+    where = f"{loaded.weights_path}: {loaded.which!r} weights"
+    bad = first_non_finite(model.state_dict())
+    if bad:
+        key, what, count = bad
+        raise CheckpointError(f"{where}: {key} holds {what} values"
+                              + (f" ({count} tensors do)" if count > 1 else "")
+                              + "; the checkpoint is corrupt or its training diverged")
     if prepare is not None:
         prepare(model)  # on the weights as loaded, before the dtype cast
-    return model.to(dtype=dtype).eval().requires_grad_(False)
+    model = model.to(dtype=dtype)
+    if dtype == torch.float16:  # fp16 tops out at 65504: larger fp32/bf16 weights became inf
+        bad = first_non_finite(model.state_dict())
+        if bad:
+            raise CheckpointError(f"{where}: {bad[0]} overflows float16 (a value beyond +-65504); "
+                                  f"load it as fp32 or bf16")
+    return model.eval().requires_grad_(False)
 
 
 def _quantize_blocks(prior: Prior) -> None:

@@ -1,4 +1,6 @@
 """Typed configs: sizes by name, and errors that name the problem."""
+import re
+
 import pytest
 
 from detailflow_engine.config import ConfigError, PriorConfig, TokenizerConfig, resolve_tower
@@ -48,3 +50,46 @@ def test_tokenizer_config_errors(cfg, match):
 def test_prior_config_missing_keys_named():
     with pytest.raises(ConfigError, match="missing keys"):
         PriorConfig.from_dicts(dict(vocab_size=16))
+
+
+def test_released_and_embedded_configs_validate(meta16):
+    from detailflow_engine.assets import DEFAULT_PRIOR, DEFAULT_TOKENIZER
+    from detailflow_engine.config import read_config_files
+
+    for prior, tokenizer in ((meta16 / "prior", meta16 / "tokenizer"), (DEFAULT_PRIOR, DEFAULT_TOKENIZER)):
+        PriorConfig.from_dicts(*read_config_files(prior))
+        TokenizerConfig.from_dicts(*read_config_files(tokenizer))
+
+
+_PRIOR = dict(vocab_size=16, block_size=8, num_classes=3, group_size=4, n_layer=2, n_head=4, dim=64)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(n_head=0), r"^config\.json: n_head must be an int in 1\.\.65536, got 0$"),
+    (dict(dim=64.0), r"^config\.json: dim must be an int in 1\.\.65536, got 64\.0$"),
+    (dict(norm_eps=float("inf")), r"^config\.json: norm_eps must be a finite number > 0 and <= 1, got inf$"),
+    (dict(block_size=10 ** 400), r"^config\.json: block_size must be an int in 1\.\.4096, got an int of 401 digits$"),
+    (dict(rope_base=10 ** 400), r"^config\.json: rope_base must be a finite number > 0, got an int of 401 digits$"),
+])
+def test_prior_values_are_typed_and_bounded(change, match):
+    with pytest.raises(ConfigError, match=match):
+        PriorConfig.from_dicts({**_PRIOR, **change})
+
+
+def test_sizes_from_the_gpt_model_name_are_bounded_and_name_the_yaml():
+    sizes = {k: _PRIOR[k] for k in ("vocab_size", "block_size", "num_classes", "group_size")}
+    with pytest.raises(ConfigError, match=r"^m/config\.yaml: gpt_model 'GPT-custom-L100000-D64-H4': "
+                                          r"n_layer must be an int in 1\.\.1024, got 100000$"):
+        PriorConfig.from_dicts(sizes, {"gpt_model": "GPT-custom-L100000-D64-H4"}, where="m/config.json")
+
+
+@pytest.mark.parametrize("name,match", [
+    ("siglip2_custom_L0_D64_H4", "layers must be in 1..1024, got 0"),
+    ("siglip2_custom_L100000_D64_H4", "layers must be in 1..1024, got 100000"),
+    ("siglip2_custom_L2_D64_H0", "heads must be in 1..64, got 0"),
+    ("siglip2_custom_L2_D64_H128", "heads must be in 1..64, got 128"),
+    ("siglip2_custom_L2_D64_H4000000000000", "unknown tower name"),  # over 9 digits: not a size
+])
+def test_custom_tower_sizes_are_bounded(name, match):
+    with pytest.raises(ConfigError, match=re.escape(match)):
+        resolve_tower(name, False, 16)
