@@ -44,8 +44,8 @@ Memory
   (those tensors are ordinary in-memory tensors).
 
 Checks (all before a model is built)
-  The config's values are typed and bounded (config.py); the weights must be float32, float16
-  or bfloat16 (:data:`WEIGHT_DTYPES`; training-only keys are exempt); and the sizes the config
+  The config's values are typed and bounded (config.py); the weights must be float32, float16,
+  bfloat16 or float64 (:data:`WEIGHT_DTYPES`; training-only keys are exempt); and the sizes the config
   sets (layer counts, widths, vocab/codebook, classes, groups, tokens, patch sizes) must match
   the state dict's shapes (:func:`check_config_fits`), so an absurd config is refused in
   milliseconds. ``loading`` refuses NaN/inf weights after the copy (:func:`first_non_finite`).
@@ -94,10 +94,11 @@ SAFETENSORS_NAME = "model.safetensors"
 _META_WHICH = "detailflow.which"
 _META_KIND = "detailflow.kind"
 _MAX_NAMES = 5  # names reported per category in check_state_dict
-# The dtypes weights may have on disk: official training writes fp32, our converter fp16/bf16;
-# the engine casts them to the requested dtype. int8 is made at load (never stored), so an int,
-# bool, complex or float8 tensor would be cast silently into nonsense: refused.
-WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The dtypes weights may have on disk: official training writes fp32, our converter fp16/bf16,
+# a float64 export casts down exactly enough; the engine casts them to the requested dtype. int8
+# is made at load (never stored), so an int, bool, complex or float8 tensor would be cast
+# silently into nonsense: refused.
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 class CheckpointError(ValueError):
@@ -417,7 +418,7 @@ def check_state_dict(expected: Mapping[str, Union[torch.Size, Sequence[int], tor
 
 
 def check_weight_dtypes(state_dict: Mapping[str, torch.Tensor], where: str) -> None:
-    """Refuse tensors that are not float32/float16/bfloat16 (:data:`WEIGHT_DTYPES`), naming the first."""
+    """Refuse tensors that are not float32/float16/bfloat16/float64 (:data:`WEIGHT_DTYPES`), naming the first."""
     bad = [k for k, t in state_dict.items() if t.dtype not in WEIGHT_DTYPES]
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
