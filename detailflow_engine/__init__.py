@@ -7,7 +7,11 @@ Data flows one way: checkpoint -> config -> model -> pipeline.
     out = pipe.generate([207, 360], cfg_scale=1.45, seed=0)
     out.images[0].save("dog.png")
 """
-from detailflow_engine.config import ConfigError, PriorConfig, TokenizerConfig, TowerConfig  # noqa: F401
+from detailflow_engine import threading_policy
+
+threading_policy.apply()  # before anything loads torch (and its OpenMP runtime): see the module
+
+from detailflow_engine.config import ConfigError, PriorConfig, TokenizerConfig, TowerConfig  # noqa: E402,F401
 
 __version__ = "0.1.0"
 
