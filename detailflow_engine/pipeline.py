@@ -31,7 +31,7 @@ Callback = Callable[[Step, torch.Tensor, Callable[[], torch.Tensor]], None]
 @dataclass
 class GenerationResult:
     tokens: torch.Tensor  # (B, t) int64
-    pixels: torch.Tensor  # (B, 3, H, W) float32 in [-1, 1]
+    pixels: torch.Tensor  # (B, 3, H, W) float32: the decoder's raw output, roughly [-1, 1], NOT clamped
     seeds: List[int] = field(default_factory=list)
     labels: List[int] = field(default_factory=list)
 
