@@ -165,9 +165,10 @@ def check_numbers(args) -> None:
 def check_out_writable(out: Path) -> None:
     """--out must be a writable folder, or creatable; checked before anything is loaded or run.
 
-    Permissions alone do not tell (root passes every os.access check; /proc, /sys, a read-only
-    mount or a too-long name still refuse), so the check also tries: a probe file in an existing
-    --out, or the missing folders themselves, each removed again at once (--out is left as it was)."""
+    Permissions alone do not tell (root passes every os.access check, yet /proc, /sys or a too-long
+    name still refuse), so the check also tries: the missing folders themselves, removed again at
+    once, and for root a probe file in an existing --out, removed at once (--out is left as it was;
+    for other users os.access answers for an existing folder, read-only mounts included)."""
     try:
         exists = out.exists()
     except OSError as e:  # e.g. a name too long for the file system
@@ -177,6 +178,8 @@ def check_out_writable(out: Path) -> None:
             raise UsageError(f"--out {out} exists and is not a folder")
         if not os.access(out, os.W_OK | os.X_OK):
             raise UsageError(f"--out {out} is not writable")
+        if not (hasattr(os, "geteuid") and os.geteuid() == 0):
+            return
         try:
             fd, probe = tempfile.mkstemp(dir=out, prefix=".detailflow-probe-")
             os.close(fd)
