@@ -188,8 +188,14 @@ class DetailFlowBatcher:
                     req.future.set_exception(BatcherClosed("the batcher was closed before this request ran"))
                 self._queue.clear()
             self._cond.notify_all()
-        if threading.current_thread() is not self._worker:
-            self._worker.join(timeout)
+        if threading.current_thread() is self._worker:
+            return
+        held = getattr(self.pipeline, "held_by_current_thread", None)
+        if held is not None and held() and self._worker.is_alive():
+            raise RuntimeError("the batcher is closed, but close() inside a generation of its pipeline cannot "
+                               "wait for the worker (it needs that pipeline): the queued requests finish once "
+                               "the generation returns")
+        self._worker.join(timeout)
 
     def __enter__(self) -> "DetailFlowBatcher":
         return self

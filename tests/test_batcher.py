@@ -245,3 +245,28 @@ def test_waiting_on_the_worker_thread_raises(pipe, lone):
         assert seen and "worker thread" in seen[0]
         out = _in_thread(lambda: batcher.generate(labels, seed=seed, timeout=30, **settings))
         np.testing.assert_array_equal(out.uint8, lone[1])
+
+
+def test_close_inside_a_pipeline_callback_raises(pipe, lone):
+    """close() would join a worker that needs the pipeline the callback holds: it closes, raises at
+    once, and the queued request still finishes once the generation returns."""
+    labels, seed, settings = _requests()[1]
+    batcher = DetailFlowBatcher(pipe, max_batch=4, max_wait_ms=1)
+    seen, futs = [], []
+
+    def callback(step, tokens, preview):
+        if step.start == 0:
+            futs.append(batcher.submit(labels, seed=seed, **settings))
+            try:
+                batcher.close()
+            except RuntimeError as e:
+                seen.append(str(e))
+
+    res = _in_thread(lambda: pipe.generate([4], seed=3, callback=callback))
+    assert not isinstance(res, BaseException), res
+    assert len(seen) == 1 and "cannot wait for the worker" in seen[0]
+    np.testing.assert_array_equal(futs[0].result(30).uint8, lone[1])
+    with pytest.raises(BatcherClosed):
+        batcher.submit([1]).result(5)
+    batcher.close(timeout=10)
+    assert not batcher._worker.is_alive()
