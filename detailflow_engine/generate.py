@@ -165,10 +165,11 @@ def check_numbers(args) -> None:
 def check_out_writable(out: Path) -> None:
     """--out must be a writable folder, or creatable; checked before anything is loaded or run.
 
-    Permissions alone do not tell (root passes every os.access check, yet /proc, /sys or a too-long
-    name still refuse), so the check also tries: the missing folders themselves, removed again at
-    once, and for root a probe file in an existing --out, removed at once (--out is left as it was;
-    for other users os.access answers for an existing folder, read-only mounts included)."""
+    Permissions alone do not tell (root passes every os.access check, yet /proc or /sys still refuse;
+    a too-long name fails its stat), so the check also tries: a uniquely named probe folder in the
+    nearest existing ancestor of a missing --out, and for root a probe file in an existing --out,
+    each removed at once (--out is left as it was; for other users os.access answers for an
+    existing folder, read-only mounts included)."""
     try:
         exists = out.exists()
     except OSError as e:  # e.g. a name too long for the file system
@@ -197,20 +198,11 @@ def check_out_writable(out: Path) -> None:
         raise UsageError(f"cannot create --out {out}: {anc} is a file, not a folder")
     if not os.access(anc, os.W_OK | os.X_OK):
         raise UsageError(f"cannot create --out {out}: {anc} is not writable")
-    made = []  # the folders this probe creates, outermost first
-    try:
-        for part in reversed([out.absolute(), *out.absolute().parents]):
-            if not part.exists():
-                part.mkdir()
-                made.append(part)
+    try:  # a uniquely named probe folder: several ranks (torchrun) may check the same --out at once
+        os.rmdir(tempfile.mkdtemp(dir=anc, prefix=".detailflow-probe-"))
     except OSError as e:
-        raise UsageError(f"cannot create --out {out}: {_one_line(e)}") from None
-    finally:
-        for part in reversed(made):
-            try:
-                part.rmdir()
-            except OSError:
-                pass
+        raise UsageError(f"cannot create --out {out}: cannot create folders in {anc} "
+                         f"({e.strerror or _one_line(e)})") from None
 
 
 def _one_line(e: BaseException) -> str:

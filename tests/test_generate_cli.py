@@ -277,21 +277,22 @@ def test_out_that_cannot_be_created(tiny_a, tmp_path, monkeypatch, capsys):
     import errno
 
     too_long = tmp_path / ("x" * 300) / "sub"
-    ro_mount = tmp_path / "mnt" / "out"
-    real_mkdir = Path.mkdir
+    mnt = tmp_path / "mnt"  # a folder whose file system refuses new entries, even to root
+    mnt.mkdir()
+    real_mkdir = os.mkdir
 
-    def mkdir(self, *a, **k):
-        if self == ro_mount:
-            raise OSError(errno.EROFS, "Read-only file system", str(self))
-        return real_mkdir(self, *a, **k)
+    def mkdir(path, *a, **k):
+        if Path(path).parent == mnt:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_mkdir(path, *a, **k)
 
-    monkeypatch.setattr(Path, "mkdir", mkdir)
-    for out in (too_long, ro_mount):
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    for out in (too_long, mnt / "out", mnt / "out" / "deeper"):
         rc, stdout, err = run(tiny_a, out, "--num-images", 1, capsys=capsys)
         assert rc == 2 and stdout == "", (out, stdout)
         assert err.startswith(f"error: cannot create --out {out}: ") and err.count("\n") == 1, err
         assert "generate" not in err and "img/s" not in err, err  # no progress bar before the error
-    assert sorted(p.name for p in tmp_path.iterdir()) == []  # the probe removed what it made
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mnt"] and not any(mnt.iterdir())  # nothing left
 
 
 def test_one_image_is_singular(tiny_a, tmp_path, capsys):
