@@ -3,7 +3,7 @@
 For each mode (dtype bf16 + native weights, dtype fp32 + int8 weights, dtype bf16 + int8
 weights) against the fp32 engine, on
 
-  * the golden fixture tiny-a (../shared/fixtures/tiny-a, or $DETAILFLOW_FIXTURES), loaded with
+  * the golden fixture tiny-a (tests/fixtures/tiny-a, or $DETAILFLOW_FIXTURES), loaded with
     `load_prior(path, dtype=..., weights=...)`, its golden labels, CFG 1.5;
   * DetailFlow-16-size random weights (presets.py: GPT-L, 24 x 1024, vocab 8192), quantized in
     memory the way load_prior does it (the same `_quantize_blocks`), batch `--batch`, CFG 1.5;
@@ -85,7 +85,7 @@ def compare(name: str, models: dict, labels, cfg_scale: float) -> list:
 
 def fixtures_dir() -> Path:
     repo = Path(__file__).resolve().parents[1]
-    return Path(os.environ.get("DETAILFLOW_FIXTURES", repo.parent / "shared" / "fixtures")) / "tiny-a"
+    return Path(os.environ.get("DETAILFLOW_FIXTURES") or repo / "tests" / "fixtures") / "tiny-a"
 
 
 def main() -> None:

@@ -13,7 +13,7 @@
 #             with the bandwidth and matmul floors measured in the same run; kernel benchmarks
 # Writes at most 4 files to $OUT: gpu_check.log (everything), summary.md (the tables),
 # bench_generate.jsonl, and junit-style pass/fail counts inside summary.md.
-# Fixtures: $DETAILFLOW_FIXTURES (default ../shared/fixtures; carry them when that is absent).
+# Fixtures: $DETAILFLOW_FIXTURES (default tests/fixtures, in the repository).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-/tmp/gpu_check}

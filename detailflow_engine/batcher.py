@@ -44,6 +44,38 @@ class BatcherDied(RuntimeError):
     """The worker thread died (a bug or a fatal error): every pending and later request fails with this."""
 
 
+class _RequestFuture(Future):
+    """A request's Future whose blocking waits refuse to deadlock: waiting for it on the batcher's own
+    worker thread (e.g. in a done-callback), or on a thread inside a generation of the batcher's
+    pipeline (e.g. in a ``pipeline.generate`` callback: the worker needs that pipeline), raises
+    RuntimeError at once instead of waiting forever."""
+
+    def __init__(self, batcher: Optional["DetailFlowBatcher"] = None):
+        super().__init__()
+        self._batcher = batcher
+
+    def _check_wait(self) -> None:
+        b = self._batcher
+        if b is None or self.done():
+            return
+        if threading.current_thread() is b._worker:
+            raise RuntimeError("waiting for a batcher request on the batcher's own worker thread (e.g. in a "
+                               "future's done-callback) would wait forever: the worker runs the requests")
+        held = getattr(b.pipeline, "held_by_current_thread", None)
+        if held is not None and held():
+            raise RuntimeError("waiting for a batcher request inside a generation of the batcher's pipeline "
+                               "(e.g. from a pipeline.generate callback) would wait forever: the batcher's "
+                               "worker needs that pipeline; wait after the generation returns")
+
+    def result(self, timeout=None):
+        self._check_wait()
+        return super().result(timeout)
+
+    def exception(self, timeout=None):
+        self._check_wait()
+        return super().exception(timeout)
+
+
 @dataclass
 class _Request:
     labels: List[int]
@@ -118,7 +150,7 @@ class DetailFlowBatcher:
         settings: cfg_scale, temperature, top_k, top_p, gradual_cfg, num_tokens. Bad input fails
         this request's future (ValueError/TypeError), never anyone else's.
         """
-        fut: Future = Future()
+        fut: Future = _RequestFuture(self)
         try:
             key = _normalize(settings, self.pipeline)
             labels_t = self.pipeline._check_args(labels, key[0], key[1], key[2], key[3])
@@ -156,8 +188,14 @@ class DetailFlowBatcher:
                     req.future.set_exception(BatcherClosed("the batcher was closed before this request ran"))
                 self._queue.clear()
             self._cond.notify_all()
-        if threading.current_thread() is not self._worker:
-            self._worker.join(timeout)
+        if threading.current_thread() is self._worker:
+            return
+        held = getattr(self.pipeline, "held_by_current_thread", None)
+        if held is not None and held() and self._worker.is_alive():
+            raise RuntimeError("the batcher is closed, but close() inside a generation of its pipeline cannot "
+                               "wait for the worker (it needs that pipeline): the queued requests finish once "
+                               "the generation returns")
+        self._worker.join(timeout)
 
     def __enter__(self) -> "DetailFlowBatcher":
         return self

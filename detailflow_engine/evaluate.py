@@ -25,7 +25,9 @@ Three measurements:
 Models whose image size is not 32 work too: generated images are resized to 32x32 for the
 classifier (area when shrinking, bicubic when enlarging) and test images are resized to the
 tokenizer's size for the PSNR curve (same rule, rounded to uint8; that resized image is the
-reference). Bad input prints one ``error: ...`` line on stderr and exits with status 2.
+reference). Bad input prints one ``error: ...`` line on stderr and exits with status 2. While it
+works, stderr shows one progress bar per phase (classify the test set, generate, classify the
+generated images, reconstruct, classify the reconstructions; ``--no-progress`` turns them off).
 """
 from __future__ import annotations
 
@@ -80,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="Fashion-MNIST folder (default: $DETAILFLOW_FASHION_MNIST "
                                                      "or /usr/share/datasets/fashion-mnist)")
     p.add_argument("--out", default=None, help="also write the JSON to this file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars on stderr (one per phase)")
     return p
 
 
@@ -160,10 +163,28 @@ def psnr_u8(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------- the three measurements
 
-def _progress(iterable, desc: str, total: int):
+# Progress bars on stderr, one per phase (the JSON on stdout stays clean); --no-progress turns them off.
+PROGRESS = {"enabled": True}
+
+
+def _bar(desc: str, total: int):
+    """A tqdm bar on stderr for one phase, counting images; it stays on screen when done."""
     from tqdm import tqdm
 
-    return tqdm(iterable, desc=desc, total=total, disable=not sys.stderr.isatty(), leave=False)
+    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True,
+                disable=not PROGRESS["enabled"])
+
+
+def _predict(clf, x: torch.Tensor, desc: str, batch_size: int = 500):
+    """clf.predict in batches under a progress bar -> (logits, features)."""
+    logits, feats = [], []
+    with _bar(desc, x.shape[0]) as bar:
+        for i in range(0, x.shape[0], batch_size):
+            lo, fe = clf.predict(x[i:i + batch_size], batch_size=batch_size)
+            logits.append(lo)
+            feats.append(fe)
+            bar.update(lo.shape[0])
+    return torch.cat(logits), torch.cat(feats)
 
 
 def generate_images(pipe, num_per_class: int, num_classes: int, seed: int, batch_size: int,
@@ -171,11 +192,12 @@ def generate_images(pipe, num_per_class: int, num_classes: int, seed: int, batch
     """N images per class in class order (image i seeded seed + i) -> (uint8 (B, 3, S, S) cpu, labels (B,))."""
     labels = [c for c in range(num_classes) for _ in range(num_per_class)]
     out = []
-    starts = range(0, len(labels), batch_size)
-    for i in _progress(starts, "generate", len(starts)):
-        lab = labels[i:i + batch_size]
-        res = pipe.generate(lab, seed=[seed + j for j in range(i, i + len(lab))], **sampling)
-        out.append(to_uint8(res.pixels).cpu())
+    with _bar("generate", len(labels)) as bar:
+        for i in range(0, len(labels), batch_size):
+            lab = labels[i:i + batch_size]
+            res = pipe.generate(lab, seed=[seed + j for j in range(i, i + len(lab))], **sampling)
+            out.append(to_uint8(res.pixels).cpu())
+            bar.update(len(lab))
     return torch.cat(out), torch.tensor(labels, dtype=torch.int64)
 
 
@@ -189,15 +211,16 @@ def reconstruction_curve(tokenizer, images_u8: torch.Tensor, batch_size: int) ->
     ts = list(schedule.scheduled_tokens)
     sums = [0.0] * len(ts)
     full = []
-    starts = range(0, ref.shape[0], batch_size)
-    for i in _progress(starts, "reconstruct", len(starts)):
-        batch = ref[i:i + batch_size]
-        codes = tokenizer.encode(u8_to_float(batch).to(device))
-        for k, t in enumerate(ts):
-            dec = tokenizer.decode(codes, num_tokens=t).float().cpu()
-            rec = to_uint8(resize(dec, size))  # prefixes decode at or below the image size: bicubic up
-            sums[k] += float(psnr_u8(rec, batch).sum())
-        full.append(rec)
+    with _bar(f"reconstruct ({len(ts)} prefixes)", ref.shape[0]) as bar:
+        for i in range(0, ref.shape[0], batch_size):
+            batch = ref[i:i + batch_size]
+            codes = tokenizer.encode(u8_to_float(batch).to(device))
+            for k, t in enumerate(ts):
+                dec = tokenizer.decode(codes, num_tokens=t).float().cpu()
+                rec = to_uint8(resize(dec, size))  # prefixes decode at or below the image size: bicubic up
+                sums[k] += float(psnr_u8(rec, batch).sum())
+            full.append(rec)
+            bar.update(batch.shape[0])
     n = ref.shape[0]
     curve = [{"tokens": t, "resolution": schedule.decode_size(t), "psnr": round(s / n, 4)} for t, s in zip(ts, sums)]
     return curve, torch.cat(full) if full else ref[:0]
@@ -280,7 +303,7 @@ def evaluate(args) -> dict:
     # real test images through the classifier: the accuracy ceiling and the reference features
     t0 = time.time()
     test_u8 = torch.from_numpy(test_x).permute(0, 3, 1, 2).contiguous()
-    test_logits, test_feats = clf.predict(u8_to_float(test_u8).to(device))
+    test_logits, test_feats = _predict(clf, u8_to_float(test_u8).to(device), "classify test set")
     test_acc = float((test_logits.argmax(1).cpu() == torch.from_numpy(test_y)).float().mean())
     test_feats = test_feats.cpu().numpy()
 
@@ -292,7 +315,7 @@ def evaluate(args) -> dict:
                                          **sampling)
     t2 = time.time()
     gen_in = resize(u8_to_float(gen_u8), CLASSIFIER_SIZE).clamp(-1, 1)
-    gen_logits, gen_feats = clf.predict(gen_in.to(device))
+    gen_logits, gen_feats = _predict(clf, gen_in.to(device), "classify generated")
     pred = gen_logits.argmax(1).cpu()
     gen_feats = gen_feats.cpu().numpy()
     correct = (pred == gen_labels)
@@ -325,7 +348,7 @@ def evaluate(args) -> dict:
         curve, recon_u8 = reconstruction_curve(tokenizer, test_u8[:n_rec], args.batch_size)
         # does the tokenizer keep the class? the classifier on the all-token reconstructions
         recon_in = resize(u8_to_float(recon_u8), CLASSIFIER_SIZE).clamp(-1, 1)
-        recon_logits, recon_feats = clf.predict(recon_in.to(device))
+        recon_logits, recon_feats = _predict(clf, recon_in.to(device), "classify reconstructions")
         recon_pred = recon_logits.argmax(1).cpu()
         recon_accuracy = round(float((recon_pred == torch.from_numpy(test_y[:n_rec])).float().mean()), 4)
         recon_frechet = reconstruction_frechet(recon_feats.cpu().numpy(), test_feats)
@@ -372,6 +395,7 @@ def evaluate(args) -> dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    PROGRESS["enabled"] = not args.no_progress
     try:
         _check_args(args)
         result = evaluate(args)

@@ -31,6 +31,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -117,8 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------- argument checks
 
 def parse_classes(tokens: List[str]) -> Optional[List[int]]:
-    """['1,2', '3'] -> [1, 2, 3]; ['all'] -> None (every class of the model)."""
-    items = [t for tok in tokens for t in re.split(r"[,\s]+", tok.strip()) if t]
+    """['1,2', '3'] -> [1, 2, 3]; ['all'] -> None (every class of the model). An empty item between
+    commas ('1,,2', '1,', ',2') is refused: it is a typo, not a class."""
+    items = []
+    for tok in tokens:
+        parts = tok.split(",")
+        for part in parts:
+            words = part.split()
+            if not words and len(parts) > 1:
+                raise UsageError(f"--classes {tok!r}: empty class id between commas (give ids like 1,2)")
+            items += words
     if not items:
         raise UsageError("--classes is empty: give class ids or 'all'")
     if any(t.lower() == "all" for t in items):
@@ -163,20 +172,46 @@ def check_numbers(args) -> None:
 
 
 def check_out_writable(out: Path) -> None:
-    """--out must be a writable folder, or creatable: checked without creating anything."""
-    if out.exists():
+    """--out must be a writable folder, or creatable; checked before anything is loaded or run.
+
+    Permissions alone do not tell (root passes every os.access check, yet /proc or /sys still refuse;
+    a too-long name fails its stat), so the check also tries: a uniquely named probe folder in the
+    nearest existing ancestor of a missing --out, and for root a probe file in an existing --out,
+    each removed at once (--out is left as it was; for other users os.access answers for an
+    existing folder, read-only mounts included)."""
+    try:
+        exists = out.exists()
+    except OSError as e:  # e.g. a name too long for the file system
+        raise UsageError(f"cannot create --out {out}: {_one_line(e)}") from None
+    if exists:
         if not out.is_dir():
             raise UsageError(f"--out {out} exists and is not a folder")
         if not os.access(out, os.W_OK | os.X_OK):
             raise UsageError(f"--out {out} is not writable")
+        if not (hasattr(os, "geteuid") and os.geteuid() == 0):
+            return
+        try:
+            fd, probe = tempfile.mkstemp(dir=out, prefix=".detailflow-probe-")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as e:
+            raise UsageError(f"--out {out} is not writable: {_one_line(e)}") from None
         return
     anc = out.absolute().parent
-    while not anc.exists() and anc != anc.parent:
-        anc = anc.parent
+    try:
+        while not anc.exists() and anc != anc.parent:
+            anc = anc.parent
+    except OSError as e:
+        raise UsageError(f"cannot create --out {out}: {_one_line(e)}") from None
     if not anc.is_dir():
         raise UsageError(f"cannot create --out {out}: {anc} is a file, not a folder")
     if not os.access(anc, os.W_OK | os.X_OK):
         raise UsageError(f"cannot create --out {out}: {anc} is not writable")
+    try:  # a uniquely named probe folder: several ranks (torchrun) may check the same --out at once
+        os.rmdir(tempfile.mkdtemp(dir=anc, prefix=".detailflow-probe-"))
+    except OSError as e:
+        raise UsageError(f"cannot create --out {out}: cannot create folders in {anc} "
+                         f"({e.strerror or _one_line(e)})") from None
 
 
 def _one_line(e: BaseException) -> str:
@@ -601,7 +636,7 @@ def _generate(args, pipe, out: Path, plan, settings, records, clean, size, found
     n = len(todo)
     kept = f"; {len(plan) - n} were already there" if len(plan) > n else ""
     procs = f" by {world} processes" if dist.active else ""
-    print(f"wrote {n} images to {out}{procs} in {dt:.1f} s ({n / max(dt, 1e-9):.2f} images/s){kept}")
+    print(f"wrote {n} image{'' if n == 1 else 's'} to {out}{procs} in {dt:.1f} s ({n / max(dt, 1e-9):.2f} images/s){kept}")
     return 0
 
 

@@ -88,6 +88,46 @@ def _offline(hf) -> bool:
     return env or bool(check() if check is not None else getattr(hf.constants, "HF_HUB_OFFLINE", False))
 
 
+# How long the reachability probe may take before the Hub counts as unreachable (seconds).
+PROBE_TIMEOUT_S = 3.0
+
+
+def _unreachable(hf) -> Optional[str]:
+    """None when the Hub endpoint (or the https proxy in front of it) accepts a TCP connection
+    within PROBE_TIMEOUT_S, else why not. huggingface_hub itself retries a dead network with
+    backoff for about 25 s before giving up; this probe lets a machine without network fall back
+    to the cache, or fail with the offline hint, in a few seconds."""
+    import socket
+    import threading
+    import urllib.parse
+    import urllib.request
+
+    endpoint = os.environ.get("HF_ENDPOINT") or getattr(hf.constants, "ENDPOINT", "https://huggingface.co")
+    url = urllib.parse.urlsplit(endpoint)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme or "https")
+    if proxy and host and not urllib.request.proxy_bypass(host):
+        purl = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        host, port = purl.hostname, purl.port or 8080
+    if not host:
+        return None  # an endpoint we cannot parse: let huggingface_hub deal with it
+    box: List[Optional[str]] = ["no answer"]
+
+    def probe():
+        try:
+            with socket.create_connection((host, port), timeout=PROBE_TIMEOUT_S):
+                box[0] = None
+        except OSError as e:
+            box[0] = f"{type(e).__name__}: {e}"
+
+    t = threading.Thread(target=probe, daemon=True)  # getaddrinfo itself has no timeout
+    t.start()
+    t.join(PROBE_TIMEOUT_S + 0.5)
+    if t.is_alive():
+        return f"no answer from {host}:{port} within {PROBE_TIMEOUT_S:g} s"
+    return None if box[0] is None else f"cannot connect to {host}:{port} ({box[0]})"
+
+
 def _cache_dir(cache_dir) -> Path:
     """The hub cache: explicit, else $HF_HUB_CACHE read now (tests set it late), else the library's."""
     if cache_dir is not None:
@@ -108,7 +148,8 @@ def _cached_snapshot(repo_id: str, revision: str, cache: Path) -> Path:
     snap = storage / "snapshots" / commit if commit else None
     if snap is None or not snap.is_dir():
         raise HubError(f"{repo_id}@{revision} is not in the Hugging Face cache {cache} and the Hub cannot be "
-                       f"reached (offline): download it once online, or pass a local model folder")
+                       f"reached (offline): download it once online (or set HF_HUB_CACHE to a cache that has "
+                       f"it), or pass a local model folder")
     return snap
 
 
@@ -155,6 +196,13 @@ def _resolve_repo(parsed, revision, cache_dir) -> Path:
     cache = _cache_dir(cache_dir)
     if _offline(hf):
         snap = _cached_snapshot(repo_id, revision, cache)
+        return _local_files(snap, pick_files(_list_cached(snap), where + " (cached)"), where)
+    why = _unreachable(hf)
+    if why is not None:  # no network: the cache, or the offline hint, in seconds (no retries)
+        try:
+            snap = _cached_snapshot(repo_id, revision, cache)
+        except HubError as ce:
+            raise HubError(f"{ce} ({why}; HF_HUB_OFFLINE=1 skips the network check)") from None
         return _local_files(snap, pick_files(_list_cached(snap), where + " (cached)"), where)
     try:
         files = hf.HfApi().list_repo_files(repo_id, revision=revision)

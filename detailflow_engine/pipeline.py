@@ -7,6 +7,7 @@ An image's tokens therefore depend only on its own seed, never on the batch it r
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
@@ -33,7 +34,7 @@ Callback = Callable[[Step, torch.Tensor, Callable[[], torch.Tensor]], None]
 @dataclass
 class GenerationResult:
     tokens: torch.Tensor  # (B, t) int64
-    pixels: torch.Tensor  # (B, 3, H, W) float32 in [-1, 1]
+    pixels: torch.Tensor  # (B, 3, H, W) float32: the decoder's raw output, roughly [-1, 1], NOT clamped
     seeds: List[int] = field(default_factory=list)
     labels: List[int] = field(default_factory=list)
 
@@ -124,6 +125,7 @@ class DetailFlowPipeline:
         """``tokenizer`` may be None for a tokens-only pipeline (generate_tokens)."""
         self.prior, self.tokenizer = prior, tokenizer
         self._lock = threading.Lock()  # the KV cache is per pipeline: one generation at a time
+        self._owner: Optional[int] = None  # thread id holding _lock (re-entry from a callback is an error)
         if tokenizer is None:
             return
         pc, tc = prior.config, tokenizer.config
@@ -172,6 +174,26 @@ class DetailFlowPipeline:
     @property
     def device(self) -> torch.device:
         return self.prior.output.weight.device
+
+    def held_by_current_thread(self) -> bool:
+        """True while this thread runs a generation of this pipeline (e.g. inside its callback)."""
+        return self._owner == threading.get_ident()
+
+    @contextlib.contextmanager
+    def _locked(self):
+        """The pipeline's lock; a thread that already holds it (a callback calling back into the
+        pipeline) gets a RuntimeError at once instead of waiting for itself forever."""
+        if self.held_by_current_thread():
+            raise RuntimeError("DetailFlowPipeline.generate/generate_tokens called from inside a generation "
+                               "of the same pipeline (e.g. from its callback): the pipeline runs one generation "
+                               "at a time and this one would wait for itself forever; call it after the "
+                               "callback returns, or use a second pipeline")
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._owner = None
 
     # ------------------------------------------------------------------ generation
 
@@ -259,7 +281,7 @@ class DetailFlowPipeline:
         seed_t = torch.tensor(seeds, dtype=torch.int64, device=self.device)
         rows = torch.cat([labels, torch.full_like(labels, self.prior.null_class)]) if use_cfg else labels
         num_groups = T // cfg.group_size  # as the official loop: groups of the tokens generated
-        with self._lock:
+        with self._locked():
             self.prior.setup_caches(rows.shape[0])
             tokens = torch.zeros(rows.shape[0], T, dtype=torch.int64, device=self.device)
             step_logits = []
@@ -303,6 +325,6 @@ class DetailFlowPipeline:
         self._check_result_size(len(labels), num_tokens)
         tokens, seeds = self.generate_tokens(labels, cfg_scale, temperature, top_k, top_p, gradual_cfg,
                                              seed, num_tokens, callback)
-        with self._lock:
+        with self._locked():
             pixels = self.tokenizer.decode(tokens)
         return GenerationResult(tokens=tokens, pixels=pixels, seeds=seeds, labels=[int(x) for x in labels])

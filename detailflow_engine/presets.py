@@ -1,6 +1,6 @@
 """Model presets at the released sizes, for benchmarks and profiles with random weights.
 
-The released DetailFlow-16 configs (shared/fixtures/detailflow16-meta) as dicts, so anyone can
+The released DetailFlow-16 configs (tests/fixtures/detailflow16-meta) as dicts, so anyone can
 run the real shapes without the release: GPT-L prior (24 x 1024, 16 heads, vocab 8192,
 128 tokens, group 8) and a SigLIP2-base tokenizer at 256 px.
 """

@@ -14,8 +14,15 @@ same weights, labels and settings) runs under torch.profiler. Printed:
   on this machine and how far each side is from it;
 * per-op rows: our kernels by name (`detailflow::<op>`), torch GEMMs, attention, norms, other
   aten ops, Python time between ops; calls, time, GB/s and GFLOP/s where the bytes/FLOPs are known;
-* the floors, measured in the same process: a large streaming read (GB/s) and a large GEMM
-  (GFLOP/s); the prior's floor streams all its weights once per step.
+* the floors, measured in the same process before and after the runs, each the best of several
+  repeats: a large streaming read (GB/s) and a large GEMM (GFLOP/s); the prior's floor streams all
+  its weights once per step. A stage that beats its floor (engine/floor < 1) is flagged: the floor
+  was measured low (a busy neighbour during its measurement, or shapes faster than the probe GEMM);
+* the process's peak memory (RSS). ``--random-weights detailflow16`` builds DetailFlow-16-size models
+  in memory: the profile peaks at about 8 GB of RAM with --compare-reference (about 5 GB without).
+
+The torch profiler's native lines on stderr (``USDT: ... SyncActivityProfilerHandler``) are
+filtered out; anything else written to stderr meanwhile is passed on.
 
 Stage ranges are added from the outside (methods of the model instances and call-site globals are
 wrapped while profiling, see profiling/instrument.py); our kernels get their ranges in ops/_dispatch.py.
@@ -25,8 +32,10 @@ Bad arguments: one ``error: ...`` line on stderr, exit status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -40,6 +49,56 @@ from detailflow_engine.profiling.instrument import (RUN_PREFIX, STAGES, Counters
                                                     sampling_range, stage_range, timing)
 
 EXIT_USAGE = 2
+# About how much RAM a random-weights preset's profile needs at its peak, GB: (engine only, with
+# --compare-reference). Measured (peak RSS, /usr/bin/time -v) on the 2-core CPU box, fp32, batch 1: 4.9 / 7.9.
+PRESET_PEAK_GB = {"detailflow16": (5, 8)}
+
+
+def _preset_peak_text(preset: str, with_reference: bool) -> str:
+    alone, with_ref = PRESET_PEAK_GB[preset]
+    return (f"peaks at about {with_ref} GB of RAM with --compare-reference (about {alone} GB without)"
+            if with_reference else f"peaks at about {alone} GB of RAM (about {with_ref} GB with --compare-reference)")
+# Native lines the torch profiler (kineto) writes straight to fd 2 when it starts and stops.
+_PROFILER_NOISE = re.compile(r"^(USDT|STAGE):|SyncActivityProfilerHandler|ActivityProfilerController")
+
+
+@contextlib.contextmanager
+def quiet_profiler_stderr():
+    """Run a block with fd 2 sent to a temporary file, then pass on every line but the profiler's
+    own native chatter (kineto writes it to fd 2 directly, so Python cannot intercept it)."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no usable fd 2: nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            try:
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            kept = [ln for ln in tmp.read().decode(errors="replace").splitlines(keepends=True)
+                    if not _PROFILER_NOISE.search(ln)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
+
+
+def peak_rss_bytes() -> Optional[int]:
+    """This process's peak resident memory so far (None where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) * (1 if sys.platform == "darwin" else 1024)  # bytes on macOS, KiB on Linux
 
 
 class UsageError(Exception):
@@ -269,7 +328,8 @@ def run_engine(pipe, labels, args, counters: Counters):
         counters.reset(active=False)
         wall, timer = _timed(once, device, args.repeats)
         counters.reset(active=True)
-        with torch.profiler.profile(activities=_activities(device), record_shapes=True) as prof:
+        with quiet_profiler_stderr(), \
+                torch.profiler.profile(activities=_activities(device), record_shapes=True) as prof:
             with torch.profiler.record_function(RUN_PREFIX + "engine"):
                 tokens, images = once()
                 _sync(device)
@@ -295,7 +355,8 @@ def run_reference(ref_prior, ref_tok, labels, args, device):
         for _ in range(args.warmup):  # the reference is slow: warm up on the causal prefix only
             once(ref_prior.causal_num)
         wall, timer = _timed(once, device, args.reference_repeats)
-        with torch.profiler.profile(activities=_activities(device), record_shapes=True) as prof:
+        with quiet_profiler_stderr(), \
+                torch.profiler.profile(activities=_activities(device), record_shapes=True) as prof:
             with torch.profiler.record_function(RUN_PREFIX + "reference"):
                 tokens, images = once()
                 _sync(device)
@@ -326,6 +387,9 @@ def build_report(args, device, dtype, pipe, eng, ref, floors, stage_floor, token
     def vs(ms: float, floor_s: float):
         return ms / 1e3 / floor_s if floor_s > 0 else None
 
+    def low(x) -> bool:  # a stage faster than its floor: the floor, not the stage, is off
+        return x is not None and x < 1.0
+
     stages = []
     for s in STAGES + (None, "total"):
         name = {None: "unattributed", "total": "total"}.get(s, s)
@@ -333,11 +397,13 @@ def build_report(args, device, dtype, pipe, eng, ref, floors, stage_floor, token
         row = dict(stage=name, **side("engine", eng, s))
         if s is not None:
             row.update(floor_ms=floor_s * 1e3, engine_vs_floor=vs(row["engine_ms"], floor_s))
+            row["floor_measured_low"] = low(row["engine_vs_floor"])
         if ref is not None:
             row.update(side("reference", ref, s))
             row["ratio"] = row["reference_ms"] / row["engine_ms"] if row["engine_ms"] > 0 and s is not None else None
             if s is not None:
                 row["reference_vs_floor"] = vs(row["reference_ms"], floor_s)
+                row["floor_measured_low"] = row["floor_measured_low"] or low(row["reference_vs_floor"])
         stages.append(row)
     cfg = pipe.prior.config
     report = dict(
@@ -354,6 +420,9 @@ def build_report(args, device, dtype, pipe, eng, ref, floors, stage_floor, token
         floors=dict(floors, weights_streamed_per_step_bytes=weight_bytes, decoder_flops=decoder_flops,
                     total_ms=total_floor * 1e3),
         stages=stages,
+        memory=dict(peak_rss_bytes=peak_rss_bytes(),
+                    preset_peak=(_preset_peak_text(args.random_weights, ref is not None)
+                                 if args.random_weights in PRESET_PEAK_GB else None)),
         ops=dict(engine=eng.ops, reference=ref.ops if ref else None),
         gpu_kernels=dict(engine=eng.gpu_kernels, reference=ref.gpu_kernels if ref else None),
         tokens_identical=tokens_equal,
@@ -373,6 +442,11 @@ def _fmt_pct(v) -> str:
     return "-" if v is None else f"{v * 100:.1f}%"
 
 
+def _fmt_vs_floor(v) -> str:
+    """engine/floor: below 1x the floor itself was measured low, and the cell says so."""
+    return _fmt_x(v) + (" (floor measured low)" if v is not None and v < 1.0 else "")
+
+
 def format_text(rep: dict, max_ops: int) -> str:
     c, fl = rep["config"], rep["floors"]
     has_ref = rep["ops"]["reference"] is not None
@@ -388,9 +462,12 @@ def format_text(rep: dict, max_ops: int) -> str:
                 f"({rep['wall_s']['reference'] / rep['wall_s']['engine']:.2f}x)" if has_ref else "")
              + f"; under the profiler: engine {rep['profiled_s']['engine'] * 1e3:.1f} ms"
              + (f", reference {rep['profiled_s']['reference'] * 1e3:.1f} ms" if has_ref else ""),
-             f"# floors (measured now): read {fl['read_gbs']:.1f} GB/s, GEMM {fl['gemm_gflops']:.0f} GFLOP/s "
+             f"# floors (measured now, best of {fl.get('read_repeats', '?')} reads and "
+             f"{fl.get('gemm_repeats', '?')} GEMMs, before and after the runs): read {fl['read_gbs']:.1f} GB/s, "
+             f"GEMM {fl['gemm_gflops']:.0f} GFLOP/s "
              f"({fl['gemm_dtype']}, n={fl['gemm_n']}); prior weights streamed/step "
              f"{fl['weights_streamed_per_step_bytes'] / 1e6:.1f} MB; decoder {fl['decoder_flops'] / 1e9:.2f} GFLOP",
+             _memory_line(rep.get("memory") or {}),
              ""]
     if has_ref:
         lines += ["| stage | engine ms | share | reference ms | share | ref/engine | floor ms | engine/floor "
@@ -403,10 +480,15 @@ def format_text(rep: dict, max_ops: int) -> str:
             lines.append(f"| {r['stage']} | {_fmt_ms(r['engine_ms'])} | {_fmt_pct(r['engine_share'])} | "
                          f"{_fmt_ms(r.get('reference_ms'))} | {_fmt_pct(r.get('reference_share'))} | "
                          f"{_fmt_x(r.get('ratio'))} | {_fmt_ms(r.get('floor_ms'))} | "
-                         f"{_fmt_x(r.get('engine_vs_floor'))} | {_fmt_x(r.get('reference_vs_floor'))} |")
+                         f"{_fmt_vs_floor(r.get('engine_vs_floor'))} | {_fmt_vs_floor(r.get('reference_vs_floor'))} |")
         else:
             lines.append(f"| {r['stage']} | {_fmt_ms(r['engine_ms'])} | {_fmt_pct(r['engine_share'])} | "
-                         f"{_fmt_ms(r.get('floor_ms'))} | {_fmt_x(r.get('engine_vs_floor'))} |")
+                         f"{_fmt_ms(r.get('floor_ms'))} | {_fmt_vs_floor(r.get('engine_vs_floor'))} |")
+    low = [r["stage"] for r in rep["stages"] if r.get("floor_measured_low")]
+    if low:
+        lines.append(f"\nfloor measured low for {', '.join(low)}: the stage ran faster than its floor, so the floor "
+                     f"is an underestimate here (a neighbour slowed the floor measurement, or the stage's shapes "
+                     f"beat the n={fl['gemm_n']} probe GEMM); read such a stage as at its floor, not below it")
     if has_ref:
         t = rep["tokens_identical"]
         lines.append(f"\ntokens identical (engine vs reference): {'yes' if t['identical'] else 'NO'} "
@@ -438,6 +520,14 @@ def format_text(rep: dict, max_ops: int) -> str:
     return "\n".join(lines)
 
 
+def _memory_line(mem: dict) -> str:
+    peak = mem.get("peak_rss_bytes")
+    line = "# memory: peak RSS of this process " + ("unknown" if peak is None else f"{peak / 1e9:.1f} GB")
+    if mem.get("preset_peak"):
+        line += f"; this random-weights profile {mem['preset_peak']}"
+    return line
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     try:
@@ -446,6 +536,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         from detailflow_engine.loading import resolve_device, resolve_dtype
 
         device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+        if args.random_weights in PRESET_PEAK_GB:
+            print(f"note: --random-weights {args.random_weights} builds full-size models in memory; the profile "
+                  f"{_preset_peak_text(args.random_weights, args.compare_reference)}", file=sys.stderr)
         pipe, ref_prior, ref_tok = build_models(args, device, dtype, args.compare_reference)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -459,6 +552,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cfg = pipe.prior.config
     labels = [(7 * i + 3) % cfg.num_classes for i in range(args.batch_size)]
     counters = Counters()
+    floors_before = analysis.measure_floors(device, dtype)
     eprof, ewall, etimer, etokens, eimages = run_engine(pipe, labels, args, counters)
     traces = [("engine", _exported(eprof))]
     eng = analysis.analyze(traces[0][1], "engine", ewall, etimer, counters)
@@ -471,7 +565,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         eq = (rtokens.cpu() == etokens.cpu())
         tokens_equal = dict(identical=bool(eq.all()), equal_fraction=float(eq.float().mean()), count=eq.numel())
 
-    floors = analysis.measure_floors(device, dtype)
+    floors = analysis.best_floors(floors_before, analysis.measure_floors(device, dtype))
     weight_bytes = analysis.streamed_weight_bytes(pipe.prior)
     dflops = analysis.decoder_flops(pipe.tokenizer, etokens)
     rows = args.batch_size * (2 if args.cfg_scale > 1.0 else 1)

@@ -3,9 +3,14 @@
     python -m detailflow_engine.reconstruct cat.png dog.jpg --tokens 8,16,32,64,128 --out recon
     python -m detailflow_engine.reconstruct photo.png --tokenizer ByteVisionLab/DetailFlow-16 --out recon
 
-Each image is center-cropped to a square, resized (bicubic) to the tokenizer's full-token input
-size, encoded once to all its tokens, and decoded from the first t tokens for every budget t
-(default: every scheduled step). Prefix t decodes at its schedule size; the strip
+Each image is fitted to the tokenizer's full-token input size as its training data was
+(``--fit``): ``pad`` centres it on a black square (Fashion-MNIST's 28x28 -> 32x32; a larger image
+is first shrunk to fit), ``center-crop`` takes the central square and resizes it (the ADM/ImageNet
+rule of the image-folder trainer), ``resize`` stretches the whole image. The default comes from
+the tokenizer's config.yaml (``data``/``dataset``): Fashion-MNIST pads, anything else is
+center-cropped. One warning line says when images are far from the training data (colour on a
+greyscale model, or a size more than 2x off). Each is encoded once to all its tokens, and decoded
+from the first t tokens for every budget t (default: every scheduled step). Prefix t decodes at its schedule size; the strip
 ``{stem}_strip.png`` shows the budgets left to right, each NEAREST-upsampled to the largest
 budget's size (the coarse pixels stay visible). Bad input (an unreadable image, a budget that is
 not a scheduled prefix, an unusable --out or model) is one ``error: ...`` line and exit 2, with
@@ -26,6 +31,11 @@ from detailflow_engine.generate import (EXIT_USAGE, UsageError, _one_line, _Pars
                                         resolve_model_arg)
 
 
+FIT_MODES = ("pad", "center-crop", "resize")
+# Datasets of fixed-size greyscale images that the trainers pad to the model size (name -> raw side).
+_PADDED_GREY = {"fashion-mnist": 28, "fashion_mnist": 28, "fmnist": 28, "mnist": 28}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m detailflow_engine.reconstruct",
                 description="Encode images with a DetailFlow tokenizer and decode them coarse to fine.")
@@ -39,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="default: fp32")
     p.add_argument("--batch-size", type=int, default=16, help="images per encode/decode pass (default: 16)")
+    p.add_argument("--fit", choices=FIT_MODES, default=None,
+                   help="how an image becomes the tokenizer's input square: pad (centre on black, as "
+                        "Fashion-MNIST 28 -> 32), center-crop (central square, resized), resize (stretch); "
+                        "default: what the tokenizer's training data had (its config.yaml)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder for the strips")
     p.add_argument("--overwrite", action="store_true", help="replace strips already in --out")
     return p
@@ -89,30 +103,83 @@ def read_image(path: Path) -> np.ndarray:
         raise UsageError(f"cannot read image {path}: {_one_line(e)}") from None
 
 
-def to_square(img: np.ndarray, size: int) -> np.ndarray:
-    """Center crop to a square, resize (bicubic) to size x size -> (size, size, 3) uint8."""
+def training_data(config) -> dict:
+    """What the tokenizer's config.yaml says about its training images:
+    {name, fit (the --fit default), grey (greyscale images), size (their side before fitting, or
+    None for an image folder: photos of any size, center-cropped and resized)}."""
+    y = getattr(config, "raw_yaml", None) or {}
+    name = str(y.get("data") or y.get("dataset") or "").strip()
+    if name.lower() in _PADDED_GREY:
+        return dict(name=name, fit="pad", grey=True, size=_PADDED_GREY[name.lower()])
+    return dict(name=name or "unknown", fit="center-crop", grey=False, size=None)
+
+
+def fit_image(img: np.ndarray, size: int, fit: str) -> np.ndarray:
+    """(H, W, 3) uint8 -> (size, size, 3) uint8 by ``fit`` (see the module docstring)."""
     from PIL import Image
 
+    from detailflow_ref.datasets import center_crop_resize
+
+    if fit not in FIT_MODES:
+        raise ValueError(f"fit must be one of {FIT_MODES}, got {fit!r}")
     h, w = img.shape[:2]
-    s = min(h, w)
-    top, left = (h - s) // 2, (w - s) // 2
-    im = Image.fromarray(np.ascontiguousarray(img[top:top + s, left:left + s]))
-    if im.size != (size, size):
-        im = im.resize((size, size), Image.BICUBIC)
-    return np.asarray(im)
+    if fit == "center-crop":
+        return np.asarray(center_crop_resize(Image.fromarray(np.ascontiguousarray(img)), size))
+    if fit == "resize":
+        if (h, w) == (size, size):
+            return img
+        return np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((size, size), Image.BICUBIC))
+    if max(h, w) > size:  # pad: shrink to fit first, aspect kept
+        scale = size / max(h, w)
+        w, h = max(1, min(size, round(w * scale))), max(1, min(size, round(h * scale)))
+        img = np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((w, h), Image.BICUBIC))
+    out = np.zeros((size, size, 3), dtype=np.uint8)
+    top, left = (size - h) // 2, (size - w) // 2
+    out[top:top + h, left:left + w] = img
+    return out
 
 
-def reconstruct(tokenizer, images: List[np.ndarray], budgets: List[int], batch_size: int = 16) -> List[List[np.ndarray]]:
-    """uint8 images -> for each image, its decodes (s_t, s_t, 3) uint8 at each budget t."""
+def fit_warning(images: List[np.ndarray], paths: List[Path], train: dict, size: int) -> Optional[str]:
+    """One line when images are far from the training data, else None: colour images for a greyscale
+    model; sides more than 2x off the training images' (for an image folder, whose photos are shrunk
+    to the model size in training as here: only images under half the model size)."""
+    problems = []
+    for path, im in zip(paths, images):
+        h, w = im.shape[:2]
+        why = []
+        if train["grey"] and not (np.array_equal(im[..., 0], im[..., 1]) and np.array_equal(im[..., 1], im[..., 2])):
+            why.append("colour")
+        ref = train["size"] or size
+        if min(h, w) * 2 < ref or (train["size"] is not None and max(h, w) > 2 * ref):
+            why.append(f"{w}x{h}")
+        if why:
+            problems.append(f"{path.name} ({', '.join(why)})")
+    if not problems:
+        return None
+    if train["size"] is not None:
+        data = (f"{train['name']}: {train['size']}x{train['size']} {'greyscale' if train['grey'] else 'colour'}, "
+                f"padded to {size}")
+    else:
+        data = f"{train['name']}: colour photos center-cropped to {size}x{size}"
+    more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+    return (f"warning: {len(problems)} of {len(images)} images are far from this tokenizer's training data "
+            f"({data}): {', '.join(problems[:3])}{more}; expect worse reconstructions than on such data")
+
+
+def reconstruct(tokenizer, images: List[np.ndarray], budgets: List[int], batch_size: int = 16,
+                fit: Optional[str] = None) -> List[List[np.ndarray]]:
+    """uint8 images -> for each image, its decodes (s_t, s_t, 3) uint8 at each budget t.
+    ``fit``: see the module docstring (default: as the tokenizer's training data)."""
     import torch
 
     from detailflow_engine.pipeline import to_uint8
 
+    fit = fit or training_data(tokenizer.config)["fit"]
     size = tokenizer.schedule.encode_size(tokenizer.num_tokens)
     device = tokenizer.quant_conv.weight.device
     out = []
     for b in range(0, len(images), batch_size):
-        batch = np.stack([to_square(im, size) for im in images[b:b + batch_size]])
+        batch = np.stack([fit_image(im, size, fit) for im in images[b:b + batch_size]])
         pixels = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         codes = tokenizer.encode(pixels)
         decodes = [to_uint8(tokenizer.decode(codes, num_tokens=t)).cpu().numpy() for t in budgets]
@@ -175,9 +242,14 @@ def _main(argv) -> int:
     except Exception as e:  # anything else from a foreign file: still one line, no traceback
         raise UsageError(f"cannot load the tokenizer {tok_path}: {type(e).__name__}: {_one_line(e)}") from None
     budgets = parse_budgets(args.tokens, tokenizer.schedule.scheduled_tokens)
+    train = training_data(tokenizer.config)
+    fit = args.fit or train["fit"]
+    warning = fit_warning(images, paths, train, tokenizer.schedule.encode_size(tokenizer.num_tokens))
+    if warning:
+        print(warning, file=sys.stderr)
 
     try:
-        decoded = reconstruct(tokenizer, images, budgets, args.batch_size)
+        decoded = reconstruct(tokenizer, images, budgets, args.batch_size, fit)
     except NotImplementedError as e:
         raise UsageError(f"the tokenizer cannot run with --device {args.device} --dtype {args.dtype}: "
                          f"{_one_line(e)}") from None
@@ -193,7 +265,9 @@ def _main(argv) -> int:
         raise UsageError(f"cannot write {e.filename or out}: {e.strerror or _one_line(e)}") from None
     outputs.fsync_dir(out)
     sizes = ", ".join(f"{t}->{d.shape[0]}px" for t, d in zip(budgets, decoded[0]))
-    print(f"wrote {len(names)} strips to {out} (tokens -> decode size: {sizes}; strip height {height})")
+    how = "--fit" if args.fit else f"the default for its training data, {train['name']}"
+    print(f"wrote {len(names)} strip{'' if len(names) == 1 else 's'} to {out} (fit: {fit}, {how}; "
+          f"tokens -> decode size: {sizes}; strip height {height})")
     return 0
 
 

@@ -3,12 +3,12 @@
 # check builds and tests; benchmarks only after training ends (so timings are not disturbed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-# Carried (git-ignored) data: .data/fashion-mnist (the Debian dataset files) and
-# .data/fixtures/tiny-a (../shared/fixtures does not travel). Run as:
+# Carried (git-ignored) data: .data/fashion-mnist (the Debian dataset files); the golden fixtures
+# travel with the working tree (tests/fixtures). Run as:
 #   run(command="bash scripts/device_session.sh", carry=[".data"], timeout_s=...)
 # TRAIN=0 skips training. Outputs in $OUT: gpu_check.log, summary.md, bench_generate.jsonl,
 # train.log and default_model.tgz (fp16 safetensors folders + training logs).
-export DETAILFLOW_FIXTURES=$PWD/.data/fixtures DETAILFLOW_FASHION_MNIST=$PWD/.data/fashion-mnist
+export DETAILFLOW_FASHION_MNIST=$PWD/.data/fashion-mnist
 export PYTHONPATH=$PWD:$PWD/python PYTHONUNBUFFERED=1
 TRAIN=${TRAIN:-1}
 if [ "$TRAIN" = 1 ]; then

@@ -9,14 +9,17 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# ../shared/fixtures relative to the repository, overridable for other layouts.
-FIXTURES = Path(os.environ.get("DETAILFLOW_FIXTURES", REPO.parent / "shared" / "fixtures"))
+# The golden fixtures live in the repository (tests/fixtures/<name>, each with its README.json);
+# $DETAILFLOW_FIXTURES points the tests at another copy.
+FIXTURES = Path(os.environ.get("DETAILFLOW_FIXTURES") or REPO / "tests" / "fixtures")
 
 
 def _fixture_dir(name: str) -> Path:
     path = FIXTURES / name
-    if not path.is_dir():
-        pytest.skip(f"golden fixtures not found at {path} (set DETAILFLOW_FIXTURES to their folder)")
+    if not (path / "README.json").is_file():  # part of the repository: missing is an error, not a skip
+        where = "$DETAILFLOW_FIXTURES" if os.environ.get("DETAILFLOW_FIXTURES") else "the repository"
+        pytest.fail(f"golden fixture {name!r} not found at {path} (from {where}; the repository's copy is "
+                    f"tests/fixtures/{name})", pytrace=False)
     return path
 
 

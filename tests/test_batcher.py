@@ -176,3 +176,97 @@ def test_worker_death_fails_pending_and_later_requests(pipe):
         batcher.submit([2], seed=0).result(10)
     assert time.monotonic() - t0 < 1.0
     batcher.close(timeout=5)
+
+
+def _in_thread(fn, limit_s: float = 30.0):
+    """fn() in a daemon thread -> its result or exception; a hang fails the test instead of the run."""
+    box = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            box["value"] = e
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(limit_s)
+    assert not t.is_alive(), f"still waiting after {limit_s} s: a deadlock"
+    return box["value"]
+
+
+def test_waiting_inside_a_pipeline_callback_raises(pipe, lone):
+    """A pipeline.generate callback that waits for the batcher would deadlock (the worker needs the
+    pipeline the callback holds): the wait raises RuntimeError at once. A submit without waiting is
+    fine and is answered once the generation returns."""
+    labels, seed, settings = _requests()[1]
+    with DetailFlowBatcher(pipe, max_batch=4, max_wait_ms=1) as batcher:
+        seen, futs = [], []
+
+        def callback(step, tokens, preview):
+            if step.start == 0:
+                futs.append(batcher.submit(labels, seed=seed, **settings))
+                t0 = time.monotonic()
+                for wait in (lambda: batcher.generate([1], seed=0), futs[0].result, futs[0].exception):
+                    try:
+                        wait()
+                    except RuntimeError as e:
+                        seen.append(str(e))
+                assert time.monotonic() - t0 < 1.0
+
+        res = _in_thread(lambda: pipe.generate([4], seed=3, callback=callback))
+        assert not isinstance(res, BaseException), res
+        assert len(seen) == 3 and all("would wait forever" in m for m in seen), seen
+        np.testing.assert_array_equal(futs[0].result(30).uint8, lone[1])
+        np.testing.assert_array_equal(batcher.generate(labels, seed=seed, timeout=30, **settings).uint8, lone[1])
+
+
+def test_waiting_on_the_worker_thread_raises(pipe, lone):
+    """A done-callback runs on the worker thread: waiting there for another request would wait for
+    itself forever, so it raises; the worker keeps serving."""
+    labels, seed, settings = _requests()[1]
+    with DetailFlowBatcher(pipe, max_batch=4, max_wait_ms=1) as batcher:
+        seen = []
+
+        def on_done(_):
+            assert threading.current_thread() is batcher._worker
+            try:
+                batcher.generate([1], seed=0)
+            except RuntimeError as e:
+                seen.append(str(e))
+
+        with batcher._cond:  # the worker cannot take the request before its callback is attached
+            fut = batcher.submit([2], seed=5)
+            fut.add_done_callback(on_done)
+        assert not isinstance(_in_thread(lambda: fut.result(30)), BaseException)
+        deadline = time.monotonic() + 10
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert seen and "worker thread" in seen[0]
+        out = _in_thread(lambda: batcher.generate(labels, seed=seed, timeout=30, **settings))
+        np.testing.assert_array_equal(out.uint8, lone[1])
+
+
+def test_close_inside_a_pipeline_callback_raises(pipe, lone):
+    """close() would join a worker that needs the pipeline the callback holds: it closes, raises at
+    once, and the queued request still finishes once the generation returns."""
+    labels, seed, settings = _requests()[1]
+    batcher = DetailFlowBatcher(pipe, max_batch=4, max_wait_ms=1)
+    seen, futs = [], []
+
+    def callback(step, tokens, preview):
+        if step.start == 0:
+            futs.append(batcher.submit(labels, seed=seed, **settings))
+            try:
+                batcher.close()
+            except RuntimeError as e:
+                seen.append(str(e))
+
+    res = _in_thread(lambda: pipe.generate([4], seed=3, callback=callback))
+    assert not isinstance(res, BaseException), res
+    assert len(seen) == 1 and "cannot wait for the worker" in seen[0]
+    np.testing.assert_array_equal(futs[0].result(30).uint8, lone[1])
+    with pytest.raises(BatcherClosed):
+        batcher.submit([1]).result(5)
+    batcher.close(timeout=10)
+    assert not batcher._worker.is_alive()

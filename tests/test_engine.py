@@ -130,6 +130,75 @@ def test_progressive_callback_previews(pipe):
         assert t == stop and hw == (sched.decode_size(t),) * 2
 
 
+def _in_thread(fn, limit_s: float = 30.0):
+    """fn() in a daemon thread -> (result or exception, seconds); a hang fails the test, never the run."""
+    import threading
+    import time
+
+    box = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            box["value"] = e
+
+    t0 = time.perf_counter()
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(limit_s)
+    assert not t.is_alive(), f"still waiting after {limit_s} s: a deadlock"
+    return box["value"], time.perf_counter() - t0
+
+
+@pytest.mark.parametrize("inner", ["generate", "generate_tokens"])
+def test_callback_reentry_raises_at_once(pipe, inner):
+    """A callback that calls back into its own pipeline gets a RuntimeError at once (it used to deadlock:
+    a plain lock, waiting for itself forever); the pipeline stays usable afterwards."""
+    import time
+
+    waited = []
+
+    def callback(step, tokens, preview):
+        t0 = time.perf_counter()
+        try:
+            getattr(pipe, inner)([1], seed=0)
+        finally:
+            waited.append(time.perf_counter() - t0)
+
+    err, _ = _in_thread(lambda: pipe.generate([1, 2], seed=0, callback=callback))
+    assert isinstance(err, RuntimeError), err
+    assert "inside a generation of the same pipeline" in str(err)
+    assert len(waited) == 1 and waited[0] < 0.1, waited  # refused at the first step, no wait
+    assert not pipe.held_by_current_thread()
+    again, dt = _in_thread(lambda: pipe.generate([1, 2], seed=0))
+    assert not isinstance(again, BaseException), again
+    assert again.tokens.shape == (2, 16)
+
+
+def test_other_threads_still_wait_their_turn(pipe):
+    """The re-entry check is per thread: another thread calling during a callback waits, then runs."""
+    import threading
+
+    done = []
+
+    def other():
+        done.append(pipe.generate_tokens([3], seed=1)[0])
+
+    threads = []
+
+    def callback(step, tokens, preview):
+        if not threads:
+            t = threading.Thread(target=other, daemon=True)
+            t.start()
+            threads.append(t)
+
+    res, _ = _in_thread(lambda: pipe.generate([1], seed=0, callback=callback))
+    assert not isinstance(res, BaseException), res
+    threads[0].join(30)
+    assert len(done) == 1 and done[0].shape == (1, 16)
+
+
 def test_early_stop_num_tokens(pipe):
     out = pipe.generate([0], num_tokens=8, seed=1)
     assert out.tokens.shape == (1, 8) and out.pixels.shape[-1] == pipe.tokenizer.schedule.decode_size(8)

@@ -178,6 +178,10 @@ def test_evaluate_end_to_end_tiny_model(tiny_a, one_thread, capsys, tmp_path):
     assert code == 0, err
     res = json.loads(out)
     assert json.loads(out_file.read_text()) == res
+    # it talks while it works: one progress bar per phase on stderr (stdout is the JSON alone)
+    for phase in ("classify test set", "generate", "classify generated", "reconstruct (", "classify reconstructions"):
+        assert f"{phase}" in err, (phase, err)
+    assert "100%" in err and "10000/10000" in err and "20/20" in err and "8/8" in err, err
     assert set(res) >= {"model", "sampling", "classifier", "accuracy", "frechet_distance", "reconstruction"}
     assert res["model"]["image_size"] == 64 and res["model"]["num_classes"] == 10
     assert res["sampling"]["num_per_class"] == 2 and res["sampling"]["seed"] == 3

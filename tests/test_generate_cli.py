@@ -217,6 +217,9 @@ def _bad_inputs(tiny_a, tmp_path):
         (["--classes", "10"], "class 10 is outside [0, 10)", out),
         (["--classes", "-1"], "class -1", out),
         (["--classes", "x"], "'x' is not an integer", out),
+        (["--classes", "1,,2"], "empty class id between commas", out),
+        (["--classes", "1,"], "empty class id between commas", out),
+        (["--classes", "3", ",4"], "empty class id between commas", out),
         (["--num-tokens", "5"], "--num-tokens", out),
         (["--top-p", "0"], "--top-p", out),
         (["--top-p", "1.5"], "--top-p", out),
@@ -268,20 +271,60 @@ def test_bad_input_exits_2_and_leaves_out_alone(tiny_a, tmp_path, capsys):
             assert before == (where.read_bytes(), where.stat().st_mtime_ns), argv
 
 
-@pytest.mark.skipif(os.geteuid() == 0 if hasattr(os, "geteuid") else True,
-                    reason="root writes to read-only folders")
-def test_read_only_out(tiny_a, tmp_path, capsys):
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
-    try:
-        for out in (ro, ro / "sub"):
-            assert run(tiny_a, out, "--num-images", 1) == 2
-            err = capsys.readouterr().err
-            assert err.startswith("error: ") and "not writable" in err
-        assert list(ro.iterdir()) == []
-    finally:
+def test_out_that_cannot_be_created(tiny_a, tmp_path, monkeypatch, capsys):
+    """An --out the file system refuses (even to root: a name too long, a read-only mount) is one
+    'error:' line before anything runs: no progress bar first, nothing left behind."""
+    import errno
+
+    too_long = tmp_path / ("x" * 300) / "sub"
+    mnt = tmp_path / "mnt"  # a folder whose file system refuses new entries, even to root
+    mnt.mkdir()
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *a, **k):
+        if Path(path).parent == mnt:
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_mkdir(path, *a, **k)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    for out in (too_long, mnt / "out", mnt / "out" / "deeper"):
+        rc, stdout, err = run(tiny_a, out, "--num-images", 1, capsys=capsys)
+        assert rc == 2 and stdout == "", (out, stdout)
+        assert err.startswith(f"error: cannot create --out {out}: ") and err.count("\n") == 1, err
+        assert "generate" not in err and "img/s" not in err, err  # no progress bar before the error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mnt"] and not any(mnt.iterdir())  # nothing left
+
+
+def test_one_image_is_singular(tiny_a, tmp_path, capsys):
+    rc, stdout, _ = run(tiny_a, tmp_path / "one", "--num-images", 1, capsys=capsys)
+    assert rc == 0 and stdout.startswith(f"wrote 1 image to {tmp_path / 'one'} in "), stdout
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder this process cannot write: chmod 555 for a normal user; for root (who writes there
+    anyway) sysfs, where nobody may create files."""
+    if hasattr(os, "geteuid") and os.geteuid() != 0:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        yield ro
         ro.chmod(0o755)
+    elif sys.platform.startswith("linux") and Path("/sys/kernel").is_dir():
+        yield Path("/sys")
+    else:
+        pytest.skip("running as root without a sysfs: no folder is read-only to this process")
+
+
+def test_read_only_out(tiny_a, read_only_folder, capsys):
+    ro = read_only_folder
+    before = sorted(p.name for p in ro.iterdir())
+    for out in (ro, ro / "sub"):
+        assert run(tiny_a, out, "--num-images", 1) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert "not writable" in err or f"cannot create --out {out}" in err, err
+    assert sorted(p.name for p in ro.iterdir()) == before
 
 
 def test_read_only_out_check(tiny_a, tmp_path, monkeypatch, capsys):

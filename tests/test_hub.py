@@ -153,6 +153,7 @@ def test_online_downloads_only_what_inference_needs(tiny_a, tmp_path, monkeypatc
         fetched.append((repo_id, filename, revision))
         return str(tiny_a / "prior" / filename)
 
+    monkeypatch.setattr(hub, "_unreachable", lambda hf: None)  # the mocked Hub is "reachable"
     monkeypatch.setattr(hf.HfApi, "list_repo_files", lambda self, repo_id, revision=None, **kw: repo_files)
     monkeypatch.setattr(hf, "hf_hub_download", fake_download)
     p = hub.resolve_model_path("ByteVisionLab/DetailFlow-16-GPT-L@v1", cache_dir=tmp_path)
@@ -177,3 +178,42 @@ def test_pick_files_rules():
     assert hub.parse_repo_id("org/name@refs/pr/1") == ("org/name", "refs/pr/1")
     for not_repo in ("/abs/path", "./rel/x", "a/b/c", "model.pt", "org/x.safetensors", "../up/x"):
         assert hub.parse_repo_id(not_repo) is None, not_repo
+
+
+@pytest.fixture
+def no_network(tmp_path, monkeypatch):
+    """Online mode (no HF_HUB_OFFLINE) with the Hub endpoint on a closed local port: a network
+    that refuses the connection, as a machine without network does."""
+    hf = pytest.importorskip("huggingface_hub")
+    import huggingface_hub.constants  # noqa: F401
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hf.constants, "HF_HUB_OFFLINE", False, raising=False)
+    monkeypatch.setattr(hf.constants, "is_offline_mode", lambda: False, raising=False)
+    for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: nothing listens there
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path / "hub"
+
+
+def test_no_network_fails_fast_with_the_offline_hint(no_network, tmp_path, capsys):
+    """huggingface_hub alone retries a dead network for about 25 s; the probe answers in seconds."""
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(hub.HubError, match="not in the Hugging Face cache.*cannot connect to 127.0.0.1:9.*"
+                                           "HF_HUB_OFFLINE=1"):
+        hub.resolve_model_path("ByteVisionLab/DetailFlow-16")
+    rc = main(["--ckpt", "ByteVisionLab/DetailFlow-16-GPT-L", "--tokenizer", "ByteVisionLab/DetailFlow-16",
+               "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: --ckpt ByteVisionLab/DetailFlow-16-GPT-L: ") and \
+        "offline" in err and err.count("\n") == 1, err
+    assert time.monotonic() - t0 < 2 * hub.PROBE_TIMEOUT_S + 2
+    assert not (tmp_path / "o").exists()
+
+
+def test_no_network_uses_the_cache(tiny_a, no_network):
+    snap = add_repo(no_network, "tiny-org/tiny-a-prior", tiny_a / "prior")
+    assert hub.resolve_model_path("tiny-org/tiny-a-prior") == snap / "checkpoints" / "16.pt"

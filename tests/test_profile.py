@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import subprocess
 import sys
 
@@ -31,18 +32,75 @@ def run(tmp_path_factory):
 
     mp = pytest.MonkeyPatch()
     mp.setattr(_dispatch, "pick", spy)
-    out = io.StringIO()
+    out, err = io.StringIO(), io.StringIO()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 threads on a shared 2-core machine can be 5x slower
+    fd_err = tmp_path_factory.mktemp("fd2") / "stderr"
+    saved = os.dup(2)
     try:
-        with contextlib.redirect_stdout(out):
-            rc = profile.main(["--device", "cpu", "--batch-size", "2", "--compare-reference", "--json",
-                               "--trace", str(trace)])
+        with open(fd_err, "wb") as f:  # what native code writes to fd 2 lands here
+            os.dup2(f.fileno(), 2)
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                rc = profile.main(["--device", "cpu", "--batch-size", "2", "--compare-reference", "--json",
+                                   "--trace", str(trace)])
     finally:
+        os.dup2(saved, 2)
+        os.close(saved)
         mp.undo()
         torch.set_num_threads(threads)
     assert rc == 0
+    STDERR.update(python=err.getvalue(), fd=fd_err.read_text(errors="replace"))
     return json.loads(out.getvalue()), trace, picked
+
+
+STDERR = {}  # what the profile of `run` wrote to stderr: through sys.stderr, and to fd 2 natively
+
+
+def test_no_profiler_chatter_on_stderr(run):
+    """The torch profiler's native 'USDT: ... SyncActivityProfilerHandler' lines stay out of the terminal."""
+    for where, text in STDERR.items():
+        assert "USDT" not in text and "SyncActivityProfilerHandler" not in text, (where, text)
+
+
+def test_quiet_profiler_stderr_passes_other_lines_on(capfd):
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    with profile.quiet_profiler_stderr():
+        os.write(2, b"USDT:2026-01-01 1:1 SyncActivityProfilerHandler.cpp:52] profiler_start\n")
+        os.write(2, b"a real problem\n")
+        libc.fflush(None)
+    err = capfd.readouterr().err
+    assert err == "a real problem\n", err
+
+
+def test_floor_below_one_is_flagged(run):
+    """engine/floor < 1 means the floor was measured low: the row says so, in JSON and in the text."""
+    import copy
+
+    rep, _, _ = run
+    for r in rep["stages"]:
+        if "floor_measured_low" in r:
+            below = [v for v in (r.get("engine_vs_floor"), r.get("reference_vs_floor")) if v is not None and v < 1]
+            assert r["floor_measured_low"] == bool(below), r
+    fake = copy.deepcopy(rep)
+    dec = next(r for r in fake["stages"] if r["stage"] == "decoder")
+    dec.update(engine_vs_floor=0.84, floor_measured_low=True)
+    text = profile.format_text(fake, 12)
+    assert "| 0.84x (floor measured low) |" in text
+    assert "floor measured low for decoder:" in text
+    assert "best of " in text and " reads and " in text and "GEMMs, before and after the runs" in text
+    plain = profile.format_text(rep, 12)
+    assert ("floor measured low" in plain) == any(r.get("floor_measured_low") for r in rep["stages"])
+
+
+def test_memory_peak_is_reported(run):
+    rep, _, _ = run
+    assert rep["memory"]["peak_rss_bytes"] > 50e6 and rep["memory"]["preset_peak"] is None
+    assert "# memory: peak RSS of this process " in profile.format_text(rep, 12)
+    fake = dict(rep, memory=dict(rep["memory"], preset_peak=profile._preset_peak_text("detailflow16", True)))
+    assert ("; this random-weights profile peaks at about 8 GB of RAM with --compare-reference (about 5 GB "
+            "without)") in profile.format_text(fake, 12)
 
 
 def _stage_rows(rep):

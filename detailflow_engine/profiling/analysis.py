@@ -262,16 +262,31 @@ def _best_time(fn, device: torch.device, repeats: int) -> float:
 
 
 def measure_floors(device: torch.device, dtype: torch.dtype, read_mb: int = 256, gemm_n: int = 1536,
-                   repeats: int = 3) -> dict:
-    """This machine, now: streaming-read GB/s (a large sum) and GEMM GFLOP/s (n x n x n, model dtype)."""
+                   repeats: int = 5) -> dict:
+    """This machine, now: streaming-read GB/s (a large sum) and GEMM GFLOP/s (n x n x n, model dtype),
+    each the best of ``repeats`` timed runs (GEMM: ``repeats`` + 2) after one untimed: a floor is a
+    peak, and on a shared machine any single run can be slowed by a neighbour."""
     x = torch.ones(read_mb << 18, dtype=torch.float32, device=device)  # read_mb MiB of fp32
     read_s = _best_time(lambda: x.sum(), device, repeats)
     del x
     a = torch.randn(gemm_n, gemm_n, device=device).to(dtype)
     b = torch.randn(gemm_n, gemm_n, device=device).to(dtype)
-    gemm_s = _best_time(lambda: torch.mm(a, b), device, repeats + 2)  # best of more: a floor must be a peak
+    gemm_s = _best_time(lambda: torch.mm(a, b), device, repeats + 2)
     return dict(read_gbs=(read_mb << 20) / read_s / 1e9, gemm_gflops=2.0 * gemm_n ** 3 / gemm_s / 1e9,
-                read_mb=read_mb, gemm_n=gemm_n, gemm_dtype=str(dtype).replace("torch.", ""))
+                read_mb=read_mb, gemm_n=gemm_n, gemm_dtype=str(dtype).replace("torch.", ""),
+                read_repeats=repeats, gemm_repeats=repeats + 2)
+
+
+def best_floors(*measured: dict) -> dict:
+    """Several measure_floors results (e.g. before and after the runs) -> the best of each floor."""
+    best = dict(measured[0])
+    for m in measured[1:]:
+        best["read_gbs"] = max(best["read_gbs"], m["read_gbs"])
+        best["gemm_gflops"] = max(best["gemm_gflops"], m["gemm_gflops"])
+        best["read_repeats"] += m["read_repeats"]
+        best["gemm_repeats"] += m["gemm_repeats"]
+    best["measurements"] = len(measured)
+    return best
 
 
 def streamed_weight_bytes(prior: torch.nn.Module) -> int:

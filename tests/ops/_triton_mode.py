@@ -36,9 +36,9 @@ needs_interpreter = pytest.mark.skipif(not INTERPRET, reason=_WHY_NO_INTERP)
 needs_cuda_triton = pytest.mark.skipif(
     not (CUDA and HAVE_TRITON and not INTERPRET),
     reason="needs a CUDA device and triton (compiled, TRITON_INTERPRET unset)")
-needs_subprocess = pytest.mark.skipif(
-    not (HAVE_TRITON and not INTERPRET and not CUDA),
-    reason="only when triton was imported before TRITON_INTERPRET=1 could be set here")
+# The interpreter tests need a fresh process only when triton was imported before TRITON_INTERPRET=1
+# could be set here; the test files define their subprocess rerun only then (no skip otherwise).
+NEEDS_SUBPROCESS = HAVE_TRITON and not INTERPRET and not CUDA
 
 
 def rerun_interpreter_tests(test_file: str) -> None:
