@@ -55,3 +55,38 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------------- helpers for several test files
+
+def copy_model(src: Path, dst: Path) -> Path:
+    """Writable copy of a fixture model folder (the fixtures themselves are read-only)."""
+    for path in src.rglob("*"):
+        target = dst / path.relative_to(src)
+        if path.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(path.read_bytes())
+    return dst
+
+
+def in_thread(fn, limit_s: float = 30.0):
+    """fn() in a daemon thread -> (result or exception, seconds); a hang fails the test, never the run."""
+    import threading
+    import time
+
+    box = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            box["value"] = e
+
+    t0 = time.perf_counter()
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(limit_s)
+    assert not t.is_alive(), f"still waiting after {limit_s} s: a deadlock"
+    return box["value"], time.perf_counter() - t0

@@ -21,27 +21,16 @@ from detailflow_engine import convert, loading
 from detailflow_engine.checkpoint import (CheckpointConfigError, CheckpointError, check_config_fits,
                                           load_checkpoint)
 from detailflow_engine.config import ConfigError, PriorConfig, TokenizerConfig, read_config_files
+from conftest import copy_model
 
 LOADERS = {"prior": loading.load_prior, "tokenizer": loading.load_tokenizer}
 FAST_S = 2.0
 MAX_RSS_GROWTH_MB = 200  # a refused absurd config used to allocate 3-10 GB
 
 
-def _copy_model(src: Path, dst: Path) -> Path:
-    """Writable copy of a fixture model folder (the fixtures themselves are read-only)."""
-    for path in src.rglob("*"):
-        target = dst / path.relative_to(src)
-        if path.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(path.read_bytes())
-    return dst
-
-
 @pytest.fixture
 def models(tiny_a, tmp_path):
-    return {kind: _copy_model(tiny_a / kind, tmp_path / kind) for kind in LOADERS}
+    return {kind: copy_model(tiny_a / kind, tmp_path / kind) for kind in LOADERS}
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import torch
 
 from detailflow_engine import DetailFlowBatcher
 from detailflow_engine.batcher import BatcherClosed, BatcherDied
+from conftest import in_thread
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -178,23 +179,6 @@ def test_worker_death_fails_pending_and_later_requests(pipe):
     batcher.close(timeout=5)
 
 
-def _in_thread(fn, limit_s: float = 30.0):
-    """fn() in a daemon thread -> its result or exception; a hang fails the test instead of the run."""
-    box = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed back to the test
-            box["value"] = e
-
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(limit_s)
-    assert not t.is_alive(), f"still waiting after {limit_s} s: a deadlock"
-    return box["value"]
-
-
 def test_waiting_inside_a_pipeline_callback_raises(pipe, lone):
     """A pipeline.generate callback that waits for the batcher would deadlock (the worker needs the
     pipeline the callback holds): the wait raises RuntimeError at once. A submit without waiting is
@@ -214,7 +198,7 @@ def test_waiting_inside_a_pipeline_callback_raises(pipe, lone):
                         seen.append(str(e))
                 assert time.monotonic() - t0 < 1.0
 
-        res = _in_thread(lambda: pipe.generate([4], seed=3, callback=callback))
+        res = in_thread(lambda: pipe.generate([4], seed=3, callback=callback))[0]
         assert not isinstance(res, BaseException), res
         assert len(seen) == 3 and all("would wait forever" in m for m in seen), seen
         np.testing.assert_array_equal(futs[0].result(30).uint8, lone[1])
@@ -238,12 +222,12 @@ def test_waiting_on_the_worker_thread_raises(pipe, lone):
         with batcher._cond:  # the worker cannot take the request before its callback is attached
             fut = batcher.submit([2], seed=5)
             fut.add_done_callback(on_done)
-        assert not isinstance(_in_thread(lambda: fut.result(30)), BaseException)
+        assert not isinstance(in_thread(lambda: fut.result(30))[0], BaseException)
         deadline = time.monotonic() + 10
         while not seen and time.monotonic() < deadline:
             time.sleep(0.01)
         assert seen and "worker thread" in seen[0]
-        out = _in_thread(lambda: batcher.generate(labels, seed=seed, timeout=30, **settings))
+        out = in_thread(lambda: batcher.generate(labels, seed=seed, timeout=30, **settings))[0]
         np.testing.assert_array_equal(out.uint8, lone[1])
 
 
@@ -262,7 +246,7 @@ def test_close_inside_a_pipeline_callback_raises(pipe, lone):
             except RuntimeError as e:
                 seen.append(str(e))
 
-    res = _in_thread(lambda: pipe.generate([4], seed=3, callback=callback))
+    res = in_thread(lambda: pipe.generate([4], seed=3, callback=callback))[0]
     assert not isinstance(res, BaseException), res
     assert len(seen) == 1 and "cannot wait for the worker" in seen[0]
     np.testing.assert_array_equal(futs[0].result(30).uint8, lone[1])

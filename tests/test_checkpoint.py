@@ -17,32 +17,21 @@ from detailflow_engine.checkpoint import (CheckpointConfigError, CheckpointError
                                           check_state_dict, load_checkpoint,
                                           save_safetensors_folder)
 from detailflow_engine.config import PriorConfig, TokenizerConfig
+from conftest import copy_model
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_A_TRAINING_KEYS = {"encoder.refined_tokens", "refine_conv.weight", "refine_conv.bias",
                         "quantize.codebook_used"}
 
 
-def _copy_model(src: Path, dst: Path) -> Path:
-    """Writable copy of a fixture model folder (the fixtures themselves are read-only)."""
-    for path in src.rglob("*"):
-        target = dst / path.relative_to(src)
-        if path.is_dir():
-            target.mkdir(parents=True, exist_ok=True)
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(path.read_bytes())
-    return dst
-
-
 @pytest.fixture
 def tok_dir(tiny_a, tmp_path):
-    return _copy_model(tiny_a / "tokenizer", tmp_path / "tokenizer")
+    return copy_model(tiny_a / "tokenizer", tmp_path / "tokenizer")
 
 
 @pytest.fixture
 def prior_dir(tiny_a, tmp_path):
-    return _copy_model(tiny_a / "prior", tmp_path / "prior")
+    return copy_model(tiny_a / "prior", tmp_path / "prior")
 
 
 def _same_tensors(a: dict, b: dict) -> None:

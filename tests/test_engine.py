@@ -11,6 +11,7 @@ from detailflow_engine.ops.group_sample import group_sample
 from detailflow_engine.prior import Prior, step_plan
 from detailflow_ref.generate import generate as ref_generate
 from detailflow_ref.gpt import Transformer
+from conftest import in_thread
 
 # Tolerances (tiny-a README.json "tolerances"): fp32 logits of |x| <= 17 differ by up to
 # 6.2e-6 between thread counts and 1.4e-5 against fp64, so 1e-4 leaves a 7x margin while a
@@ -130,27 +131,6 @@ def test_progressive_callback_previews(pipe):
         assert t == stop and hw == (sched.decode_size(t),) * 2
 
 
-def _in_thread(fn, limit_s: float = 30.0):
-    """fn() in a daemon thread -> (result or exception, seconds); a hang fails the test, never the run."""
-    import threading
-    import time
-
-    box = {}
-
-    def target():
-        try:
-            box["value"] = fn()
-        except BaseException as e:  # noqa: BLE001 - handed back to the test
-            box["value"] = e
-
-    t0 = time.perf_counter()
-    t = threading.Thread(target=target, daemon=True)
-    t.start()
-    t.join(limit_s)
-    assert not t.is_alive(), f"still waiting after {limit_s} s: a deadlock"
-    return box["value"], time.perf_counter() - t0
-
-
 @pytest.mark.parametrize("inner", ["generate", "generate_tokens"])
 def test_callback_reentry_raises_at_once(pipe, inner):
     """A callback that calls back into its own pipeline gets a RuntimeError at once (it used to deadlock:
@@ -166,12 +146,12 @@ def test_callback_reentry_raises_at_once(pipe, inner):
         finally:
             waited.append(time.perf_counter() - t0)
 
-    err, _ = _in_thread(lambda: pipe.generate([1, 2], seed=0, callback=callback))
+    err, _ = in_thread(lambda: pipe.generate([1, 2], seed=0, callback=callback))
     assert isinstance(err, RuntimeError), err
     assert "inside a generation of the same pipeline" in str(err)
     assert len(waited) == 1 and waited[0] < 0.1, waited  # refused at the first step, no wait
     assert not pipe.held_by_current_thread()
-    again, dt = _in_thread(lambda: pipe.generate([1, 2], seed=0))
+    again, dt = in_thread(lambda: pipe.generate([1, 2], seed=0))
     assert not isinstance(again, BaseException), again
     assert again.tokens.shape == (2, 16)
 
@@ -193,7 +173,7 @@ def test_other_threads_still_wait_their_turn(pipe):
             t.start()
             threads.append(t)
 
-    res, _ = _in_thread(lambda: pipe.generate([1], seed=0, callback=callback))
+    res, _ = in_thread(lambda: pipe.generate([1], seed=0, callback=callback))
     assert not isinstance(res, BaseException), res
     threads[0].join(30)
     assert len(done) == 1 and done[0].shape == (1, 16)
