@@ -182,6 +182,8 @@ def selfcheck(device: Union[str, torch.device]) -> Dict[str, str]:
     for name in OP_MODULES:  # registration happens at import
         importlib.import_module(f"detailflow_engine.ops.{name}")
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # tensors name their index: key the checks alike
+        device = torch.device("cuda", torch.cuda.current_device())
     chosen = {}
     for op, entries in _TABLE.items():
         for b in entries:
