@@ -118,6 +118,15 @@ def test_batch_size_does_not_change_images(tiny_a, reference, tmp_path, capsys):
     assert pngs(tmp_path / "b1") == pngs(reference)
 
 
+@pytest.mark.parametrize("weights", ["native", "int8"])
+def test_bf16_batch_size_does_not_change_images(tiny_a, tmp_path, weights):
+    """bf16 (and int8) images used to change with --batch-size (the prior switched GEMMs by rows)."""
+    argv = ["--dtype", "bf16", "--weights", weights, "--classes", "all", "--num-images", 30, "--seed", 3]
+    assert run(tiny_a, tmp_path / "b1", *argv, "--batch-size", 1) == 0
+    assert run(tiny_a, tmp_path / "b30", *argv, "--batch-size", 30) == 0
+    assert pngs(tmp_path / "b1") == pngs(tmp_path / "b30")
+
+
 def test_num_per_class(tiny_a, reference, tmp_path):
     assert run(tiny_a, tmp_path, "--classes", "4 9", "--num-per-class", 2, "--seed", 3) == 0
     recs = manifest(tmp_path)
