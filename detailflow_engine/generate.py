@@ -515,6 +515,9 @@ def _take_folder(out: Path, found):
         lock = outputs.FolderLock(out)
     except outputs.FolderLocked as e:
         raise UsageError(f"--out: {e}: wait for it to finish, or use another --out") from None
+    if lock.unsupported:
+        print(f"warning: cannot lock --out {out} ({lock.unsupported}): a second run writing it at the same "
+              f"time would not be noticed", file=sys.stderr)
     names, state = found
     if outputs.folder_state(out, names) != state:
         lock.release()

@@ -127,11 +127,14 @@ class FolderLock:
 
         self.path = Path(folder) / LOCK
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        self.unsupported = None  # why the file system cannot lock, when it cannot
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except (BlockingIOError, PermissionError):
             os.close(fd)
             raise FolderLocked(f"{folder} is being written by another run (it holds {self.path})") from None
+        except OSError as e:  # ENOLCK, EINVAL: a file system without flock (some network mounts)
+            self.unsupported = e.strerror or str(e)
         self.fd = fd
 
     def release(self) -> None:
