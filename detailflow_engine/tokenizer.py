@@ -77,24 +77,23 @@ class Tokenizer(nn.Module):
         size = self.schedule.decode_size(t) if img_size is None else int(img_size)
         if size % self.decoder.patch_size:
             raise ValueError(f"img_size {size} is not a multiple of the decoder patch size {self.decoder.patch_size}")
-        # One image per decoder pass, so an image is the same bits whatever batch it came in:
-        # torch's GEMMs and attention pick their kernels (and summation orders) by shape, e.g.
-        # to_pixel's bf16 GEMM gave other bits at batch 7 than at batch 1. At M = (g^2 + t)
-        # rows per image the GEMMs are already large; the cost is in benchmarks/README.md.
-        return torch.cat([self._decode_one(codes[i:i + 1, :t], size) for i in range(codes.shape[0])])
-
-    def _decode_one(self, codes: torch.Tensor, size: int) -> torch.Tensor:
-        """codes (1, t) -> pixels (1, 3, size, size) float32."""
         dec = self.decoder
-        t = codes.shape[1]
-        z = vq_lookup(codes, self.quantize.embedding.weight, self.post_quant_conv.weight,
-                      self.post_quant_conv.bias, dec.latent_pos_embed[0])  # (1, t, width), positions added
+        # vq_lookup is row-wise (each output row from its own code), so it runs once for the batch;
+        # the grid (mask tokens + the resized position table) is the same for every image.
+        z = vq_lookup(codes[:, :t], self.quantize.embedding.weight, self.post_quant_conv.weight,
+                      self.post_quant_conv.bias, dec.latent_pos_embed[0])  # (B, t, width), positions added
         g = size // dec.patch_size
         grid = dec.visual_model.embeddings(dec.mask_token.expand(1, g * g, -1), g, g)
-        x = torch.cat((grid, z), dim=1)
-        mask = dec.attention_mask(g * g, t, x.dtype, x.device) if dec.causal else None  # full attention: no mask
-        x = dec.visual_model(x, mask)
-        return dec.to_pixel(x[:, :g * g]).float()
+        mask = dec.attention_mask(g * g, t, grid.dtype, grid.device) if dec.causal else None  # full: no mask
+        # The tower runs one image per pass, so an image is the same bits whatever batch it came
+        # in: torch's GEMMs and attention pick their kernels (and summation orders) by shape, e.g.
+        # to_pixel's bf16 GEMM gave other bits at batch 7 than at batch 1. At M = g^2 + t rows per
+        # image the GEMMs are already large; the cost is in benchmarks/README.md.
+        out = []
+        for i in range(codes.shape[0]):
+            x = dec.visual_model(torch.cat((grid, z[i:i + 1]), dim=1), mask)
+            out.append(dec.to_pixel(x[:, :g * g]).float())
+        return torch.cat(out)
 
     # ------------------------------------------------------------------ checks
 
