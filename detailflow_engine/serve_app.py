@@ -213,102 +213,131 @@ def submit(state: ServeState, params: dict):
 
 # ---------------------------------------------------------------------- the app
 
-def create_app(get_state: Callable[[], ServeState], max_body_bytes: int = MAX_BODY_BYTES, lifespan=None):
-    """The FastAPI app of the HTTP contract; ``get_state()`` -> this process's ServeState."""
-    from fastapi import FastAPI, Request
+def error(status: int, message: str, field_name: Optional[str] = None):
+    """The JSON error answer: {"error": message[, "field": name]}."""
+    from fastapi.responses import JSONResponse
+
+    body = {"error": message}
+    if field_name:
+        body["field"] = field_name
+    return JSONResponse(body, status_code=status)
+
+
+async def read_body(request, max_body_bytes: int = MAX_BODY_BYTES) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None:
+        try:
+            n = int(length)
+        except ValueError:
+            raise BadRequest(400, f"bad Content-Length {length!r}") from None
+        if n > max_body_bytes:
+            raise BadRequest(413, f"the body is {n} bytes, more than the limit of {max_body_bytes}")
+    chunks, n = [], 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > max_body_bytes:
+            raise BadRequest(413, f"the body is more than the limit of {max_body_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def handle_generate(state: ServeState, request, max_body_bytes: int = MAX_BODY_BYTES):
+    """POST /v1/generate (the handler of both modes; it only awaits, never blocks the event loop)."""
+    from fastapi.responses import JSONResponse, Response
+
+    t0 = time.perf_counter()
+    status = 500
+    state.metrics.in_flight += 1
+    try:
+        try:
+            params = parse_body(await read_body(request, max_body_bytes))
+            fut, used = submit(state, params)
+        except BadRequest as e:
+            status = e.status
+            return error(e.status, e.message, e.field)
+        try:
+            result = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), state.timeout_s)
+        except asyncio.TimeoutError:
+            status = 504
+            return error(504, f"no image after {state.timeout_s:g} s (the server is overloaded); retry later")
+        except (BatcherClosed, BatcherDied) as e:
+            status = 503
+            return error(503, f"the server is shutting down or its worker failed: {e}")
+        except (ValueError, TypeError) as e:  # a check only the generation itself makes
+            status = 422
+            return error(422, str(e), _field_of(str(e)))
+        except Exception as e:  # noqa: BLE001
+            status = 500
+            return error(500, f"generation failed: {type(e).__name__}: {e}")
+        image = result.uint8[0]
+        png = png_bytes(image) if image.shape[0] <= 64 else await asyncio.to_thread(png_bytes, image)
+        headers = {"X-DetailFlow-Class-Label": str(params["class_label"]),
+                   "X-DetailFlow-Seed": str(params["seed"]),
+                   "X-DetailFlow-Settings": json.dumps(used, separators=(",", ":")),
+                   "X-DetailFlow-Image-Size": str(image.shape[0])}
+        status = 200
+        if "application/json" in request.headers.get("accept", ""):
+            return JSONResponse({"class_label": params["class_label"], "seed": params["seed"],
+                                 "settings": used, "image_size": int(image.shape[0]),
+                                 "tokens": result.tokens[0].tolist(),
+                                 "png_base64": base64.b64encode(png).decode("ascii")}, headers=headers)
+        return Response(png, media_type="image/png", headers=headers)
+    finally:
+        state.metrics.in_flight -= 1
+        state.metrics.request_done(status, time.perf_counter() - t0)
+
+
+def handle_healthz(state: ServeState):
+    from fastapi.responses import JSONResponse
+
+    if state.batcher._died is not None:
+        return error(503, "the batcher's worker died")
+    return JSONResponse(state.health())
+
+
+def handle_metrics(state: ServeState):
+    from fastapi.responses import PlainTextResponse
+
+    return PlainTextResponse(state.metrics.text(len(state.batcher._queue)), media_type="text/plain; version=0.0.4")
+
+
+def base_app(lifespan=None):
+    """A FastAPI app whose errors (404, 405, ...) are JSON {"error": ...} too; routes added by the caller."""
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, PlainTextResponse, Response
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     app = FastAPI(title="DetailFlow Engine", lifespan=lifespan)
 
-    def error(status: int, message: str, field_name: Optional[str] = None) -> JSONResponse:
-        body = {"error": message}
-        if field_name:
-            body["field"] = field_name
-        return JSONResponse(body, status_code=status)
-
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request, exc):  # 404, 405: the same JSON error shape
+    async def _http_error(request, exc):
         return error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc):
         return error(422, str(exc))
 
-    async def read_body(request: Request) -> bytes:
-        length = request.headers.get("content-length")
-        if length is not None:
-            try:
-                n = int(length)
-            except ValueError:
-                raise BadRequest(400, f"bad Content-Length {length!r}") from None
-            if n > max_body_bytes:
-                raise BadRequest(413, f"the body is {n} bytes, more than the limit of {max_body_bytes}")
-        chunks, n = [], 0
-        async for chunk in request.stream():
-            n += len(chunk)
-            if n > max_body_bytes:
-                raise BadRequest(413, f"the body is more than the limit of {max_body_bytes} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+    return app
+
+
+def create_app(get_state: Callable[[], ServeState], max_body_bytes: int = MAX_BODY_BYTES, lifespan=None):
+    """The FastAPI app of the HTTP contract; ``get_state()`` -> this process's ServeState (the Ray
+    deployment, serve_ray, routes the same handlers through its methods instead)."""
+    from fastapi import Request
+
+    app = base_app(lifespan)
 
     @app.post("/v1/generate")
     async def generate(request: Request):
-        t0 = time.perf_counter()
-        state = get_state()
-        status = 500
-        state.metrics.in_flight += 1
-        try:
-            try:
-                params = parse_body(await read_body(request))
-                fut, used = submit(state, params)
-            except BadRequest as e:
-                status = e.status
-                return error(e.status, e.message, e.field)
-            try:
-                result = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(fut)), state.timeout_s)
-            except asyncio.TimeoutError:
-                status = 504
-                return error(504, f"no image after {state.timeout_s:g} s (the server is overloaded); retry later")
-            except (BatcherClosed, BatcherDied) as e:
-                status = 503
-                return error(503, f"the server is shutting down or its worker failed: {e}")
-            except (ValueError, TypeError) as e:  # a check only the generation itself makes
-                status = 422
-                return error(422, str(e), _field_of(str(e)))
-            except Exception as e:  # noqa: BLE001
-                status = 500
-                return error(500, f"generation failed: {type(e).__name__}: {e}")
-            image = result.uint8[0]
-            png = png_bytes(image) if image.shape[0] <= 64 else await asyncio.to_thread(png_bytes, image)
-            settings_json = json.dumps(used, separators=(",", ":"))
-            headers = {"X-DetailFlow-Class-Label": str(params["class_label"]),
-                       "X-DetailFlow-Seed": str(params["seed"]), "X-DetailFlow-Settings": settings_json,
-                       "X-DetailFlow-Image-Size": str(image.shape[0])}
-            status = 200
-            if "application/json" in request.headers.get("accept", ""):
-                return JSONResponse({"class_label": params["class_label"], "seed": params["seed"],
-                                     "settings": used, "image_size": int(image.shape[0]),
-                                     "tokens": result.tokens[0].tolist(),
-                                     "png_base64": base64.b64encode(png).decode("ascii")}, headers=headers)
-            return Response(png, media_type="image/png", headers=headers)
-        finally:
-            state.metrics.in_flight -= 1
-            state.metrics.request_done(status, time.perf_counter() - t0)
+        return await handle_generate(get_state(), request, max_body_bytes)
 
     @app.get("/healthz")
     async def healthz():
-        state = get_state()
-        if state.batcher._died is not None:
-            return error(503, "the batcher's worker died")
-        return JSONResponse(state.health())
+        return handle_healthz(get_state())
 
     @app.get("/metrics")
     async def metrics():
-        state = get_state()
-        return PlainTextResponse(state.metrics.text(len(state.batcher._queue)),
-                                 media_type="text/plain; version=0.0.4")
+        return handle_metrics(get_state())
 
     return app
 
