@@ -58,10 +58,12 @@ def png_array(data: bytes) -> np.ndarray:
 class Server:
     """``python -m detailflow_engine.serve ARGS`` on a free port; stop() always ends it (and its children)."""
 
-    def __init__(self, *args: str, env: Optional[Dict[str, str]] = None, ready_s: float = 120.0):
+    def __init__(self, *args: str, env: Optional[Dict[str, str]] = None, drop_env=(), ready_s: float = 120.0):
         self.port = free_port()
         self.log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server never blocks on it
         e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        for name in drop_env:
+            e.pop(name, None)
         self.proc = subprocess.Popen([sys.executable, "-m", "detailflow_engine.serve", "--host", HOST,
                                       "--port", str(self.port), *args], cwd=REPO, env=e,
                                      stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -59,15 +59,19 @@ def server():
         s.close()
 
 
-def check_images(pipe, port: int, n: int = 40, threads: int = 8, timeout: float = 60.0, retries: int = 0):
-    """n concurrent requests from `threads` threads; each image must equal the lone pipeline call."""
+def check_images(pipe, port: int, n: int = 40, threads: int = 8, timeout: float = 60.0, retries: int = 0,
+                 stats=None):
+    """n concurrent requests from `threads` threads; each image must equal the lone pipeline call.
+    A 5xx answer is retried up to `retries` times (stats["retried"] counts them)."""
     bodies = cases(n)
+    stats = {} if stats is None else stats
 
     def one(body):
         for attempt in range(retries + 1):
             status, headers, data = post_generate(port, body, timeout=timeout)
             if status == 200 or not (500 <= status < 600) or attempt == retries:
                 return status, headers, data
+            stats["retried"] = stats.get("retried", 0) + 1
             time.sleep(0.5)
 
     t0 = time.monotonic()
