@@ -36,8 +36,9 @@ def build_parser():
     s.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (0.0.0.0 for every interface)")
     s.add_argument("--port", type=int, default=8000, help="default: 8000")
     s.add_argument("--max-batch", type=int, default=16, help="the most images per batch (default: 16)")
-    s.add_argument("--max-wait-ms", type=float, default=5.0,
-                   help="how long a batch waits for company after its first request (default: 5)")
+    s.add_argument("--max-wait-ms", type=float, default=20.0,
+                   help="how long a batch waits for company after its first request (default: 20; it must "
+                        "cover a batch's answers going out and the next requests coming in, else batches split)")
     s.add_argument("--request-timeout", type=float, default=120.0, metavar="S",
                    help="a request unanswered after S seconds gets 504 (default: 120)")
     r = p.add_argument_group("Ray Serve")
@@ -105,7 +106,7 @@ def load_state(config: dict):
     pipe, prior_path, tok_path = load_pipeline(ns)
     info = {"dtype": ns.dtype, "weights": ns.weights, "prior": str(prior_path), "tokenizer": str(tok_path)}
     return ServeState.create(pipe, max_batch=int(config.get("max_batch") or 16),
-                             max_wait_ms=float(config.get("max_wait_ms", 5.0)), info=info,
+                             max_wait_ms=float(config.get("max_wait_ms", 20.0)), info=info,
                              timeout_s=float(config.get("request_timeout") or 120.0))
 
 
