@@ -126,3 +126,13 @@ def test_ray_sigterm_shuts_down_and_leaves_no_processes(server):
     left = {p: cmdline(p)[:80] for p in alive(server.seen)}
     assert not left, f"processes the server started are still running: {left}"
     assert time.monotonic() - t0 < 60
+
+
+def test_build_app_args_for_serve_run_and_kuberay():
+    """`serve run ...:build_app k=v` and a config file's args arrive as strings: typed here."""
+    from detailflow_engine.serve_ray import _config_from_args, app, build_app
+
+    cfg = _config_from_args({"replicas": "2", "max_wait_ms": "10", "no_cuda_graphs": "true", "device": "cpu",
+                             "max_batch": 8})
+    assert cfg == {"replicas": 2, "max_wait_ms": 10.0, "no_cuda_graphs": True, "device": "cpu", "max_batch": 8}
+    assert build_app({"replicas": "2"}) is not None and app is not None
