@@ -20,7 +20,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -138,6 +138,9 @@ class DetailFlowBatcher:
         self._in_flight: List[_Request] = []  # taken from the queue, not yet answered
         self.batches_run = 0  # statistics: batches run and images generated
         self.images_run = 0
+        # optional observer of every batch run: on_batch(images, seconds) on the worker thread (a
+        # server's metrics); an exception in it is ignored, it never fails a request
+        self.on_batch: Optional[Callable[[int, float], None]] = None
         self._worker = threading.Thread(target=self._loop, name="DetailFlowBatcher", daemon=True)
         self._worker.start()
 
@@ -271,6 +274,7 @@ class DetailFlowBatcher:
     def _run(self, key: Tuple, batch: List[_Request]) -> None:
         labels = [lab for r in batch for lab in r.labels]
         seeds = [s for r in batch for s in r.seeds]
+        t0 = time.perf_counter()
         try:
             result = self.pipeline.generate(labels, seed=seeds, **_key_settings(key))
         except Exception as e:  # noqa: BLE001 - the worker must survive any request
@@ -282,6 +286,11 @@ class DetailFlowBatcher:
             return
         self.batches_run += 1
         self.images_run += len(labels)
+        if self.on_batch is not None:
+            try:
+                self.on_batch(len(labels), time.perf_counter() - t0)
+            except Exception:  # noqa: BLE001 - an observer never fails the batch
+                pass
         k = 0
         for r in batch:
             n = len(r.labels)
