@@ -33,7 +33,6 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from detailflow_engine.linear import replace_linears  # noqa: E402
 from detailflow_engine.loading import load_prior  # noqa: E402
 from detailflow_engine.pipeline import DetailFlowPipeline, cfg_scale_for_step  # noqa: E402
 from detailflow_engine.presets import preset_configs, randomize_  # noqa: E402

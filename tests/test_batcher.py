@@ -7,7 +7,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import torch
 
 from detailflow_engine import DetailFlowBatcher
 from detailflow_engine.batcher import BatcherClosed, BatcherDied

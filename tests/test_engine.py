@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from detailflow_engine import DetailFlowPipeline, load_prior, load_tokenizer
+from detailflow_engine import DetailFlowPipeline, load_prior
 from detailflow_engine.config import PriorConfig
 from detailflow_engine.ops.group_sample import group_sample
 from detailflow_engine.prior import Prior, step_plan

@@ -13,7 +13,6 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -22,7 +21,7 @@ from serve_util import Server, alive, cmdline, descendants, post_generate, reque
 pytest.importorskip("fastapi", reason='the [serve] extra is not installed (pip install -e ".[serve]")')
 pytest.importorskip("ray.serve", reason='the [serve] extra is not installed (pip install -e ".[serve]")')
 
-from test_serve import BAD, cases, check_images, lone_png  # noqa: E402
+from test_serve import BAD, check_images, lone_png  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.usefixtures("one_torch_thread")]
 
