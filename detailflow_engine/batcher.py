@@ -30,7 +30,6 @@ from detailflow_engine.prior import step_plan
 # Sampling settings a request may give, with the pipeline's defaults (pipeline.generate).
 DEFAULT_SETTINGS = {"cfg_scale": 1.45, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
                     "gradual_cfg": False, "num_tokens": None}
-_INT64 = (-(2 ** 63), 2 ** 63 - 1)
 # The longest gathering wait: beyond a minute a request would rather time out than wait for
 # company, and threading.Condition.wait overflows on huge or infinite timeouts.
 MAX_WAIT_MS = 60_000.0
@@ -158,10 +157,7 @@ class DetailFlowBatcher:
             key = _normalize(settings, self.pipeline)
             labels_t = self.pipeline._check_args(labels, key[0], key[1], key[2], key[3])
             labs = [int(x) for x in labels_t.tolist()]
-            seeds = _seed_list(seed, len(labs))
-            for s in seeds:
-                if not _INT64[0] <= s <= _INT64[1]:
-                    raise ValueError(f"seed {s} does not fit in int64")
+            seeds = _seed_list(seed, len(labs))  # ints within int64, or a ValueError naming the seed
         except Exception as e:  # noqa: BLE001 - bad input belongs to this request's future
             fut.set_exception(e)
             return fut

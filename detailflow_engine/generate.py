@@ -491,7 +491,7 @@ def _prepare(args, device):
                 raise UsageError(f"--resume: {_one_line(e)}; use --overwrite or a new --out") from None
             check_resume(out, records, settings, plan)
         elif not args.overwrite:
-            present = [name for name in names if (out / name).exists()]
+            present = list(found[1])  # folder_state's list of the names that exist
             if present and args.resume:  # no manifest: nothing here is provably this run's
                 raise UsageError(f"--resume: --out {out} has no {outputs.MANIFEST} but holds "
                                  f"{_listing(present)}, which no run recorded: move them away, or use "

@@ -29,12 +29,11 @@ from typing import Callable, Dict, List, Optional
 
 from detailflow_engine.batcher import DEFAULT_SETTINGS, BatcherClosed, BatcherDied, DetailFlowBatcher, _normalize
 from detailflow_engine.outputs import png_bytes
-from detailflow_engine.pipeline import DetailFlowPipeline
+from detailflow_engine.pipeline import _INT64, DetailFlowPipeline
 
 MAX_BODY_BYTES = 16 * 1024  # a generate body is ~200 bytes; anything past this is refused with 413
 DEFAULT_TIMEOUT_S = 120.0  # a request still unanswered after this gets 504 (the batcher keeps running)
 FIELDS = ("class_label", "seed") + tuple(DEFAULT_SETTINGS)
-_INT64 = (-(2 ** 63), 2 ** 63 - 1)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
