@@ -34,9 +34,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from detailflow_engine.loading import load_prior  # noqa: E402
-from detailflow_engine.pipeline import DetailFlowPipeline, cfg_scale_for_step  # noqa: E402
+from detailflow_engine.pipeline import DetailFlowPipeline
+from detailflow_engine.schedule import cfg_scale_for_step  # noqa: E402
 from detailflow_engine.presets import preset_configs, randomize_  # noqa: E402
-from detailflow_engine.prior import Prior, step_plan  # noqa: E402
+from detailflow_engine.prior import Prior  # noqa: E402
 
 MODES = [("bf16", "native"), ("fp32", "int8"), ("bf16", "int8")]
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -49,12 +50,12 @@ def teacher_forced_logits(prior: Prior, labels: torch.Tensor, tokens: torch.Tens
     rows = torch.cat([labels, torch.full_like(labels, prior.null_class)])
     toks = torch.cat([tokens, tokens])
     prior.setup_caches(rows.shape[0])
-    plan = step_plan(prior.config, T)
+    plan = prior.config.generation_plan(T)
     out = []
     for step in plan:
         x = prior.step_embeddings(rows, toks, step.start, step.stop)
         lg = prior.forward_step(x, step.start).float()
-        s = cfg_scale_for_step(cfg_scale, step, T // prior.config.group_size, False)
+        s = cfg_scale_for_step(cfg_scale, step.group_index, T // prior.config.group_size, False)
         c, u = lg[:B], lg[B:]
         out.append(u + s * (c - u))
     return torch.cat(out, dim=1)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._timing import bench, read_bandwidth_gbs  # noqa: E402
 from detailflow_engine.pipeline import DetailFlowPipeline  # noqa: E402
 from detailflow_engine.presets import preset_configs, randomize_  # noqa: E402
-from detailflow_engine.prior import Prior, step_plan  # noqa: E402
+from detailflow_engine.prior import Prior  # noqa: E402
 from detailflow_engine.tokenizer import Tokenizer  # noqa: E402
 from detailflow_ref.generate import generate as ref_generate  # noqa: E402
 from detailflow_ref.gpt import Transformer  # noqa: E402
@@ -123,7 +123,7 @@ def main() -> None:
     pcfg = pipe.prior.config
     weight_bytes = sum(p.numel() * p.element_size() for n, p in pipe.prior.named_parameters()
                        if "embed" not in n)  # streamed per step (embeddings are gathered, not streamed)
-    steps = len(step_plan(pcfg))
+    steps = len(pcfg.generation_plan())
     bw = read_bandwidth_gbs(str(device), nbytes=(2 << 30) if device.type == "cuda" else (512 << 20))
     tflops = matmul_tflops(device, dtype)
     flops = flops_per_image(pipe, args.cfg_scale)

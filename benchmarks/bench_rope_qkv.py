@@ -26,7 +26,7 @@ from _timing import bench  # noqa: E402
 
 from detailflow_engine.ops import _dispatch  # noqa: E402
 from detailflow_engine.ops.rope_qkv import rope_qkv, rope_qkv_ref, tolerance  # noqa: E402
-from detailflow_ref.gpt import precompute_freqs_cis_2d  # noqa: E402
+from detailflow_engine.rotary import precompute_freqs_cis_2d  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GRAPH_CALLS = 20

@@ -25,7 +25,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from detailflow_engine.pipeline import DetailFlowPipeline, GenerationResult, _seed_list
-from detailflow_engine.prior import step_plan
 
 # Sampling settings a request may give, with the pipeline's defaults (pipeline.generate).
 DEFAULT_SETTINGS = {"cfg_scale": 1.45, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
@@ -98,7 +97,7 @@ def _normalize(settings: dict, pipe: DetailFlowPipeline) -> Tuple:
         raise ValueError(f"gradual_cfg must be a bool, got {s['gradual_cfg']!r}")
     num_tokens = s["num_tokens"]
     # the step plan's end is the request's token count; None and block_size are the same request
-    num_tokens = step_plan(pipe.prior.config, num_tokens)[-1].stop
+    num_tokens = pipe.prior.config.generation_plan(num_tokens)[-1].stop
     top_k = s["top_k"]
     if isinstance(top_k, (int, np.integer)) and not isinstance(top_k, bool):
         top_k = int(top_k)  # else left as given: pipeline._check_args names the problem

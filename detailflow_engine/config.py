@@ -235,6 +235,12 @@ class PriorConfig:
     def num_special_tokens(self) -> int:
         return self.group_size - 1
 
+    def generation_plan(self, num_tokens: Optional[int] = None) -> list:
+        """This prior's steps (schedule.generation_plan), optionally stopped at ``num_tokens``."""
+        from .schedule import generation_plan  # schedule refers back to config's types
+
+        return generation_plan(self.block_size, self.group_size, self.causal_num, num_tokens)
+
     @classmethod
     def from_dicts(cls, cfg: dict, ycfg: Optional[dict] = None, where: str = "config.json",
                    yaml_where: Optional[str] = None) -> "PriorConfig":

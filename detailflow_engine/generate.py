@@ -456,7 +456,6 @@ def _prepare(args, device):
     check_out_writable(out)
 
     pipe, prior_path, tok_path = load_pipeline(args, device)
-    from detailflow_engine.prior import step_plan
 
     num_classes = pipe.prior.config.num_classes
     classes = list(range(num_classes)) if class_list is None else class_list
@@ -464,7 +463,7 @@ def _prepare(args, device):
         if not 0 <= c < num_classes:
             raise UsageError(f"--classes: class {c} is outside [0, {num_classes}) for this model")
     try:
-        steps = step_plan(pipe.prior.config, args.num_tokens)
+        steps = pipe.prior.config.generation_plan(args.num_tokens)
     except ValueError as e:
         raise UsageError(f"--num-tokens: {_one_line(e)}") from None
     num_tokens = steps[-1].stop
@@ -529,7 +528,7 @@ def _take_folder(out: Path, found):
 def _generate(args, pipe, out: Path, plan, settings, records, clean, size, found, dist: "Dist") -> int:
     from tqdm import tqdm
 
-    from detailflow_engine.pipeline import to_uint8
+    from detailflow_engine.outputs import to_uint8
 
     manifest_path = out / outputs.MANIFEST
     lead = dist.rank == 0  # the one process that writes the manifest, grid and npz

@@ -1,4 +1,5 @@
-"""File writing for the generate CLI: atomic files, the append-only manifest, grid, strips, npz.
+"""Images out: decoder pixels to uint8, and the generate CLI's files (atomic files, the
+append-only manifest, grid, strips, npz).
 
 Every file is written to a temporary file in the destination folder, fsynced, then moved into
 place with ``os.replace``: a reader (or an interrupted run) never sees a half-written file.
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
+import torch
 
 TMP_PREFIX = ".detailflow-tmp-"  # leftovers of a killed run carry this prefix and are removed on --resume
 MANIFEST = "manifest.jsonl"
@@ -30,6 +32,12 @@ def _umask() -> int:
 
 
 FILE_MODE = 0o666 & ~_umask()  # mkstemp makes 0600 files; outputs get the usual open() permissions
+
+
+def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
+    """Decoder pixels (B, 3, H, W) ~[-1, 1] -> uint8 (B, H, W, 3): clamp(127.5 x + 128, 0, 255), truncated
+    (the official rounding)."""
+    return torch.clamp(127.5 * pixels + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
 
 
 def image_name(index: int) -> str:

@@ -21,9 +21,10 @@ import torch
 from detailflow_engine.loading import load_prior, load_tokenizer, resolve_device, resolve_dtype
 from detailflow_engine.ops import _dispatch
 from detailflow_engine.ops.group_sample import group_sample
-from detailflow_engine.prior import Prior, Step, step_plan
+from detailflow_engine.outputs import to_uint8
+from detailflow_engine.prior import Prior
+from detailflow_engine.schedule import Step, cfg_scale_for_step
 from detailflow_engine.tokenizer import Tokenizer
-from detailflow_ref.tokenizer import to_uint8  # noqa: F401 - re-exported: previews -> uint8
 
 WEIGHTS = ("native", "int8")  # from_pretrained(weights=...): how the prior's linears are stored
 
@@ -48,13 +49,6 @@ class GenerationResult:
         from PIL import Image
 
         return [Image.fromarray(a) for a in self.uint8]
-
-
-def cfg_scale_for_step(cfg_scale: float, step: Step, num_groups: int, gradual_cfg: bool) -> float:
-    """Official gradual CFG: group step i of G scales s by (G - i + 1) / (G + 1); other steps keep s."""
-    if not gradual_cfg or step.group_index is None:
-        return cfg_scale
-    return cfg_scale * (num_groups - step.group_index + 1) / (num_groups + 1)
 
 
 _INT64 = (-(2 ** 63), 2 ** 63 - 1)
@@ -222,7 +216,7 @@ class DetailFlowPipeline:
 
     def _check_result_size(self, n: int, num_tokens: Optional[int]) -> None:
         """Refuse a call whose float32 pixels alone would not fit: name the size."""
-        plan = step_plan(self.prior.config, num_tokens)
+        plan = self.prior.config.generation_plan(num_tokens)
         side = self.tokenizer.schedule.decode_size(plan[-1].stop)
         need = n * 3 * side * side * 4
         budget = self.images_per_pass(False) * self._cache_bytes(False)
@@ -263,7 +257,7 @@ class DetailFlowPipeline:
         labels = self._check_args(class_labels, cfg_scale, temperature, top_k, top_p, gradual_cfg)
         cfg_scale, temperature, top_p, gradual_cfg = float(cfg_scale), float(temperature), float(top_p), bool(gradual_cfg)
         cfg = self.prior.config
-        plan = step_plan(cfg, num_tokens)
+        plan = cfg.generation_plan(num_tokens)
         B, T = labels.shape[0], plan[-1].stop
         seeds = _seed_list(seed, B)
         use_cfg = cfg_scale > 1.0
@@ -291,7 +285,7 @@ class DetailFlowPipeline:
                     step_logits.append(logits.clone())
                 positions = torch.arange(step.start, step.stop, device=self.device)
                 new = group_sample(logits, seed_t, positions,
-                                   cfg_scale=cfg_scale_for_step(cfg_scale, step, num_groups, gradual_cfg),
+                                   cfg_scale=cfg_scale_for_step(cfg_scale, step.group_index, num_groups, gradual_cfg),
                                    temperature=temperature, top_k=int(top_k), top_p=float(top_p))
                 tokens[:B, step.start:step.stop] = new
                 if use_cfg:

@@ -20,7 +20,6 @@ Logits at position q predict tok[q].
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -33,8 +32,8 @@ from detailflow_engine.ops import _dispatch
 from detailflow_engine.ops.add_rmsnorm import add_rmsnorm
 from detailflow_engine.ops.cache_attention import cache_attention
 from detailflow_engine.ops.rope_qkv import rope_qkv
-from detailflow_engine.schedule import generation_plan
-from detailflow_ref.gpt import apply_rotary, precompute_freqs_cis_2d
+from detailflow_engine.schedule import Step
+from detailflow_engine.rotary import apply_rotary, precompute_freqs_cis_2d
 
 
 def fused_ops(x: torch.Tensor) -> bool:
@@ -127,30 +126,6 @@ class SpecialTokenEmbedding(nn.Module):
     def __init__(self, cfg: PriorConfig):
         super().__init__()
         self.special_embeddings = nn.Embedding(cfg.num_special_tokens, cfg.dim)
-
-
-@dataclass(frozen=True)
-class Step:
-    """One decode step: token positions [start, stop) are predicted from sequence positions [start, stop)."""
-
-    index: int
-    start: int
-    stop: int
-    group_index: Optional[int]  # i of a group step (i = start // g), None for class / single steps
-
-
-def step_plan(cfg: PriorConfig, num_tokens: Optional[int] = None) -> list:
-    """Class step, c - 1 single steps, then one step per group: 1 + (c-1) + (T-c)/g steps.
-
-    ``num_tokens`` stops the plan early at a step boundary (a shorter, coarser image).
-    """
-    T = cfg.block_size if num_tokens is None else num_tokens
-    plan = [(a, b) for a, b in generation_plan(cfg.block_size, cfg.group_size, cfg.causal_num) if b <= T]
-    if not plan or plan[-1][1] != T:
-        ends = [b for _, b in generation_plan(cfg.block_size, cfg.group_size, cfg.causal_num)]
-        raise ValueError(f"num_tokens={T} is not a step boundary of the generation plan; valid: {ends}")
-    g = cfg.group_size
-    return [Step(k, a, b, a // g if a >= cfg.causal_num else None) for k, (a, b) in enumerate(plan)]
 
 
 class Prior(nn.Module):

@@ -307,7 +307,7 @@ def _timed(fn, device, repeats: int):
 
 
 def _post_process(pixels: torch.Tensor, device):
-    from detailflow_ref.tokenizer import to_uint8
+    from detailflow_engine.outputs import to_uint8
 
     with Ranges(device)(stage_range("post-processing")):
         images = to_uint8(pixels).cpu().numpy()
@@ -547,8 +547,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 
-    from detailflow_engine.prior import step_plan
-
     cfg = pipe.prior.config
     labels = [(7 * i + 3) % cfg.num_classes for i in range(args.batch_size)]
     counters = Counters()
@@ -574,7 +572,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     vq_bytes = args.batch_size * T * (pipe.tokenizer.config.codebook_embed_dim * 4 + 2 * dec.latent_pos_embed.shape[-1]
                                       * dec.latent_pos_embed.element_size())
     pixel_bytes = args.batch_size * 3 * S * S * (4 + 1)
-    stage_floor = analysis.stage_floors(floors, plan=step_plan(cfg), causal_num=cfg.causal_num, rows=rows,
+    stage_floor = analysis.stage_floors(floors, plan=cfg.generation_plan(), causal_num=cfg.causal_num, rows=rows,
                                         vocab=cfg.vocab_size, weight_bytes=weight_bytes,
                                         weight_elems=analysis.linear_weight_elems(pipe.prior),
                                         decoder_flops=dflops, vq_bytes=vq_bytes, pixel_bytes=pixel_bytes)

@@ -172,7 +172,7 @@ def reconstruct(tokenizer, images: List[np.ndarray], budgets: List[int], batch_s
     ``fit``: see the module docstring (default: as the tokenizer's training data)."""
     import torch
 
-    from detailflow_engine.pipeline import to_uint8
+    from detailflow_engine.outputs import to_uint8
 
     fit = fit or training_data(tokenizer.config)["fit"]
     size = tokenizer.schedule.encode_size(tokenizer.num_tokens)

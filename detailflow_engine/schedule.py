@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import TokenizerConfig
@@ -47,14 +47,50 @@ def scheduled_token_counts(num_tokens: int, group_size: int, causal_num: int) ->
     return list(range(1, causal_num + 1)) + list(range(causal_num + group_size, num_tokens + 1, group_size))
 
 
-def generation_plan(block_size: int, group_size: int, causal_num: int) -> list[tuple[int, int]]:
-    """The steps of generation as half-open token ranges (start, end).
+@dataclass(frozen=True)
+class Step:
+    """One generation step: it produces tokens [start, stop) (predicted from sequence positions
+    [start, stop) with a KV cache; the official full-prefix forward feeds tokens[:start])."""
 
-    One token at a time up to ``causal_num``, then one whole group per step:
-    ``[(0,1), (1,2), ..., (c-1,c), (c,c+g), ..., (T-g,T)]`` (23 steps for T=128, g=c=8).
+    index: int
+    start: int
+    stop: int
+    group_index: Optional[int]  # i of a group step (i = start // g), None for the class / single steps
+
+    @property
+    def prefix_len(self) -> int:
+        """Tokens the official (no-cache) forward feeds the model at this step."""
+        return self.start
+
+
+def generation_plan(block_size: int, group_size: int, causal_num: int,
+                    num_tokens: Optional[int] = None) -> list[Step]:
+    """The steps of generation: one token at a time up to ``causal_num``, then one whole group per
+    step, ``[0,1), [1,2), ..., [c-1,c), [c,c+g), ..., [T-g,T)``: 1 + (c-1) + (T-c)/g steps (23 for
+    T=128, g=c=8).
+
+    ``num_tokens`` stops the plan early at a step boundary (a shorter, coarser image).
     """
-    return [(t - 1, t) if t <= causal_num else (t - group_size, t)
-            for t in scheduled_token_counts(block_size, group_size, causal_num)]
+    spans = [(t - 1, t) if t <= causal_num else (t - group_size, t)
+             for t in scheduled_token_counts(block_size, group_size, causal_num)]
+    if num_tokens is not None:
+        if num_tokens not in [b for _, b in spans]:
+            raise ValueError(f"num_tokens={num_tokens} is not a step boundary of the generation plan; "
+                             f"valid: {[b for _, b in spans]}")
+        spans = [(a, b) for a, b in spans if b <= num_tokens]
+    return [Step(k, a, b, a // group_size if a >= causal_num else None) for k, (a, b) in enumerate(spans)]
+
+
+def cfg_scale_for_step(cfg_scale: float, group_index: Optional[int], num_groups: int,
+                       gradual_cfg: bool = False) -> float:
+    """Guidance scale of a step: group step i of G scales s by (G - i + 1) / (G + 1) when gradual;
+    class and single steps (group_index None) keep s.
+
+    Evaluated exactly as the official expression ``cfg_scale * (G - i + 1) / (G + 1)``.
+    """
+    if not gradual_cfg or group_index is None:
+        return cfg_scale
+    return cfg_scale * (num_groups - group_index + 1) / (num_groups + 1)
 
 
 def _check_groups(num_tokens: int, group_size: int, causal_num: int) -> None:
@@ -125,5 +161,5 @@ class Schedule:
             raise ValueError(f"resolution {resolution} is not one of the schedule's sizes "
                              f"{self.best_resolutions}") from None
 
-    def generation_plan(self) -> list[tuple[int, int]]:
+    def generation_plan(self) -> list[Step]:
         return generation_plan(self.num_tokens, self.group_size, self.causal_num)

@@ -1,7 +1,8 @@
-"""Inference tokenizer: the reference towers with our fused VQ kernels on the hot path.
+"""Inference tokenizer: the shared SigLIP2 towers with our fused VQ kernels on the hot path.
 
-The SigLIP2 towers are the reference modules (one copy of the architecture and its
-official names); what the engine changes is the quantizer boundary:
+The towers and the quantizer are the bottom layer's modules (``siglip2``, ``quantizer``: one
+copy of the architecture under its official names); what the engine changes is the quantizer
+boundary:
 
 * encode: encoder latents -> ``quant_conv`` -> ``code_search`` (nearest normalized
   codeword without materializing the distance matrix);
@@ -17,20 +18,23 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from detailflow_engine.config import TokenizerConfig
 from detailflow_engine.ops.code_search import code_search
 from detailflow_engine.ops.vq_lookup import vq_lookup
-from detailflow_ref.tokenizer import VQModel
+from detailflow_engine.quantizer import VectorQuantizer
+from detailflow_engine.schedule import Schedule
+from detailflow_engine.siglip2 import build_tokenizer_towers
 
 
 class Tokenizer(nn.Module):
     """DetailFlow VQ tokenizer for inference (official parameter names, inference keys only)."""
 
-    def __init__(self, config):
+    def __init__(self, config: TokenizerConfig):
         super().__init__()
-        ref = VQModel(config, training_modules=False)  # adopt its modules: same names, one architecture
-        self.config, self.schedule = ref.config, ref.schedule
-        for name, child in ref.named_children():
-            self.add_module(name, child)
+        self.config, self.schedule = config, Schedule.from_config(config)
+        for name, module in build_tokenizer_towers(config).items():
+            self.add_module(name, module)
+        self.quantize = VectorQuantizer(config.codebook_size, config.codebook_embed_dim, config.codebook_l2_norm)
 
     @property
     def num_tokens(self) -> int:
@@ -75,25 +79,11 @@ class Tokenizer(nn.Module):
             raise ValueError(f"num_tokens={t} must be in 1..{min(codes.shape[1], self.num_tokens)} "
                              f"(codes hold {codes.shape[1]} tokens)")
         size = self.schedule.decode_size(t) if img_size is None else int(img_size)
-        if size % self.decoder.patch_size:
-            raise ValueError(f"img_size {size} is not a multiple of the decoder patch size {self.decoder.patch_size}")
-        dec = self.decoder
         # vq_lookup is row-wise (each output row from its own code), so it runs once for the batch;
-        # the grid (mask tokens + the resized position table) is the same for every image.
+        # the decoder tower then runs one image per pass (batch invariance: see decode_positioned).
         z = vq_lookup(codes[:, :t], self.quantize.embedding.weight, self.post_quant_conv.weight,
-                      self.post_quant_conv.bias, dec.latent_pos_embed[0])  # (B, t, width), positions added
-        g = size // dec.patch_size
-        grid = dec.visual_model.embeddings(dec.mask_token.expand(1, g * g, -1), g, g)
-        mask = dec.attention_mask(g * g, t, grid.dtype, grid.device) if dec.causal else None  # full: no mask
-        # The tower runs one image per pass, so an image is the same bits whatever batch it came
-        # in: torch's GEMMs and attention pick their kernels (and summation orders) by shape, e.g.
-        # to_pixel's bf16 GEMM gave other bits at batch 7 than at batch 1. At M = g^2 + t rows per
-        # image the GEMMs are already large; the cost is in benchmarks/README.md.
-        out = []
-        for i in range(codes.shape[0]):
-            x = dec.visual_model(torch.cat((grid, z[i:i + 1]), dim=1), mask)
-            out.append(dec.to_pixel(x[:, :g * g]).float())
-        return torch.cat(out)
+                      self.post_quant_conv.bias, self.decoder.latent_pos_embed[0])  # (B, t, width), positions added
+        return self.decoder.decode_positioned(z, size).float()
 
     # ------------------------------------------------------------------ checks
 

@@ -8,7 +8,7 @@ import torch
 from detailflow_engine import DetailFlowPipeline, load_prior
 from detailflow_engine.config import PriorConfig
 from detailflow_engine.ops.group_sample import group_sample
-from detailflow_engine.prior import Prior, step_plan
+from detailflow_engine.prior import Prior
 from detailflow_ref.generate import generate as ref_generate
 from detailflow_ref.gpt import Transformer
 from conftest import in_thread
@@ -33,7 +33,7 @@ def test_greedy_tokens_and_step_logits_match_golden(pipe, golden):
     labels = golden["gen_labels"].tolist()
     tokens, _, step_logits = pipe.generate_tokens(labels, cfg_scale=1.5, top_k=1, return_step_logits=True)
     assert torch.equal(tokens, torch.from_numpy(golden["gen_tokens"])), "greedy tokens differ from the golden"
-    plan = step_plan(pipe.prior.config)
+    plan = pipe.prior.config.generation_plan()
     assert len(step_logits) == len(plan) == 7
     for step, ours in zip(plan, step_logits):
         ref = golden[f"gen_step{step.index:02d}_logits"][:, step.start:step.stop]  # full-prefix logits of this step's positions
@@ -75,7 +75,7 @@ def test_model_vs_ema_weights(tiny_a, golden):
         labels = torch.from_numpy(golden["prior_tf_labels"])
         prior.setup_caches(codes.shape[0])
         outs = [prior.forward_step(prior.step_embeddings(labels, codes, s.start, s.stop), s.start)
-                for s in step_plan(prior.config)]
+                for s in prior.config.generation_plan()]
         err = _err(torch.cat(outs, dim=1).numpy(), golden[key])
         assert err <= LOGITS_ATOL, f"ema={ema}: teacher-forcing logits through the cache, max err {err:.3g}"
 

@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from detailflow_engine import DetailFlowPipeline
-from detailflow_engine.prior import step_plan
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -38,7 +37,7 @@ def test_gpu_greedy_tokens_and_logits_match_golden(gpu_pipe, golden, graphs):
         for _ in range(2):  # the second call replays the captured graphs
             tokens, _, step_logits = gpu_pipe.generate_tokens(labels, cfg_scale=1.5, top_k=1, return_step_logits=True)
             assert torch.equal(tokens.cpu(), torch.from_numpy(golden["gen_tokens"])), "greedy tokens differ from the golden"
-            for step, ours in zip(step_plan(gpu_pipe.prior.config), step_logits):
+            for step, ours in zip(gpu_pipe.prior.config.generation_plan(), step_logits):
                 ref = golden[f"gen_step{step.index:02d}_logits"][:, step.start:step.stop]
                 err = _err(ours, ref)
                 assert err <= GPU_LOGITS_ATOL, f"step {step.index} logits max err {err:.3g} (graphs={graphs})"

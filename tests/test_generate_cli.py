@@ -69,7 +69,6 @@ def reference(tiny_a, tmp_path_factory):
 
 def test_outputs_and_manifest(tiny_a, reference):
     from detailflow_engine.pipeline import DetailFlowPipeline
-    from detailflow_engine.prior import step_plan
 
     out = reference
     files = pngs(out)
@@ -97,7 +96,7 @@ def test_outputs_and_manifest(tiny_a, reference):
     # grid: 6 images, 3 per row -> 2 rows of 64 px
     assert load(out / "grid.png").shape == (2 * 64, 3 * 64, 3)
     # progressive strips: one 64 px panel per scheduled step; the last panel is the final image
-    n_steps = len(step_plan(pipe.prior.config))
+    n_steps = len(pipe.prior.config.generation_plan())
     for i in range(6):
         strip = load(out / f"{i:06d}_progressive.png")
         assert strip.shape == (64, n_steps * 64, 3)

@@ -128,11 +128,10 @@ def test_stages_add_up_to_total(run, side):
 def test_stage_calls_follow_the_step_plan(run):
     from detailflow_engine.assets import default_model_paths
     from detailflow_engine.loading import load_prior
-    from detailflow_engine.prior import step_plan
 
     rep, _, _ = run
     cfg = load_prior(default_model_paths()[0]).config
-    plan = step_plan(cfg)
+    plan = cfg.generation_plan()
     rows = _stage_rows(rep)
     for side in ("engine", "reference"):
         assert rows["prior: class step"][f"{side}_calls"] == 1

@@ -10,9 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from detailflow_engine.config import PriorConfig, read_config_files
-from detailflow_ref.generate import (cfg_scale_for_step, generate, generation_steps)
-from detailflow_ref.gpt import (Transformer, group_causal_mask, load_prior_checkpoint,
-                                precompute_freqs_cis_2d)
+from detailflow_engine.outputs import to_uint8
+from detailflow_engine.schedule import cfg_scale_for_step, generation_plan
+from detailflow_ref.generate import generate
+from detailflow_engine.rotary import precompute_freqs_cis_2d
+from detailflow_ref.gpt import Transformer, group_causal_mask, load_prior_checkpoint
 from detailflow_ref.sampling import sample, top_k_top_p_filtering
 
 ATOL = 1e-4
@@ -168,7 +170,7 @@ def test_gradual_cfg_scale_function():
 
 
 def test_generation_plan():
-    steps = generation_steps(128, 8, 8)
+    steps = generation_plan(128, 8, 8)
     assert len(steps) == 23
     assert [s.prefix_len for s in steps[:9]] == [0, 1, 2, 3, 4, 5, 6, 7, 8]
     assert steps[-1].prefix_len == 120 and (steps[-1].start, steps[-1].stop) == (120, 128)
@@ -180,7 +182,7 @@ def test_gradual_cfg_in_generation(ema_model, golden):
     b, g = labels.shape[0], ema_model.group_size
     out = generate(ema_model, labels, cfg_scale=1.5, top_k=1, gradual_cfg=True, return_step_logits=True)
     num_groups = ema_model.block_size // g
-    for step, raw in zip(generation_steps(ema_model.block_size, g, ema_model.causal_num), out.step_logits):
+    for step, raw in zip(generation_plan(ema_model.block_size, g, ema_model.causal_num), out.step_logits):
         c, u = raw[:b], raw[b:]
         s = 1.5 if step.group_index is None else 1.5 * (num_groups - step.group_index + 1) / (num_groups + 1)
         n = step.stop - step.start
@@ -249,6 +251,6 @@ def test_generated_tokens_decode_to_golden_images(tiny_a, golden):
     with torch.no_grad():
         pixels = vq.decode_code(torch.from_numpy(golden["gen_tokens"]), t=None, img_size=64)
     _assert_close("gen_images", pixels, golden["gen_images"], atol=5e-5)
-    img = tokenizer.to_uint8(pixels)
+    img = to_uint8(pixels)
     assert img.dtype == torch.uint8
     _assert_close("gen_images_uint8", img, golden["gen_images_uint8"], atol=1)

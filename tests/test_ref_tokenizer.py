@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from detailflow_engine.config import TokenizerConfig, read_config_files
-from detailflow_ref.siglip2 import blocked_attention_mask
-from detailflow_ref.tokenizer import TRAINING_ONLY_PREFIXES, VQModel, resize_images, to_uint8
+from detailflow_engine.checkpoint import TOKENIZER_TRAINING_PREFIXES as TRAINING_ONLY_PREFIXES
+from detailflow_engine.outputs import to_uint8
+from detailflow_engine.siglip2 import blocked_attention_mask
+from detailflow_ref.tokenizer import VQModel, resize_images
 
 # fp32 tolerances from tiny-a/README.json "suggested_test_tolerance": pixels and latents 5e-5
 # (fp32 vs fp64 reruns of the official code differ by <= 2.1e-6); codes exact (min distance gap 2.6e-3).

@@ -14,8 +14,7 @@ import torch
 
 from detailflow_engine import DetailFlowPipeline, load_prior
 from detailflow_engine.linear import DecodeLinear
-from detailflow_engine.pipeline import cfg_scale_for_step
-from detailflow_engine.prior import step_plan
+from detailflow_engine.schedule import cfg_scale_for_step
 
 CFG = 1.5
 
@@ -27,9 +26,9 @@ def _teacher_forced(prior, labels, tokens):
     toks = torch.cat([tokens, tokens])
     prior.setup_caches(rows.shape[0])
     out = []
-    for step in step_plan(prior.config, T):
+    for step in prior.config.generation_plan(T):
         lg = prior.forward_step(prior.step_embeddings(rows, toks, step.start, step.stop), step.start).float()
-        s = cfg_scale_for_step(CFG, step, T // prior.config.group_size, False)
+        s = cfg_scale_for_step(CFG, step.group_index, T // prior.config.group_size, False)
         out.append(lg[B:] + s * (lg[:B] - lg[B:]))
     return torch.cat(out, 1)
 

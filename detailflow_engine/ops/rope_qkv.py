@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from detailflow_engine.ops import _dispatch
-from detailflow_ref.gpt import apply_rotary
+from detailflow_engine.rotary import apply_rotary
 
 __all__ = ["rope_qkv", "rope_qkv_ref", "tolerance"]
 

@@ -21,7 +21,7 @@ from typing import Callable, List, Optional
 
 import torch
 
-from detailflow_engine.schedule import generation_plan
+from detailflow_engine.schedule import cfg_scale_for_step, generation_plan
 
 from .sampling import sample
 
@@ -29,41 +29,11 @@ from .sampling import sample
 Sampler = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-@dataclass(frozen=True)
-class Step:
-    """One forward of the official generation loop."""
-
-    prefix_len: int  # tokens fed to the model
-    start: int  # first token index produced by this step
-    stop: int  # one past the last
-    group_index: Optional[int]  # i of a group step, None for the class / single steps
-
-
 @dataclass
 class GenerationOutput:
     tokens: torch.Tensor  # (B, T) int64
     step_logits: List[torch.Tensor] = field(default_factory=list)  # raw model outputs (rows, L, V) per step
     cfg_logits: Optional[torch.Tensor] = None  # (B, T, V) mixed logits each token was sampled from
-
-
-def generation_steps(num_tokens: int, group_size: int, causal_num: int) -> List[Step]:
-    """The official step plan: 1 + (c - 1) + (T - c) / g forwards (from the shared schedule)."""
-    if num_tokens % group_size or causal_num % group_size or not causal_num <= num_tokens:
-        raise ValueError(f"num_tokens={num_tokens} and causal_num={causal_num} must be multiples of "
-                         f"group_size={group_size} with causal_num <= num_tokens")
-    return [Step(start, start, stop, start // group_size if start >= causal_num else None)
-            for start, stop in generation_plan(num_tokens, group_size, causal_num)]
-
-
-def cfg_scale_for_step(cfg_scale: float, group_index: Optional[int], num_groups: int,
-                       gradual_cfg: bool = False) -> float:
-    """Guidance scale of a step: cfg_scale * (G - i + 1) / (G + 1) on group step i when gradual.
-
-    Evaluated exactly as the official expression ``cfg_scale * (G - i + 1) / (G + 1)``.
-    """
-    if not gradual_cfg or group_index is None:
-        return cfg_scale
-    return cfg_scale * (num_groups - group_index + 1) / (num_groups + 1)
 
 
 def official_sampler(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -97,7 +67,7 @@ def generate(model, labels: torch.Tensor, cfg_scale: float = 1.5, temperature: f
     num_tokens = model.block_size if num_tokens is None else int(num_tokens)
     if num_tokens > model.block_size:
         raise ValueError(f"num_tokens={num_tokens} exceeds block_size={model.block_size}")
-    steps = generation_steps(num_tokens, g, c)
+    steps = generation_plan(num_tokens, g, c)  # checks the group arithmetic
     num_groups = num_tokens // g
     labels = labels.reshape(-1).long()
     b = labels.shape[0]

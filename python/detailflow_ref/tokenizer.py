@@ -7,7 +7,7 @@ Inference keys (the default build)::
     quant_conv.*  post_quant_conv.*  quantize.embedding.weight
 
 ``training_modules=True`` adds what the official VQModel also builds for the config
-(everything under TRAINING_ONLY_PREFIXES), so a full official checkpoint loads strictly.
+(everything under ``checkpoint.TOKENIZER_TRAINING_PREFIXES``), so a full official checkpoint loads strictly.
 """
 from __future__ import annotations
 
@@ -18,28 +18,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from detailflow_engine.checkpoint import TOKENIZER_TRAINING_PREFIXES
 from detailflow_engine.config import TokenizerConfig, resolve_tower
+from detailflow_engine.quantizer import VectorQuantizer
 from detailflow_engine.schedule import Schedule
-
-from .quantizer import VectorQuantizer
-from .siglip2 import Siglip2VisionTower, SiglipDecoder, SiglipEncoder
-
-# State-dict keys (prefixes) that only training needs; inference drops them on load.
-TRAINING_ONLY_PREFIXES = (
-    "repa_model.",             # frozen 27-layer SigLIP2 target of REPA / the global-token loss
-    "global_token_proj.",      # MLP codebook_embed_dim -> 1024 -> 1024 -> 1152 (global_token_loss_weight != 0)
-    "projection.",             # REPA MLP (repa=True only)
-    "refine_conv.",            # self-correction: Linear(codebook_embed_dim, enc width)
-    "encoder.refined_tokens",  # self-correction: latent inputs after the perturbed prefix
-    "quantize.codebook_used",  # codebook-usage statistics buffer
-)
+from detailflow_engine.siglip2 import Siglip2VisionTower, build_tokenizer_towers
 
 REPA_TOWER = "siglip2"          # the official build_repa_model: pretrained so400m, all 27 layers
 GLOBAL_TOKEN_PROJ_DIM = 1024    # hidden size of the official global_token_proj MLP
 
 
 def is_training_only_key(key: str) -> bool:
-    return key.startswith(TRAINING_ONLY_PREFIXES)
+    return key.startswith(TOKENIZER_TRAINING_PREFIXES)
 
 
 def build_mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
@@ -61,11 +51,6 @@ def resize_images(x: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bicubic", align_corners=False)
 
 
-def to_uint8(pixels: torch.Tensor) -> torch.Tensor:
-    """Decoder pixels (B, 3, H, W) ~[-1, 1] -> uint8 (B, H, W, 3): clamp(127.5 x + 128, 0, 255), truncated."""
-    return torch.clamp(127.5 * pixels + 128.0, 0, 255).permute(0, 2, 3, 1).to(torch.uint8)
-
-
 @dataclass
 class Encoded:
     """Everything one encode produces, each (B, t, ...)."""
@@ -83,13 +68,8 @@ class VQModel(nn.Module):
         self.schedule = Schedule.from_config(config)
         raw = config.raw_json
         enc, dec = config.encoder, config.decoder
-        self.encoder = SiglipEncoder(enc, config.num_latent_tokens, causal=config.causal_encoder,
-                                     group_size=config.group_size, causal_num=config.causal_num,
-                                     with_refined_tokens=training_modules)
-        self.decoder = SiglipDecoder(dec, config.num_latent_tokens, causal=config.causal_decoder,
-                                     group_size=config.group_size, causal_num=config.causal_num)
-        self.quant_conv = nn.Linear(enc.hidden_size, config.codebook_embed_dim)
-        self.post_quant_conv = nn.Linear(config.codebook_embed_dim, dec.hidden_size)
+        for name, module in build_tokenizer_towers(config, with_refined_tokens=training_modules).items():
+            self.add_module(name, module)
         if training_modules:
             if config.correction_training:
                 self.refine_conv = nn.Linear(config.codebook_embed_dim, enc.hidden_size)

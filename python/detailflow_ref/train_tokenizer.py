@@ -54,7 +54,7 @@ from detailflow_engine.config import TokenizerConfig
 from . import train_common as tc
 from .losses import (PatchDiscriminator, PerceptualLoss, build_perceptual_net, entropy_loss, hinge_d_loss,
                      hinge_g_loss, reconstruction_loss, vq_losses)
-from .siglip2 import patchify
+from detailflow_engine.siglip2 import patchify
 from .tokenizer import VQModel, resize_images
 
 # Official ModelArgs (modelling/tokenizer.py) fields in declaration order with their defaults.

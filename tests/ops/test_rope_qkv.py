@@ -14,7 +14,7 @@ from _triton_mode import (CUDA, HAVE_TRITON, INTERPRET, needs_cuda_triton, needs
 
 from detailflow_engine.ops import _dispatch
 from detailflow_engine.ops.rope_qkv import rope_qkv, rope_qkv_ref, tolerance
-from detailflow_ref.gpt import precompute_freqs_cis_2d
+from detailflow_engine.rotary import precompute_freqs_cis_2d
 
 if INTERPRET:
     from detailflow_engine.ops._triton.rope_qkv import launch_config, rope_qkv_fwd
@@ -137,7 +137,7 @@ def test_wrapper_on_cpu(dtype):
 
 def test_ref_is_prior_attention_composition():
     """The oracle is what prior.Attention.forward does with the wqkv output."""
-    from detailflow_ref.gpt import apply_rotary
+    from detailflow_engine.rotary import apply_rotary
     qkv, freqs = make_inputs(2, 8, 4, 16, torch.bfloat16, seed=4)
     q, k, v = qkv.view(2, 8, 3, 4, 16).unbind(2)
     expect = (apply_rotary(q, freqs).transpose(1, 2), apply_rotary(k, freqs).transpose(1, 2), v.transpose(1, 2))

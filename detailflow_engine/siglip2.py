@@ -1,5 +1,8 @@
 """SigLIP2-style ViT towers of the DetailFlow tokenizer, in plain PyTorch.
 
+Shared on purpose by the engine ``Tokenizer`` and the reference ``VQModel``: the architecture
+exists once, under its official names.
+
 Parameter names reproduce the official modules (HF ``Siglip2VisionModel.vision_model``
 wrapped by DetailFlow's ``CustomSiglip``), so official state dicts load with
 ``strict=True``:
@@ -23,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from detailflow_engine.config import TowerConfig
+from detailflow_engine.config import TokenizerConfig, TowerConfig
 
 
 # --------------------------------------------------------------------------- patches
@@ -343,3 +346,38 @@ class SiglipDecoder(_LatentTower):
         x = self.visual_model.embeddings(self.mask_token.expand(z.shape[0], g * g, -1), g, g)
         patches, _ = self._run(x, z[:, :t])
         return self.to_pixel(patches)
+
+    def decode_positioned(self, z: torch.Tensor, img_size: int) -> torch.Tensor:
+        """z: (B, t, D) latents with ``latent_pos_embed`` already added (the engine's vq_lookup
+        adds it) -> pixels (B, 3, img_size, img_size), one image per tower pass.
+
+        The grid (mask tokens + the resized position table) and the mask are built once and are
+        the same for every image. One image per pass makes an image the same bits whatever batch
+        it came in: torch's GEMMs and attention pick their kernels (and summation orders) by
+        shape. A non-causal tower runs with no mask at all (what SDPA is given decides its kernel).
+        """
+        if img_size % self.patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of the decoder patch size {self.patch_size}")
+        g = img_size // self.patch_size
+        grid = self.visual_model.embeddings(self.mask_token.expand(1, g * g, -1), g, g)
+        mask = self.attention_mask(g * g, z.shape[1], grid.dtype, grid.device) if self.causal else None
+        out = []
+        for i in range(z.shape[0]):
+            x = self.visual_model(torch.cat((grid, z[i:i + 1]), dim=1), mask)
+            out.append(self.to_pixel(x[:, :g * g]))
+        return torch.cat(out)
+
+
+def build_tokenizer_towers(config: TokenizerConfig, with_refined_tokens: bool = False) -> dict:
+    """The tokenizer's encoder, decoder and the two latent projections, in official key order
+    (``encoder``, ``decoder``, ``quant_conv``, ``post_quant_conv``); the quantizer comes after."""
+    enc, dec = config.encoder, config.decoder
+    return {
+        "encoder": SiglipEncoder(enc, config.num_latent_tokens, causal=config.causal_encoder,
+                                 group_size=config.group_size, causal_num=config.causal_num,
+                                 with_refined_tokens=with_refined_tokens),
+        "decoder": SiglipDecoder(dec, config.num_latent_tokens, causal=config.causal_decoder,
+                                 group_size=config.group_size, causal_num=config.causal_num),
+        "quant_conv": nn.Linear(enc.hidden_size, config.codebook_embed_dim),
+        "post_quant_conv": nn.Linear(config.codebook_embed_dim, dec.hidden_size),
+    }
