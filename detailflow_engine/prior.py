@@ -28,26 +28,17 @@ import torch.nn.functional as F
 
 from detailflow_engine.config import PriorConfig
 from detailflow_engine.linear import replace_linears
-from detailflow_engine.ops import _dispatch
 from detailflow_engine.ops.add_rmsnorm import add_rmsnorm
 from detailflow_engine.ops.cache_attention import cache_attention
 from detailflow_engine.ops.rope_qkv import rope_qkv
 from detailflow_engine.schedule import Step
-from detailflow_engine.rotary import apply_rotary, precompute_freqs_cis_2d
-
-
-def fused_ops(x: torch.Tensor) -> bool:
-    """Whether the step runs the Triton fusions (rope_qkv, add_rmsnorm): on CUDA when Triton is
-    there. On the CPU the plain torch composition below is already what they would fall back to."""
-    return x.is_cuda and FUSED_OPS and _dispatch._triton_available()
-
-
-# Off switch for A/B runs and debugging (the fused and unfused paths compute the same formulas;
-# add_rmsnorm may differ from the unfused norm in the last bit of a low-precision output).
-FUSED_OPS = True
+from detailflow_engine.rotary import precompute_freqs_cis_2d
 
 
 class RMSNorm(nn.Module):
+    """The official RMSNorm. The decode step does not call it: `add_rmsnorm` fuses each norm with
+    the residual add before it (same formula); this forward is the numerics it must match."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
@@ -81,13 +72,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, freqs: torch.Tensor, start_pos: int) -> torch.Tensor:
         b, n, _ = x.shape  # x: (B, n, dim), n = the step's new positions
-        if fused_ops(x):  # one Triton launch instead of view/unbind/rotary/transposes
-            q, k, v = rope_qkv(self.wqkv(x), freqs, self.n_head)
-        else:
-            q, k, v = self.wqkv(x).view(b, n, 3, self.n_head, self.head_dim).unbind(2)
-            q = apply_rotary(q, freqs).transpose(1, 2)  # (B, H, n, d)
-            k = apply_rotary(k, freqs).transpose(1, 2)
-            v = v.transpose(1, 2)
+        q, k, v = rope_qkv(self.wqkv(x), freqs, self.n_head)  # (B, H, n, d) each, q and k rotated
         out = cache_attention(q, k, v, self.kv_cache.k_cache, self.kv_cache.v_cache, start_pos)
         return self.wo(out.transpose(1, 2).reshape(b, n, self.dim))
 
@@ -111,9 +96,6 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor, start_pos: int) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs, start_pos)
-        return h + self.feed_forward(self.ffn_norm(h))
 
 
 class LabelEmbedder(nn.Module):
@@ -215,17 +197,12 @@ class Prior(nn.Module):
         """Run new positions [start, start + n) through the model; x: (B, n, dim) -> logits (B, n, V) fp32."""
         n = x.shape[1]
         freqs = self.freqs_cis[start:start + n]
-        if fused_ops(x):
-            # Carry (residual h, its norm y) between layers: each residual add is fused with the
-            # norm that follows it (ffn_norm, the next layer's attention_norm, the final norm).
-            eps = self.config.norm_eps
-            h, y = add_rmsnorm(x, None, self.layers[0].attention_norm.weight, eps)
-            for i, layer in enumerate(self.layers):
-                h, y = add_rmsnorm(h, layer.attention(y, freqs, start), layer.ffn_norm.weight, eps)
-                nxt = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm
-                h, y = add_rmsnorm(h, layer.feed_forward(y), nxt.weight, eps)
-            return self.output(y).float()
-        h = x
-        for layer in self.layers:
-            h = layer(h, freqs, start)
-        return self.output(self.norm(h)).float()
+        # Carry (residual h, its norm y) between layers: each residual add is fused with the norm
+        # that follows it (ffn_norm, the next layer's attention_norm, the final norm).
+        eps = self.config.norm_eps
+        h, y = add_rmsnorm(x, None, self.layers[0].attention_norm.weight, eps)
+        for i, layer in enumerate(self.layers):
+            h, y = add_rmsnorm(h, layer.attention(y, freqs, start), layer.ffn_norm.weight, eps)
+            nxt = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm
+            h, y = add_rmsnorm(h, layer.feed_forward(y), nxt.weight, eps)
+        return self.output(y).float()

@@ -10,8 +10,10 @@ mul). This op fuses them:
 which is prior.RMSNorm's formula exactly (fp32 statistics, the normalized row rounded to x's
 dtype before the weight multiply).
 
-Backends (see `_dispatch`): Triton (CUDA tensors, triton importable: ops/_triton/add_rmsnorm.py),
-then the torch reference `add_rmsnorm_ref`, which is also the test oracle.
+Backends (see `_dispatch`): Triton (CUDA tensors, triton importable: ops/_triton/add_rmsnorm.py);
+on the CPU the plain torch composition (bit-identical to prior.RMSNorm after an add: the CPU
+prior runs the same single forward path as the GPU); then the torch reference
+`add_rmsnorm_ref`, which is also the test oracle.
 """
 from __future__ import annotations
 
@@ -162,6 +164,7 @@ def _triton_impl(x, delta, weight, eps):
 
 
 _dispatch.register("add_rmsnorm", "triton", _triton_impl, applies=_triton_applies)
+_dispatch.register("add_rmsnorm", "cpu", _torch_impl, applies=lambda x, delta, weight: x.device.type == "cpu")
 _dispatch.register("add_rmsnorm", "torch", _torch_impl)
 
 

@@ -9,11 +9,13 @@ transposes: a dozen small launches a layer on the GPU. This op does it in one pa
     k = apply_rotary(k, freqs).transpose(1, 2)
     v = v.transpose(1, 2)
 
-with apply_rotary = detailflow_ref.gpt.apply_rotary (interleaved pairs (x[2i], x[2i+1]), freqs
-(n, d/2, 2) of [cos, sin]); all three outputs contiguous.
+with apply_rotary = detailflow_engine.rotary.apply_rotary (interleaved pairs (x[2i], x[2i+1]),
+freqs (n, d/2, 2) of [cos, sin]); all three outputs contiguous.
 
-Backends (see `_dispatch`): Triton (CUDA tensors, triton importable: ops/_triton/rope_qkv.py),
-then the torch reference `rope_qkv_ref`, which is also the test oracle.
+Backends (see `_dispatch`): Triton (CUDA tensors, triton importable: ops/_triton/rope_qkv.py);
+on the CPU the plain torch composition (at decode sizes it is a few small memory-bound tensors
+a layer, nothing a separate kernel would win back); then the torch reference `rope_qkv_ref`,
+which is also the test oracle.
 """
 from __future__ import annotations
 
@@ -114,7 +116,7 @@ def rope_qkv(qkv: Tensor, freqs: Tensor, n_head: int) -> Tuple[Tensor, Tensor, T
 
     Returns:
         q, k, v: new contiguous (B, H, n, d) tensors in qkv's dtype; q and k rotated in fp32
-        as detailflow_ref.gpt.apply_rotary (bit-identical to `rope_qkv_ref`).
+        as detailflow_engine.rotary.apply_rotary (bit-identical to `rope_qkv_ref`).
     """
     n_head, _ = _validate(qkv, freqs, n_head)
     if _dispatch.plain_eager(qkv, freqs):
@@ -154,6 +156,7 @@ def _triton_impl(qkv, freqs, n_head):
 
 
 _dispatch.register("rope_qkv", "triton", _triton_impl, applies=_triton_applies)
+_dispatch.register("rope_qkv", "cpu", _torch_impl, applies=lambda qkv, freqs: qkv.device.type == "cpu")
 _dispatch.register("rope_qkv", "torch", _torch_impl)
 
 

@@ -8,6 +8,8 @@ if something imported triton earlier, one test re-runs this file in a subprocess
 from __future__ import annotations
 
 import numpy as np
+import warnings
+
 import pytest
 import torch
 from _triton_mode import (CUDA, HAVE_TRITON, INTERPRET, needs_cuda_triton, needs_interpreter,  # noqa: F401
@@ -152,9 +154,12 @@ def test_wrapper_on_cpu(dtype):
 
 
 def test_dispatch_table():
-    assert _dispatch.table()["add_rmsnorm"] == ["triton", "torch"]
+    assert _dispatch.table()["add_rmsnorm"] == ["triton", "cpu", "torch"]
     x, delta, weight = make_inputs((2, 16), torch.float32)
-    assert _dispatch.pick("add_rmsnorm", x, delta, weight).name == "torch"  # triton: CUDA tensors only
+    # triton: CUDA tensors only; CPU tensors take the plain composition, with no fallback warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _dispatch.pick("add_rmsnorm", x, delta, weight).name == "cpu"
 
 
 @pytest.mark.parametrize("args, match", [

@@ -7,6 +7,8 @@ if something imported triton earlier, one test re-runs this file in a subprocess
 """
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from _triton_mode import (CUDA, HAVE_TRITON, INTERPRET, needs_cuda_triton, needs_interpreter,  # noqa: F401
@@ -156,9 +158,12 @@ def test_outputs_never_alias_qkv():
 
 
 def test_dispatch_table():
-    assert _dispatch.table()["rope_qkv"] == ["triton", "torch"]
+    assert _dispatch.table()["rope_qkv"] == ["triton", "cpu", "torch"]
     qkv, freqs = make_inputs(1, 1, 2, 8, torch.float32)
-    assert _dispatch.pick("rope_qkv", qkv, freqs).name == "torch"  # triton: CUDA tensors only
+    # triton: CUDA tensors only; CPU tensors take the plain composition, with no fallback warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _dispatch.pick("rope_qkv", qkv, freqs).name == "cpu"
 
 
 @pytest.mark.parametrize("args, match", [
