@@ -111,18 +111,16 @@ def main() -> None:
                       for d, w in [("fp32", "native")] + MODES}
             compare("tiny-a", models, labels, args.cfg)
     if not args.skip_random:
-        from detailflow_engine.loading import _quantize_blocks
+        from detailflow_engine.loading import prepare_prior
 
         pcfg, _ = preset_configs("detailflow16")
-        base = randomize_(Prior(pcfg), seed=args.seed).eval().requires_grad_(False)
+        base = prepare_prior(randomize_(Prior(pcfg), seed=args.seed), torch.float32)
         state = base.state_dict()
         models = {("fp32", "native"): base}
         for d, w in MODES:
             m = Prior(pcfg)
             m.load_state_dict(state)
-            if w == "int8":
-                _quantize_blocks(m)
-            models[(d, w)] = m.to(DT[d]).eval().requires_grad_(False)
+            models[(d, w)] = prepare_prior(m, DT[d], w)
         g = torch.Generator().manual_seed(args.seed)
         labels = torch.randint(0, pcfg.num_classes, (args.batch,), generator=g)
         compare("DetailFlow-16 random", models, labels, args.cfg)

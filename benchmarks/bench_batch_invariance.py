@@ -65,17 +65,14 @@ def load(args, dtype: str, weights: str) -> DetailFlowPipeline:
     if args.preset == "default":
         return DetailFlowPipeline.from_pretrained(device="cpu", dtype=dtype, weights=weights)
     from detailflow_engine.presets import preset_configs, randomize_
+    from detailflow_engine.loading import prepare_prior
     from detailflow_engine.prior import Prior
-    from detailflow_engine.linear import replace_linears
 
     pcfg, tcfg = preset_configs(args.preset)
-    prior = randomize_(Prior(pcfg), 0).eval()
+    prior = prepare_prior(randomize_(Prior(pcfg), 0), dtype, weights)
     tok = randomize_(Tokenizer(tcfg), 1).eval()
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    if weights == "int8":
-        replace_linears(prior.layers, weights="int8")
-    return DetailFlowPipeline(prior.to(dtype=torch_dtype).requires_grad_(False),
-                              tok.to(dtype=torch_dtype).requires_grad_(False))
+    return DetailFlowPipeline(prior, tok.to(dtype=torch_dtype).requires_grad_(False))
 
 
 def timed(pipe, labels, repeats):

@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._timing import bench, read_bandwidth_gbs  # noqa: E402
+from detailflow_engine.loading import prepare_prior  # noqa: E402
 from detailflow_engine.pipeline import DetailFlowPipeline  # noqa: E402
 from detailflow_engine.presets import preset_configs, randomize_  # noqa: E402
 from detailflow_engine.prior import Prior  # noqa: E402
@@ -47,7 +48,7 @@ def build(preset: str, dtype: torch.dtype, seed: int, device: torch.device, ref_
     prior.load_state_dict(ref_prior.state_dict())
     tok = Tokenizer(tcfg)
     tok.load_state_dict(ref_tok.state_dict())
-    pipe = DetailFlowPipeline(prior.to(device=device, dtype=dtype).eval(), tok.to(device=device, dtype=dtype).eval())
+    pipe = DetailFlowPipeline(prepare_prior(prior.to(device), dtype), tok.to(device=device, dtype=dtype).eval())
     ref_prior = ref_prior.to(device=device, dtype=ref_dtype).requires_grad_(False)
     ref_tok = ref_tok.to(device=device, dtype=ref_dtype).requires_grad_(False)
     return ref_prior, ref_tok, pipe
@@ -117,7 +118,7 @@ def main() -> None:
     repeats = args.repeats or (5 if device.type == "cuda" else 2)
     torch.manual_seed(0)
     ref_prior, ref_tok, pipe = build(args.preset, dtype, 0, device, ref_dtype)
-    pipe.prior.cuda_graphs = not args.no_cuda_graphs
+    pipe.cuda_graphs = not args.no_cuda_graphs
     if reference == "compile":
         ref_prior = torch.compile(ref_prior, dynamic=True)
     pcfg = pipe.prior.config
@@ -127,7 +128,7 @@ def main() -> None:
     bw = read_bandwidth_gbs(str(device), nbytes=(2 << 30) if device.type == "cuda" else (512 << 20))
     tflops = matmul_tflops(device, dtype)
     flops = flops_per_image(pipe, args.cfg_scale)
-    graphs = "graphs" if (device.type == "cuda" and pipe.prior.cuda_graphs) else "no graphs"
+    graphs = "graphs" if (device.type == "cuda" and pipe.cuda_graphs) else "no graphs"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
     print(f"# {name} preset={args.preset} dtype={args.dtype} reference={reference}/{str(ref_dtype)[6:]} "
           f"{graphs} steps={steps} prior weights streamed/step={weight_bytes / 1e6:.0f} MB "

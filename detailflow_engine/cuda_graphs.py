@@ -8,6 +8,11 @@ size and replayed by every later one. Inputs go through static buffers (labels, 
 graphs of one cache share a memory pool, which is safe because the steps run one after another
 and each step's logits are consumed (sampled) before the next replay overwrites them.
 
+Ownership runs one way: the pipeline holds the StepGraphs of its prior (and the on/off switch),
+StepGraphs calls the prior's eager ``step_logits``, and the prior knows nothing of graphs. The
+graphs hold the KV cache's addresses, so they are stale once ``prior.cache_epoch`` moves on
+(``setup_caches`` reallocated); the pipeline then builds new ones.
+
 Correctness rests on the step code being capture-safe: no host synchronization (our op wrappers
 skip host-side value checks while capturing) and every kernel launched on torch's current stream.
 Output is identical with and without graphs: the same kernels run on the same inputs.
@@ -27,14 +32,18 @@ class StepGraphs:
         dev = prior.output.weight.device
         self.prior = prior
         self.rows = prior.cache_batch
+        self.cache_epoch = prior.cache_epoch
         self.labels = torch.zeros(self.rows, dtype=torch.int64, device=dev)
         self.tokens = torch.zeros(self.rows, cfg.block_size, dtype=torch.int64, device=dev)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: Dict[Tuple[int, int], Tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
+    def fits(self, prior) -> bool:
+        """Whether these graphs were captured on `prior`'s current KV cache."""
+        return prior is self.prior and prior.cache_epoch == self.cache_epoch
+
     def _eager(self, step) -> torch.Tensor:
-        p = self.prior
-        return p.forward_step(p.step_embeddings(self.labels, self.tokens, step.start, step.stop), step.start)
+        return self.prior.step_logits(self.labels, self.tokens, step)
 
     def run(self, labels: torch.Tensor, tokens: torch.Tensor, step) -> torch.Tensor:
         if labels.shape[0] != self.rows or tokens.shape[0] != self.rows:

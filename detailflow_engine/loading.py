@@ -53,21 +53,27 @@ def resolve_weights(weights: Optional[str]) -> str:
     return weights
 
 
-def _build(model_cls, loaded, device, dtype, prepare=None) -> torch.nn.Module:
+def _build(model_cls, loaded, device) -> torch.nn.Module:
+    """The model with the checkpoint's values (as stored, usually fp32) on `device`; NaN/inf refused."""
     with torch.device("meta"):
         model = model_cls(loaded.config)
     check_state_dict(model.state_dict(), loaded.state_dict, where=str(loaded.weights_path))
     model = model.to_empty(device=device)
     model.load_state_dict(loaded.state_dict, strict=True)
-    where = f"{loaded.weights_path}: {loaded.which!r} weights"
     bad = first_non_finite(model.state_dict())
     if bad:
         key, what, count = bad
-        raise CheckpointError(f"{where}: {key} holds {what} values"
+        raise CheckpointError(f"{_where(loaded)}: {key} holds {what} values"
                               + (f" ({count} tensors do)" if count > 1 else "")
                               + "; the checkpoint is corrupt or its training diverged")
-    if prepare is not None:
-        prepare(model)  # on the weights as loaded, before the dtype cast
+    return model
+
+
+def _where(loaded) -> str:
+    return f"{loaded.weights_path}: {loaded.which!r} weights"
+
+
+def _cast(model: torch.nn.Module, dtype: torch.dtype, where: str) -> torch.nn.Module:
     model = model.to(dtype=dtype)
     if dtype == torch.float16:  # fp16 tops out at 65504: larger fp32/bf16 weights became inf
         bad = first_non_finite(model.state_dict())
@@ -77,13 +83,28 @@ def _build(model_cls, loaded, device, dtype, prepare=None) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def _quantize_blocks(prior: Prior) -> None:
-    """int8 weight-only: every Linear of the transformer blocks (wqkv, wo, w1, w2, w3), quantized
-    from the checkpoint's values (fp32 math) before any dtype cast. Not quantized: the
-    embeddings (a gather reads few rows; no bandwidth to save) and the output head (8192 x dim,
-    under 3% of GPT-L's block weights but it writes the logits that sampling ranks directly;
-    it stays in `dtype` and still runs the native decode GEMM)."""
-    replace_linears(prior.layers, weights="int8")
+def prepare_prior(prior: Prior, dtype=None, weights: Optional[str] = "native", where: str = "prior") -> Prior:
+    """A loaded prior (the checkpoint's values, fp32) -> the inference prior in `dtype`: the one
+    place its linears become decode GEMMs (linear.py), whatever the weights mode.
+
+    - weights="int8": every Linear of the transformer blocks (wqkv, wo, w1, w2, w3) is quantized
+      from the checkpoint's values (fp32 math) before any dtype cast. Not quantized: the
+      embeddings (a gather reads few rows; no bandwidth to save) and the output head (8192 x dim,
+      under 3% of GPT-L's block weights but it writes the logits that sampling ranks directly).
+    - then the cast to `dtype`;
+    - then every float Linear left (all of them for "native", the output head for "int8") is
+      packed in `dtype` where a compiled decode_gemm serves its device (state-dict names and
+      values unchanged).
+    """
+    return _prepare_prior(prior, resolve_dtype(dtype), resolve_weights(weights), where)
+
+
+def _prepare_prior(prior: Prior, dtype: torch.dtype, mode: str, where: str) -> Prior:
+    if mode == "int8":
+        replace_linears(prior.layers, weights="int8")
+    prior = _cast(prior, dtype, where)
+    replace_linears(prior)
+    return prior
 
 
 def load_prior(path, ema: Optional[bool] = True, device=None, dtype=None, weights: Optional[str] = "native") -> Prior:
@@ -97,20 +118,15 @@ def load_prior(path, ema: Optional[bool] = True, device=None, dtype=None, weight
     "int8" quantizes every Linear of the transformer blocks to int8 with per-output-channel
     fp32 scales at load (weight-only: activations stay in ``dtype``, products accumulate in
     fp32; the embeddings and the output head stay in ``dtype``). They compose: dtype=bf16,
-    weights=int8 is int8 weights with bf16 activations. Accuracy cost, measured by
-    benchmarks/accuracy_decode_gemm.py against the fp32 engine (CFG 1.5, greedy; teacher-forced
-    max logit error as a fraction of max |logit|, teacher-forced argmax agreement, free-running
-    token agreement): tiny-a fixture: bf16 1.1% / 100% / 100%, int8 1.2% / 100% / 100%,
-    bf16 + int8 1.7% / 98.4% / 89%; DetailFlow-16-size random weights (near-uniform logits, a
-    stress case): bf16 2.2% / 95.7%, int8 3.8% / 92.6%, bf16 + int8 4.4% / 92.2%.
+    weights=int8 is int8 weights with bf16 activations. Their accuracy cost is measured by
+    benchmarks/accuracy_decode_gemm.py (table in benchmarks/README.md).
     """
-    mode = resolve_weights(weights)
+    mode, dtype, device = resolve_weights(weights), resolve_dtype(dtype), resolve_device(device)
     loaded = load_checkpoint(path, "prior", ema=None if ema else False)
-    return _build(Prior, loaded, resolve_device(device), resolve_dtype(dtype),
-                  prepare=_quantize_blocks if mode == "int8" else None)
+    return _prepare_prior(_build(Prior, loaded, device), dtype, mode, _where(loaded))
 
 
 def load_tokenizer(path, device=None, dtype=None) -> Tokenizer:
     """Load the VQ tokenizer ('model' weights; training-only tensors are skipped unread)."""
     loaded = load_checkpoint(path, "tokenizer")
-    return _build(Tokenizer, loaded, resolve_device(device), resolve_dtype(dtype))
+    return _cast(_build(Tokenizer, loaded, resolve_device(device)), resolve_dtype(dtype), _where(loaded))

@@ -8,7 +8,6 @@ An image's tokens therefore depend only on its own seed, never on the batch it r
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import os
 import threading
@@ -19,14 +18,13 @@ import numpy as np
 import torch
 
 from detailflow_engine.loading import load_prior, load_tokenizer, resolve_device, resolve_dtype
+from detailflow_engine.cuda_graphs import StepGraphs
 from detailflow_engine.ops import _dispatch
 from detailflow_engine.ops.group_sample import group_sample
 from detailflow_engine.outputs import to_uint8
 from detailflow_engine.prior import Prior
 from detailflow_engine.schedule import Step, cfg_scale_for_step
 from detailflow_engine.tokenizer import Tokenizer
-
-WEIGHTS = ("native", "int8")  # from_pretrained(weights=...): how the prior's linears are stored
 
 # callback(step, tokens_so_far (B, t), preview) -> None; preview() decodes the prefix on demand.
 Callback = Callable[[Step, torch.Tensor, Callable[[], torch.Tensor]], None]
@@ -115,9 +113,13 @@ def _real(name: str, v) -> float:
 class DetailFlowPipeline:
     """Class labels -> images with a DetailFlow prior and tokenizer. Safe to call from threads."""
 
-    def __init__(self, prior: Prior, tokenizer: Optional[Tokenizer]):
-        """``tokenizer`` may be None for a tokens-only pipeline (generate_tokens)."""
+    def __init__(self, prior: Prior, tokenizer: Optional[Tokenizer], cuda_graphs: bool = True):
+        """``tokenizer`` may be None for a tokens-only pipeline (generate_tokens). ``cuda_graphs``:
+        on a GPU, replay each decode step as a captured CUDA graph (same output, fewer launches);
+        the attribute of that name switches it later."""
         self.prior, self.tokenizer = prior, tokenizer
+        self.cuda_graphs = bool(cuda_graphs)
+        self._step_graphs: Optional[StepGraphs] = None  # of the prior's current KV cache
         self._lock = threading.Lock()  # the KV cache is per pipeline: one generation at a time
         self._owner: Optional[int] = None  # thread id holding _lock (re-entry from a callback is an error)
         if tokenizer is None:
@@ -141,8 +143,6 @@ class DetailFlowPipeline:
         ``dtype``) or "int8" (weight-only int8 decode GEMMs for the prior). ``cuda_graphs``: on a
         GPU, replay each decode step as a captured CUDA graph (default; same output, fewer launches).
         """
-        if weights not in WEIGHTS:
-            raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
         if prior_path is None and tokenizer_path is None:
             from detailflow_engine.assets import default_model_paths
 
@@ -153,13 +153,8 @@ class DetailFlowPipeline:
 
         prior_path, tokenizer_path = resolve_model_path(prior_path), resolve_model_path(tokenizer_path)
         device, dtype = resolve_device(device), resolve_dtype(dtype)
-        # pass `weights` only when it asks for something: a load_prior without the keyword still works
-        extra = {} if weights == "native" else {"weights": weights}
-        if extra and "weights" not in inspect.signature(load_prior).parameters:
-            raise ValueError(f"weights={weights!r} is not supported by this version of load_prior")
-        prior = load_prior(prior_path, ema=ema, device=device, dtype=dtype, **extra)
-        prior.cuda_graphs = bool(cuda_graphs)
-        pipe = cls(prior, load_tokenizer(tokenizer_path, device=device, dtype=dtype))
+        prior = load_prior(prior_path, ema=ema, device=device, dtype=dtype, weights=weights)
+        pipe = cls(prior, load_tokenizer(tokenizer_path, device=device, dtype=dtype), cuda_graphs=cuda_graphs)
         # each compiled kernel proves itself once on this device before it serves (ops/_dispatch),
         # here rather than inside the first generation or a CUDA-graph capture
         _dispatch.selfcheck(device)
@@ -280,7 +275,7 @@ class DetailFlowPipeline:
             tokens = torch.zeros(rows.shape[0], T, dtype=torch.int64, device=self.device)
             step_logits = []
             for step in plan:
-                logits = self.prior.step_logits(rows, tokens, step)  # (rows, n, V) fp32
+                logits = self._step_logits(rows, tokens, step)  # (rows, n, V) fp32
                 if return_step_logits:
                     step_logits.append(logits.clone())
                 positions = torch.arange(step.start, step.stop, device=self.device)
@@ -295,6 +290,15 @@ class DetailFlowPipeline:
                     callback(step, prefix, lambda p=prefix: self.tokenizer.decode(p))
             out = tokens[:B].clone()
         return (out, seeds, step_logits) if return_step_logits else (out, seeds)
+
+    def _step_logits(self, rows: torch.Tensor, tokens: torch.Tensor, step: Step) -> torch.Tensor:
+        """One decode step's logits: a CUDA-graph replay on the GPU (when on), else the eager step.
+        A replayed step returns a static buffer that the next step overwrites: consume it first."""
+        if not (self.cuda_graphs and rows.is_cuda):
+            return self.prior.step_logits(rows, tokens, step)
+        if self._step_graphs is None or not self._step_graphs.fits(self.prior):
+            self._step_graphs = StepGraphs(self.prior)
+        return self._step_graphs.run(rows, tokens, step)
 
     @torch.inference_mode()
     def generate(self, class_labels, cfg_scale: float = 1.45, temperature: float = 1.0, top_k: int = 0,

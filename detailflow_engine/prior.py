@@ -27,7 +27,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from detailflow_engine.config import PriorConfig
-from detailflow_engine.linear import replace_linears
 from detailflow_engine.ops.add_rmsnorm import add_rmsnorm
 from detailflow_engine.ops.cache_attention import cache_attention
 from detailflow_engine.ops.rope_qkv import rope_qkv
@@ -126,31 +125,25 @@ class Prior(nn.Module):
         self.freqs_cis = precompute_freqs_cis_2d(config.block_size, config.group_size, config.head_dim,
                                                  config.rope_base, config.cls_token_num)
         self.cache_batch = 0
-        # CUDA graphs of the decode steps (cuda_graphs.py): on by default on the GPU; the
-        # graphs hold the KV cache's addresses, so setup_caches drops them when it reallocates.
-        self.cuda_graphs = True
-        self.step_graphs = None
+        # Bumped whenever setup_caches allocates new cache buffers: whoever holds something tied
+        # to the old buffers' addresses (cuda_graphs.StepGraphs) sees that it went stale.
+        self.cache_epoch = 0
 
     @property
     def null_class(self) -> int:
         return self.config.num_classes
 
     def setup_caches(self, batch: int) -> None:
-        """Allocate the KV cache for `batch` rows (CFG doubles the rows) once; reused while it fits.
-
-        On the CPU this also swaps the linears for pre-packed decode GEMMs (linear.py; once,
-        after loading: state-dict names and values are unchanged).
-        """
+        """Allocate the KV cache for `batch` rows (CFG doubles the rows) once; reused while it fits."""
         if self.cache_batch == batch:
             return
-        replace_linears(self)
         w = self.output.weight
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch, self.config.n_kv_head, self.config.block_size,
                                                self.config.head_dim, w.dtype, w.device)
         self.freqs_cis = self.freqs_cis.to(w.device)
         self.cache_batch = batch
-        self.step_graphs = None
+        self.cache_epoch += 1
 
     def step_embeddings(self, labels: torch.Tensor, tokens: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Input embeddings of sequence positions [start, stop) -> (B, stop - start, dim).
@@ -179,18 +172,7 @@ class Prior(nn.Module):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
     def step_logits(self, labels: torch.Tensor, tokens: torch.Tensor, step: Step) -> torch.Tensor:
-        """Logits (B, n, V) fp32 of one decode step: embed its positions, run them through the cache.
-
-        On the GPU with ``cuda_graphs`` the step replays a captured CUDA graph (one per step and
-        cache batch, captured on first use); the result is then a static buffer that the next
-        step overwrites: consume (or clone) it first.
-        """
-        if self.cuda_graphs and labels.is_cuda:
-            from detailflow_engine.cuda_graphs import StepGraphs
-
-            if self.step_graphs is None:
-                self.step_graphs = StepGraphs(self)
-            return self.step_graphs.run(labels, tokens, step)
+        """Logits (B, n, V) fp32 of one decode step: embed its positions, run them through the cache."""
         return self.forward_step(self.step_embeddings(labels, tokens, step.start, step.stop), step.start)
 
     def forward_step(self, x: torch.Tensor, start: int) -> torch.Tensor:

@@ -195,59 +195,29 @@ def check_args(args) -> None:
 # ------------------------------------------------------------------ models
 
 
-def _load_prior(path, device, dtype, weights: str):
-    from detailflow_engine.loading import load_prior
-
-    if weights == "native":
-        return load_prior(path, device=device, dtype=dtype)
-    try:  # weights= is newer than this tool: pass it only when asked for
-        return load_prior(path, device=device, dtype=dtype, weights=weights)
-    except TypeError as exc:
-        if "weights" in str(exc):
-            raise UsageError(f"--weights {weights}: this engine's load_prior has no weights= option") from None
-        raise
-
-
-def _write_model_folder(folder: str, config_json: dict, config_yaml: dict, state_dict: dict) -> None:
-    import yaml
-    from safetensors.torch import save_file
-
-    os.makedirs(folder)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(config_json, f)
-    with open(os.path.join(folder, "config.yaml"), "w") as f:
-        yaml.safe_dump(config_yaml, f)
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, os.path.join(folder, "model.safetensors"))
-
-
 def build_models(args, device, dtype, need_reference: bool):
     """(pipeline, reference prior or None, reference tokenizer or None), all on the same weights."""
+    from detailflow_engine.loading import prepare_prior
     from detailflow_engine.pipeline import DetailFlowPipeline
     from detailflow_engine.tokenizer import Tokenizer
     from detailflow_ref.gpt import Transformer, load_prior_checkpoint
     from detailflow_ref.tokenizer import VQModel, load_tokenizer_checkpoint
 
     if args.random_weights is not None:
-        from detailflow_engine.presets import PRESETS, preset_configs, randomize_
+        from detailflow_engine.presets import preset_configs, randomize_
         from detailflow_engine.prior import Prior
 
         pcfg, tcfg = preset_configs(args.random_weights)
         ref_prior = randomize_(Transformer(pcfg), 0).eval()
         ref_tok = randomize_(VQModel(tcfg), 1).eval()
-        if args.weights == "native":
-            prior = Prior(pcfg)
-            prior.load_state_dict(ref_prior.state_dict())
-            prior = prior.to(device=device, dtype=dtype).eval().requires_grad_(False)
-        else:  # other weight formats are made by the loader: go through a temporary model folder
-            pj, py, _, _ = PRESETS[args.random_weights]
-            with tempfile.TemporaryDirectory() as tmp:
-                _write_model_folder(os.path.join(tmp, "prior"), pj, py, ref_prior.state_dict())
-                prior = _load_prior(os.path.join(tmp, "prior"), device, dtype, args.weights)
+        prior = Prior(pcfg)
+        prior.load_state_dict(ref_prior.state_dict())
+        prior = prepare_prior(prior.to(device), dtype, args.weights)
         tok = Tokenizer(tcfg)
         tok.load_state_dict(ref_tok.state_dict())
         tok = tok.to(device=device, dtype=dtype).eval().requires_grad_(False)
     else:
-        from detailflow_engine.loading import load_tokenizer
+        from detailflow_engine.loading import load_prior, load_tokenizer
 
         if args.ckpt:
             prior_path, tok_path = args.ckpt, args.tokenizer
@@ -255,7 +225,7 @@ def build_models(args, device, dtype, need_reference: bool):
             from detailflow_engine.assets import default_model_paths
 
             prior_path, tok_path = default_model_paths()
-        prior = _load_prior(prior_path, device, dtype, args.weights)
+        prior = load_prior(prior_path, device=device, dtype=dtype, weights=args.weights)
         tok = load_tokenizer(tok_path, device=device, dtype=dtype)
         ref_prior = load_prior_checkpoint(prior_path) if need_reference else None
         ref_tok = load_tokenizer_checkpoint(tok_path) if need_reference else None

@@ -118,7 +118,7 @@ def fit_image(img: np.ndarray, size: int, fit: str) -> np.ndarray:
     """(H, W, 3) uint8 -> (size, size, 3) uint8 by ``fit`` (see the module docstring)."""
     from PIL import Image
 
-    from detailflow_ref.datasets import center_crop_resize
+    from detailflow_engine.images import center_crop_resize
 
     if fit not in FIT_MODES:
         raise ValueError(f"fit must be one of {FIT_MODES}, got {fit!r}")

@@ -8,6 +8,7 @@ import torch
 from detailflow_engine import DetailFlowPipeline, load_prior
 from detailflow_engine.config import PriorConfig
 from detailflow_engine.ops.group_sample import group_sample
+from detailflow_engine.loading import prepare_prior
 from detailflow_engine.prior import Prior
 from detailflow_ref.generate import generate as ref_generate
 from detailflow_ref.gpt import Transformer
@@ -90,7 +91,7 @@ def _random_pair(group_size: int, causal_num: int, block_size: int = 24, seed: i
             p.normal_(0, 0.3)
     engine = Prior(cfg)
     engine.load_state_dict(ref.state_dict(), strict=True)
-    return ref, engine.eval()
+    return ref, prepare_prior(engine, torch.float32)
 
 
 @pytest.mark.parametrize("group_size,causal_num", [(1, 1), (2, 4), (4, 4), (4, 8), (8, 8)])

@@ -31,7 +31,7 @@ def _err(a, b) -> float:
 
 @pytest.mark.parametrize("graphs", [True, False])
 def test_gpu_greedy_tokens_and_logits_match_golden(gpu_pipe, golden, graphs):
-    gpu_pipe.prior.cuda_graphs = graphs
+    gpu_pipe.cuda_graphs = graphs
     try:
         labels = golden["gen_labels"].tolist()
         for _ in range(2):  # the second call replays the captured graphs
@@ -42,7 +42,7 @@ def test_gpu_greedy_tokens_and_logits_match_golden(gpu_pipe, golden, graphs):
                 err = _err(ours, ref)
                 assert err <= GPU_LOGITS_ATOL, f"step {step.index} logits max err {err:.3g} (graphs={graphs})"
     finally:
-        gpu_pipe.prior.cuda_graphs = True
+        gpu_pipe.cuda_graphs = True
 
 
 def test_gpu_pixels_and_codes_match_golden(gpu_pipe, golden):
@@ -59,9 +59,9 @@ def test_graphs_equal_eager_bit_for_bit(tiny_a, dtype):
     pipe = DetailFlowPipeline.from_pretrained(tiny_a / "prior", tiny_a / "tokenizer", device="cuda", dtype=dtype)
     kw = dict(cfg_scale=2.0, temperature=1.0, top_k=20, top_p=0.9, gradual_cfg=True, seed=[3, 4, 5, 6],
               return_step_logits=True)
-    pipe.prior.cuda_graphs = False
+    pipe.cuda_graphs = False
     want, _, want_logits = pipe.generate_tokens([1, 2, 3, 4], **kw)
-    pipe.prior.cuda_graphs = True
+    pipe.cuda_graphs = True
     for _ in range(3):  # capture, then replays
         got, _, got_logits = pipe.generate_tokens([1, 2, 3, 4], **kw)
         assert torch.equal(got, want)

@@ -42,7 +42,7 @@ def load(path):
 def expected_panels(tok, path, budgets):
     """The oracle: the image-folder trainer's center crop + resize (tiny-a was trained on ImageNet),
     encode all tokens, decode each prefix, NEAREST-upsample."""
-    from detailflow_ref.datasets import center_crop_resize
+    from detailflow_engine.images import center_crop_resize
 
     with Image.open(path) as im:
         im = center_crop_resize(im, 64)

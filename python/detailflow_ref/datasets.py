@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from detailflow_engine.images import center_crop_resize
+
 DEFAULT_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -105,22 +107,6 @@ class FashionMNISTDataset(Dataset):
         if self.random_flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return x, int(self.labels[index])
-
-
-def center_crop_resize(img, image_size: int):
-    """PIL image -> RGB, center square crop, bicubic resize to image_size (ADM-style, like ImageNet loaders)."""
-    from PIL import Image
-
-    img = img.convert("RGB")
-    # Halve with a box filter while the short side is at least twice the target (keeps the
-    # final bicubic from aliasing), then crop the central square and resize.
-    while min(img.size) >= 2 * image_size:
-        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
-    scale = image_size / min(img.size)
-    img = img.resize(tuple(max(image_size, round(x * scale)) for x in img.size), resample=Image.BICUBIC)
-    w, h = img.size
-    left, top = (w - image_size) // 2, (h - image_size) // 2
-    return img.crop((left, top, left + image_size, top + image_size))
 
 
 class ImageFolderDataset(Dataset):
