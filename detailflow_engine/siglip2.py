@@ -213,24 +213,14 @@ def _init_tower(model: Siglip2VisionTransformer) -> None:
 
 
 class Siglip2VisionTower(nn.Module):
-    """A plain SigLIP2 image tower (official CustomSiglip2VisionModel; the REPA target model)."""
+    """A plain SigLIP2 image tower (official CustomSiglip2VisionModel; the REPA target model).
+    Built only so that full training checkpoints load strictly: nothing here runs it."""
 
     def __init__(self, tower: TowerConfig):
         super().__init__()
         self.patch_size = tower.patch_size
         self.embed_dim = tower.hidden_size
         self.visual_model = Siglip2VisionTransformer(tower)
-
-    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> patch features (B, H/p*W/p, D).
-
-        Like the official code this applies post_layernorm twice (the HF vision model
-        already applies it, then CustomSiglip2VisionModel applies it again).
-        """
-        h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
-        x = self.visual_model.embeddings(patchify(images, self.patch_size), h, w)
-        x = self.visual_model(x, None)
-        return self.visual_model.post_layernorm(x)
 
 
 # --------------------------------------------------------------------------- tokenizer towers

@@ -18,7 +18,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from detailflow_engine.checkpoint import TOKENIZER_TRAINING_PREFIXES
 from detailflow_engine.config import TokenizerConfig, resolve_tower
 from detailflow_engine.quantizer import VectorQuantizer
 from detailflow_engine.schedule import Schedule
@@ -26,10 +25,6 @@ from detailflow_engine.siglip2 import Siglip2VisionTower, build_tokenizer_towers
 
 REPA_TOWER = "siglip2"          # the official build_repa_model: pretrained so400m, all 27 layers
 GLOBAL_TOKEN_PROJ_DIM = 1024    # hidden size of the official global_token_proj MLP
-
-
-def is_training_only_key(key: str) -> bool:
-    return key.startswith(TOKENIZER_TRAINING_PREFIXES)
 
 
 def build_mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
@@ -127,12 +122,6 @@ class VQModel(nn.Module):
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
         """codes (B, T) -> normalized codewords (B, T, D)."""
         return self.quantize.lookup(codes)
-
-    # ------------------------------------------------------------------ state dict
-
-    def inference_state_dict(self) -> dict[str, torch.Tensor]:
-        """state_dict() without the training-only entries."""
-        return {k: v for k, v in self.state_dict().items() if not is_training_only_key(k)}
 
 
 def load_tokenizer_checkpoint(path, map_location="cpu") -> VQModel:
