@@ -77,7 +77,7 @@ __all__ = [
     "CheckpointError", "CheckpointConfigError", "ConfigError", "LoadedCheckpoint",
     "TOKENIZER_TRAINING_PREFIXES", "PRIOR_TRAINING_PREFIXES", "KINDS",
     "load_checkpoint", "check_state_dict", "check_weight_dtypes", "check_config_fits",
-    "first_non_finite", "save_safetensors_folder", "find_weights", "WEIGHT_DTYPES",
+    "first_non_finite", "release_pages", "save_safetensors_folder", "find_weights", "WEIGHT_DTYPES",
 ]
 
 KINDS = ("tokenizer", "prior")
@@ -123,6 +123,10 @@ class LoadedCheckpoint:
     weights_path: Path             # the .pt or .safetensors file read
     which: str                     # 'model' | 'ema'
     skipped: list[str] = field(default_factory=list)  # training-only keys dropped, unread
+    # True when the tensors are views of a private (copy-on-write) mapping of weights_path: the
+    # pages a reader has consumed may then be handed back to the OS (release_pages) and would be
+    # read again from the file if touched.
+    mapped: bool = False
 
 
 # --------------------------------------------------------------------------- locating files
@@ -221,7 +225,7 @@ def _torch_load(path: Path):
             f"starts with {head!r})")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap), mmap
     except pickle.UnpicklingError as exc:
         msg = _ansi_free(str(exc))
         m = re.search(r"GLOBAL ([\w.]+)", msg)
@@ -273,7 +277,7 @@ def _split(path: Path, which: str, names: Iterable[str], skip: tuple[str, ...]):
 
 
 def _load_pt(path: Path, kind: str, ema: Optional[bool], skip: tuple[str, ...]):
-    obj = _torch_load(path)
+    obj, mapped = _torch_load(path)
     which, sd = _pick(path, obj, kind, ema)
     kept, skipped = _split(path, which, sd.keys(), skip)
     state = {}
@@ -284,7 +288,7 @@ def _load_pt(path: Path, kind: str, ema: Optional[bool], skip: tuple[str, ...]):
                 f"{path}: {which}[{name!r}] is a {type(value).__name__}, expected a tensor")
         state[name] = value
     del obj, sd  # drops the optimizer state, the other twin and skipped tensors, never read
-    return which, state, skipped
+    return which, state, skipped, mapped
 
 
 def _safetensors():
@@ -311,7 +315,7 @@ def _load_safetensors(path: Path, kind: str, ema: Optional[bool], skip: tuple[st
                     f"{path} holds only the {which!r} weights (metadata {_META_WHICH}); "
                     f"ema={ema} asks for {'ema' if ema else 'model'!r}")
             kept, skipped = _split(path, which, list(f.keys()), skip)
-            state = {name: f.get_tensor(name) for name in kept}  # only kept keys are read
+            state = {name: f.get_tensor(name) for name in kept}  # only kept keys are read (copies)
     except CheckpointError:
         raise
     except FileNotFoundError as exc:
@@ -319,7 +323,7 @@ def _load_safetensors(path: Path, kind: str, ema: Optional[bool], skip: tuple[st
     except Exception as exc:  # noqa: BLE001 - SafetensorError (bad header, truncated), OSError
         raise CheckpointError(f"{path}: corrupt or unreadable safetensors file ({type(exc).__name__}: "
                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''})") from None
-    return which, state, skipped
+    return which, state, skipped, False
 
 
 def load_checkpoint(path: Union[str, os.PathLike], kind: str, ema: Optional[bool] = None,
@@ -365,16 +369,16 @@ def load_checkpoint(path: Union[str, os.PathLike], kind: str, ema: Optional[bool
         raise CheckpointError(f"checkpoint not found: {path} (expected a model folder, a .pt or a .safetensors file)")
 
     loader = _load_safetensors if weights.suffix == ".safetensors" else _load_pt
-    which, state, skipped = loader(weights, kind, ema, skip)
+    which, state, skipped, mapped = loader(weights, kind, ema, skip)
     if not state:
         raise CheckpointError(f"{weights}: the {which!r} state dict is empty"
                               + (f" after skipping {len(skipped)} training-only keys" if skipped else ""))
     training = TOKENIZER_TRAINING_PREFIXES if kind == "tokenizer" else PRIOR_TRAINING_PREFIXES
     check_weight_dtypes({k: v for k, v in state.items() if not (training and k.startswith(training))},
                         where=f"{weights}: {which!r} weights")
-    check_config_fits(config, state, config_path=folder / "config.json", weights_path=weights)
+    check_config_fits(config, state, config_path=folder / "config.json", weights_path=weights, skipped=skip)
     return LoadedCheckpoint(kind=kind, config=config, state_dict=state, folder=folder,
-                            weights_path=weights, which=which, skipped=skipped)
+                            weights_path=weights, which=which, skipped=skipped, mapped=mapped)
 
 
 # --------------------------------------------------------------------------- checking
@@ -425,6 +429,40 @@ def check_weight_dtypes(state_dict: Mapping[str, torch.Tensor], where: str) -> N
         raise CheckpointError(
             f"{where}: {bad[0]} has dtype {state_dict[bad[0]].dtype}{more}; weights must be float32, "
             f"float16 or bfloat16 (int8 weights are made at load, never stored)")
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Hand the pages under `t` back to the OS: ONLY for a tensor of a private file mapping
+    (``LoadedCheckpoint.mapped``), whose pages are then re-read from the file if touched again.
+    A loader that copies a mapped checkpoint tensor by tensor calls this after each copy, so the
+    file's pages never add up in the process's resident memory (a container's limit counts them).
+    On anonymous memory this would zero the data: never call it there. Best effort: a platform
+    without madvise keeps the pages."""
+    n = t.numel() * t.element_size()
+    start = -(-t.data_ptr() // _PAGE) * _PAGE  # whole pages inside the tensor only
+    stop = (t.data_ptr() + n) // _PAGE * _PAGE
+    if stop > start and _madvise is not None:
+        _madvise(start, stop - start, _MADV_DONTNEED)
+
+
+def _libc_madvise():
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_MADV_DONTNEED = 4  # Linux
+_madvise = _libc_madvise()
 
 
 def first_non_finite(tensors: Mapping[str, torch.Tensor]) -> Optional[tuple[str, str, int]]:
@@ -519,21 +557,28 @@ def _describe_layers(indices: list[int]) -> str:
 
 
 def check_config_fits(config: Union[TokenizerConfig, PriorConfig], state_dict: Mapping[str, torch.Tensor],
-                      config_path: Union[str, os.PathLike], weights_path: Union[str, os.PathLike]) -> None:
+                      config_path: Union[str, os.PathLike], weights_path: Union[str, os.PathLike],
+                      skipped: tuple[str, ...] = ()) -> None:
     """Compare the sizes a config sets with the state dict's shapes, before anything is built.
 
     Checks the layer counts (``layers.N.`` indices must be exactly 0..n-1) and one key per size
     (widths, vocab/codebook, classes, groups, tokens, patch sizes); raises
-    :class:`CheckpointConfigError` naming the config file, its fields and the key.
+    :class:`CheckpointConfigError` naming the config file, its fields and the key. Keys under
+    the ``skipped`` prefixes (left unread on purpose, e.g. a decode-only tokenizer's encoder) are
+    not asked for.
     """
     sizes = _prior_size_keys(config) if isinstance(config, PriorConfig) else _tokenizer_size_keys(config)
     for prefix, (count, field_) in _layer_counts(config).items():
+        if skipped and prefix.startswith(skipped):
+            continue
         indices = _layer_indices(state_dict, prefix)
         if indices != list(range(count)):
             raise CheckpointConfigError(
                 f"{config_path}: {field_} does not match the weights in {weights_path}: they hold "
                 f"{_describe_layers(indices)} under {prefix!r}, the config asks for {count}")
     for key, (shape, fields) in sizes.items():
+        if skipped and key.startswith(skipped):
+            continue
         if key not in state_dict:
             raise CheckpointConfigError(
                 f"{config_path}: the weights in {weights_path} have no {key} (expected {shape} from "

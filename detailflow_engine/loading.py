@@ -1,22 +1,25 @@
 """checkpoint -> config -> model: build an inference model and load its weights safely.
 
 Models are built on the meta device (no random init of hundreds of MB), given real
-storage on the target device, and filled by a strict, shape-checked state-dict copy, so the
-result never aliases the checkpoint file. Before that, ``load_checkpoint`` has bounded every
+storage on the target device in the target dtype, and filled tensor by tensor from a strict,
+shape-checked state dict, so the result never aliases the checkpoint file and no fp32 copy of
+the model exists beside it (peak memory: benchmarks/bench_memory.py). Before that, ``load_checkpoint`` has bounded every
 config value and compared the config's sizes with the state dict's shapes, so an absurd config
 is refused before anything is built; after the copy, NaN/inf weights are refused by name.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+import math
+import re
+from typing import Callable, Optional, Union
 
 import torch
 
-from detailflow_engine.checkpoint import (CheckpointError, check_state_dict, first_non_finite,
-                                          load_checkpoint)
-from detailflow_engine.linear import WEIGHT_MODES, replace_linears
+from detailflow_engine.checkpoint import (TOKENIZER_TRAINING_PREFIXES, CheckpointError, check_state_dict,
+                                          first_non_finite, load_checkpoint, release_pages)
+from detailflow_engine.linear import WEIGHT_MODES, DecodeLinear, replace_linears
 from detailflow_engine.prior import Prior
-from detailflow_engine.tokenizer import Tokenizer
+from detailflow_engine.tokenizer import ENCODER_PREFIXES, Tokenizer
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -53,28 +56,50 @@ def resolve_weights(weights: Optional[str]) -> str:
     return weights
 
 
-def _build(model_cls, loaded, device) -> torch.nn.Module:
-    """The model with the checkpoint's values (as stored, usually fp32) on `device`; NaN/inf refused."""
-    with torch.device("meta"):
-        model = model_cls(loaded.config)
-    check_state_dict(model.state_dict(), loaded.state_dict, where=str(loaded.weights_path))
-    model = model.to_empty(device=device)
-    model.load_state_dict(loaded.state_dict, strict=True)
-    bad = first_non_finite(model.state_dict())
+# The prior's linears that weights="int8" quantizes: every Linear of the transformer blocks.
+_INT8_LINEARS = re.compile(r"layers\.\d+\.(attention\.(wqkv|wo)|feed_forward\.(w1|w2|w3))")
+
+
+def _build(model, state: dict, device: torch.device, dtype: torch.dtype, where: str, *,
+           mapped: bool = False, int8: Callable[[str], bool] = lambda name: False) -> torch.nn.Module:
+    """A meta-device model -> the inference model on `device` in `dtype`, filled from `state`.
+
+    The model gets storage in `dtype` directly and is filled tensor by tensor, so no full-size
+    fp32 copy ever exists beside it; with a `mapped` checkpoint each source tensor's file pages
+    are handed back after its copy, so the checkpoint's pages never add up in resident memory.
+    Linears whose name `int8` accepts are never allocated in `dtype`: each becomes an int8
+    DecodeLinear quantized from its source values (fp32 math), right there.
+    Non-finite source values are refused by key, before anything is cast.
+    """
+    check_state_dict(model.state_dict(), state, where=where)
+    quantized = {}
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            qual = f"{name}.{child_name}" if name else child_name
+            if isinstance(child, torch.nn.Linear) and int8(qual):
+                quantized[qual + ".weight"] = (module, child_name)
+                setattr(module, child_name, torch.nn.Identity())  # out of the tree until it is filled
+    model = model.to(dtype=dtype).to_empty(device=device)  # meta cast: free; storage in dtype only
+    targets = model.state_dict(keep_vars=True)
+    bad = []  # (key, 'NaN' | 'inf') in checkpoint order
+    with torch.no_grad():
+        for name, src in state.items():
+            what = _non_finite(src)
+            if what or bad:  # once one is bad, only look for the rest (the error counts them)
+                bad += [(name, what)] if what else []
+            elif name in quantized:
+                module, child_name = quantized[name]
+                linear = torch.nn.Linear(src.shape[1], src.shape[0], bias=False, device="meta")
+                linear.weight = torch.nn.Parameter(src.to(device), requires_grad=False)
+                setattr(module, child_name, DecodeLinear(linear, weights="int8"))
+            else:
+                targets[name].copy_(src)
+            if mapped:
+                release_pages(src)
     if bad:
-        key, what, count = bad
-        raise CheckpointError(f"{_where(loaded)}: {key} holds {what} values"
-                              + (f" ({count} tensors do)" if count > 1 else "")
+        raise CheckpointError(f"{where}: {bad[0][0]} holds {bad[0][1]} values"
+                              + (f" ({len(bad)} tensors do)" if len(bad) > 1 else "")
                               + "; the checkpoint is corrupt or its training diverged")
-    return model
-
-
-def _where(loaded) -> str:
-    return f"{loaded.weights_path}: {loaded.which!r} weights"
-
-
-def _cast(model: torch.nn.Module, dtype: torch.dtype, where: str) -> torch.nn.Module:
-    model = model.to(dtype=dtype)
     if dtype == torch.float16:  # fp16 tops out at 65504: larger fp32/bf16 weights became inf
         bad = first_non_finite(model.state_dict())
         if bad:
@@ -83,28 +108,45 @@ def _cast(model: torch.nn.Module, dtype: torch.dtype, where: str) -> torch.nn.Mo
     return model.eval().requires_grad_(False)
 
 
-def prepare_prior(prior: Prior, dtype=None, weights: Optional[str] = "native", where: str = "prior") -> Prior:
-    """A loaded prior (the checkpoint's values, fp32) -> the inference prior in `dtype`: the one
-    place its linears become decode GEMMs (linear.py), whatever the weights mode.
+def _non_finite(t: torch.Tensor) -> Optional[str]:
+    """'NaN' or 'inf' when the float tensor `t` holds one (one aminmax pass), else None."""
+    if not (t.is_floating_point() and t.numel()):
+        return None
+    lo, hi = (float(v) for v in torch.aminmax(t))
+    if math.isfinite(lo) and math.isfinite(hi):
+        return None
+    return "NaN" if math.isnan(lo) or math.isnan(hi) else "inf"
+
+
+def _where(loaded) -> str:
+    return f"{loaded.weights_path}: {loaded.which!r} weights"
+
+
+def prepare_prior(prior: Prior, dtype=None, weights: Optional[str] = "native") -> Prior:
+    """A prior holding checkpoint values (e.g. built by hand, fp32) -> a NEW inference prior in
+    `dtype` on its device, made exactly as `load_prior` makes one (see `_inference_prior`)."""
+    dtype, mode = resolve_dtype(dtype), resolve_weights(weights)
+    state = prior.state_dict()
+    with torch.device("meta"):
+        fresh = Prior(prior.config)
+    return _inference_prior(fresh, state, prior.output.weight.device, dtype, mode, "prior")
+
+
+def _inference_prior(meta_prior: Prior, state: dict, device, dtype, mode: str, where: str,
+                     mapped: bool = False) -> Prior:
+    """The one place the prior's linears become decode GEMMs (linear.py), whatever the mode:
 
     - weights="int8": every Linear of the transformer blocks (wqkv, wo, w1, w2, w3) is quantized
-      from the checkpoint's values (fp32 math) before any dtype cast. Not quantized: the
-      embeddings (a gather reads few rows; no bandwidth to save) and the output head (8192 x dim,
-      under 3% of GPT-L's block weights but it writes the logits that sampling ranks directly).
-    - then the cast to `dtype`;
-    - then every float Linear left (all of them for "native", the output head for "int8") is
-      packed in `dtype` where a compiled decode_gemm serves its device (state-dict names and
-      values unchanged).
+      from the checkpoint's values (fp32 math), never cast first. Not quantized: the embeddings
+      (a gather reads few rows; no bandwidth to save) and the output head (8192 x dim, under 3% of
+      GPT-L's block weights but it writes the logits that sampling ranks directly).
+    - every float Linear left (all of them for "native", the output head for "int8") is packed
+      in `dtype` where a compiled decode_gemm serves its device (state-dict names and values
+      unchanged).
     """
-    return _prepare_prior(prior, resolve_dtype(dtype), resolve_weights(weights), where)
-
-
-def _prepare_prior(prior: Prior, dtype: torch.dtype, mode: str, where: str) -> Prior:
-    if mode == "int8":
-        replace_linears(prior.layers, weights="int8")
-    prior = _cast(prior, dtype, where)
-    replace_linears(prior)
-    return prior
+    prior = _build(meta_prior, state, device, dtype, where, mapped=mapped,
+                   int8=(lambda name: bool(_INT8_LINEARS.fullmatch(name))) if mode == "int8" else (lambda name: False))
+    return replace_linears(prior)
 
 
 def load_prior(path, ema: Optional[bool] = True, device=None, dtype=None, weights: Optional[str] = "native") -> Prior:
@@ -123,10 +165,20 @@ def load_prior(path, ema: Optional[bool] = True, device=None, dtype=None, weight
     """
     mode, dtype, device = resolve_weights(weights), resolve_dtype(dtype), resolve_device(device)
     loaded = load_checkpoint(path, "prior", ema=None if ema else False)
-    return _prepare_prior(_build(Prior, loaded, device), dtype, mode, _where(loaded))
+    with torch.device("meta"):
+        prior = Prior(loaded.config)
+    return _inference_prior(prior, loaded.state_dict, device, dtype, mode, _where(loaded), loaded.mapped)
 
 
-def load_tokenizer(path, device=None, dtype=None) -> Tokenizer:
-    """Load the VQ tokenizer ('model' weights; training-only tensors are skipped unread)."""
-    loaded = load_checkpoint(path, "tokenizer")
-    return _cast(_build(Tokenizer, loaded, resolve_device(device)), resolve_dtype(dtype), _where(loaded))
+def load_tokenizer(path, device=None, dtype=None, encoder: bool = True) -> Tokenizer:
+    """Load the VQ tokenizer ('model' weights; training-only tensors are skipped unread).
+
+    ``encoder=False`` builds and reads only what decoding needs (no encoder tower, no quant_conv:
+    184M parameters fewer at DetailFlow-16 size); ``encode`` then says so.
+    """
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    skip = TOKENIZER_TRAINING_PREFIXES + (() if encoder else ENCODER_PREFIXES)
+    loaded = load_checkpoint(path, "tokenizer", skip_prefixes=skip)
+    with torch.device("meta"):
+        tokenizer = Tokenizer(loaded.config, encoder=encoder)
+    return _build(tokenizer, loaded.state_dict, device, dtype, _where(loaded), mapped=loaded.mapped)

@@ -134,7 +134,8 @@ class DetailFlowPipeline:
 
     @classmethod
     def from_pretrained(cls, prior_path=None, tokenizer_path=None, device=None, dtype=None,
-                        ema: bool = True, weights: str = "native", cuda_graphs: bool = True) -> "DetailFlowPipeline":
+                        ema: bool = True, weights: str = "native", cuda_graphs: bool = True,
+                        encoder: bool = True) -> "DetailFlowPipeline":
         """Load both models. With no paths: the embedded default model.
 
         Each path is a model folder, a .pt or a .safetensors file, or a Hugging Face repo id
@@ -142,7 +143,11 @@ class DetailFlowPipeline:
         a path that exists locally always wins). ``weights``: "native" (the checkpoint's weights in
         ``dtype``) or "int8" (weight-only int8 decode GEMMs for the prior). ``cuda_graphs``: on a
         GPU, replay each decode step as a captured CUDA graph (default; same output, fewer launches).
+        ``encoder=False``: load only the tokenizer's decoding half (a generate-only service; at
+        DetailFlow-16 size 184M parameters fewer); ``pipe.tokenizer.encode`` then raises.
         """
+        if not isinstance(encoder, bool):
+            raise ValueError(f"encoder must be a bool, got {encoder!r}")
         if prior_path is None and tokenizer_path is None:
             from detailflow_engine.assets import default_model_paths
 
@@ -154,7 +159,8 @@ class DetailFlowPipeline:
         prior_path, tokenizer_path = resolve_model_path(prior_path), resolve_model_path(tokenizer_path)
         device, dtype = resolve_device(device), resolve_dtype(dtype)
         prior = load_prior(prior_path, ema=ema, device=device, dtype=dtype, weights=weights)
-        pipe = cls(prior, load_tokenizer(tokenizer_path, device=device, dtype=dtype), cuda_graphs=cuda_graphs)
+        pipe = cls(prior, load_tokenizer(tokenizer_path, device=device, dtype=dtype, encoder=encoder),
+                   cuda_graphs=cuda_graphs)
         # each compiled kernel proves itself once on this device before it serves (ops/_dispatch),
         # here rather than inside the first generation or a CUDA-graph capture
         _dispatch.selfcheck(device)

@@ -26,15 +26,28 @@ from detailflow_engine.schedule import Schedule
 from detailflow_engine.siglip2 import build_tokenizer_towers
 
 
-class Tokenizer(nn.Module):
-    """DetailFlow VQ tokenizer for inference (official parameter names, inference keys only)."""
+# What only encoding needs: a decode-only tokenizer (encoder=False) neither builds nor reads them.
+ENCODER_PREFIXES = ("encoder.", "quant_conv.")
 
-    def __init__(self, config: TokenizerConfig):
+
+class Tokenizer(nn.Module):
+    """DetailFlow VQ tokenizer for inference (official parameter names, inference keys only).
+
+    ``encoder=False`` leaves out the encoder tower and quant_conv (a generate-only service never
+    encodes): their keys are not in the state dict and ``encode`` raises.
+    """
+
+    def __init__(self, config: TokenizerConfig, encoder: bool = True):
         super().__init__()
         self.config, self.schedule = config, Schedule.from_config(config)
         for name, module in build_tokenizer_towers(config).items():
-            self.add_module(name, module)
+            if encoder or not (name + ".").startswith(ENCODER_PREFIXES):
+                self.add_module(name, module)
         self.quantize = VectorQuantizer(config.codebook_size, config.codebook_embed_dim, config.codebook_l2_norm)
+
+    @property
+    def has_encoder(self) -> bool:
+        return "encoder" in self._modules
 
     @property
     def num_tokens(self) -> int:
@@ -53,6 +66,9 @@ class Tokenizer(nn.Module):
         H = W must be a multiple of the encoder patch size; t defaults to all tokens
         (use ``self.schedule.best_tokens(H)`` for a lower-resolution image).
         """
+        if not self.has_encoder:
+            raise RuntimeError("this tokenizer was loaded without its encoder (encoder=False): load it with "
+                               "encoder=True to encode images")
         self._check_pixels(pixels)
         t = self.num_tokens if num_tokens is None else self._check_prefix(num_tokens)
         latents = self.encoder(pixels.to(self.quant_conv.weight.dtype), t)[1]
@@ -105,5 +121,5 @@ class Tokenizer(nn.Module):
         lo, hi = float(pixels.min()), float(pixels.max())
         if lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:
             raise ValueError(f"pixels must lie in [-1, 1] (uint8 images: x / 127.5 - 1), got range [{lo:.3g}, {hi:.3g}]")
-        if pixels.device != self.quant_conv.weight.device:
-            raise ValueError(f"pixels are on {pixels.device} but the tokenizer is on {self.quant_conv.weight.device}")
+        if pixels.device != self.post_quant_conv.weight.device:
+            raise ValueError(f"pixels are on {pixels.device} but the tokenizer is on {self.post_quant_conv.weight.device}")

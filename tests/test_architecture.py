@@ -132,3 +132,49 @@ def test_prior_has_no_fused_ops_switch():
     # the pipeline owns the CUDA graphs; the prior neither imports them nor holds them
     assert "detailflow_engine.cuda_graphs" not in imported_modules(ENGINE / "prior.py", "detailflow_engine")
     assert "detailflow_engine.cuda_graphs" in imported_modules(ENGINE / "pipeline.py", "detailflow_engine")
+
+
+# ------------------------------------------------------------------ memory: one copy of the weights
+
+
+def test_decode_only_tokenizer(tiny_a):
+    from detailflow_engine.loading import load_tokenizer
+
+    full = load_tokenizer(tiny_a / "tokenizer")
+    dec = load_tokenizer(tiny_a / "tokenizer", encoder=False)
+    assert not any(k.startswith(("encoder.", "quant_conv.")) for k in dec.state_dict())
+    assert set(full.state_dict()) - set(dec.state_dict()) and all(
+        k.startswith(("encoder.", "quant_conv.")) for k in set(full.state_dict()) - set(dec.state_dict()))
+    codes = torch.randint(0, full.config.codebook_size, (2, full.num_tokens))
+    assert torch.equal(dec.decode(codes), full.decode(codes))
+    with pytest.raises(RuntimeError, match="without its encoder"):
+        dec.encode(torch.zeros(1, 3, 32, 32))
+
+
+def test_release_pages_keeps_mapped_values(tmp_path):
+    """The loader hands a mapped checkpoint's pages back after each copy; they read back the same."""
+    from detailflow_engine.checkpoint import release_pages
+
+    want = {"a": torch.randn(3000, 700), "b": torch.arange(100000, dtype=torch.float32)}
+    torch.save(want, tmp_path / "x.pt")
+    got = torch.load(tmp_path / "x.pt", mmap=True, weights_only=True)
+    for k in want:
+        assert torch.equal(got[k], want[k])
+        release_pages(got[k])
+        assert torch.equal(got[k], want[k])
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_streamed_load_equals_a_plain_load_and_cast(tiny_a, dtype):
+    """Filling the model in its dtype, tensor by tensor, gives the values of load_state_dict + .to()."""
+    from detailflow_engine.checkpoint import load_checkpoint
+    from detailflow_engine.loading import load_prior
+    from detailflow_engine.prior import Prior
+
+    loaded = load_checkpoint(tiny_a / "prior", "prior")
+    plain = Prior(loaded.config)
+    plain.load_state_dict(loaded.state_dict, strict=True)
+    plain = plain.to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+    streamed = load_prior(tiny_a / "prior", dtype=dtype)
+    a, b = plain.state_dict(), streamed.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
