@@ -74,13 +74,13 @@ def load_prior(path, ema: Optional[bool] = True, device=None, dtype=None, weight
     bf16 + int8 1.7% / 98.4% / 89%; DetailFlow-16-size random weights (near-uniform logits, a
     stress case): bf16 2.2% / 95.7%, int8 3.8% / 92.6%, bf16 + int8 4.4% / 92.2%.
     """
-    mode = resolve_weights(weights)
+    mode, device, dtype = resolve_weights(weights), resolve_device(device), resolve_dtype(dtype)  # before reading
     loaded = load_checkpoint(path, "prior", ema=None if ema else False)
-    return _build(Prior, loaded, resolve_device(device), resolve_dtype(dtype),
-                  prepare=_quantize_blocks if mode == "int8" else None)
+    return _build(Prior, loaded, device, dtype, prepare=_quantize_blocks if mode == "int8" else None)
 
 
 def load_tokenizer(path, device=None, dtype=None) -> Tokenizer:
     """Load the VQ tokenizer ('model' weights; training-only tensors are skipped unread)."""
+    device, dtype = resolve_device(device), resolve_dtype(dtype)  # before reading the checkpoint
     loaded = load_checkpoint(path, "tokenizer")
-    return _build(Tokenizer, loaded, resolve_device(device), resolve_dtype(dtype))
+    return _build(Tokenizer, loaded, device, dtype)
