@@ -61,6 +61,18 @@ def run(body: Callable[[Optional[List[str]]], int], argv: Optional[List[str]] = 
         return EXIT_USAGE
 
 
+def int_items(flag_name: str, items: List[str], what: str = "") -> List[int]:
+    """['3', '12'] -> [3, 12]; a word that is not an int is a UsageError ("--classes: 'x' is not an
+    integer class id")."""
+    out = []
+    for t in items:
+        try:
+            out.append(int(t))
+        except ValueError:
+            raise UsageError(f"{flag_name}: {t!r} is not an integer{' ' + what if what else ''}") from None
+    return out
+
+
 def flag(argument: str) -> str:
     return "--" + argument.replace("_", "-")
 

@@ -51,8 +51,8 @@ CLASSIFIER_SIZE = 32
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m detailflow_engine.evaluate",
-                description="Classifier accuracy, classifier-feature Frechet distance and the tokenizer's "
-                            "coarse-to-fine reconstruction PSNR of a Fashion-MNIST DetailFlow model (JSON on stdout).")
+               description="Classifier accuracy, classifier-feature Frechet distance and the tokenizer's "
+                           "coarse-to-fine reconstruction PSNR of a Fashion-MNIST DetailFlow model (JSON on stdout).")
     p.add_argument("--ckpt", default=None, help="prior (folder, .pt or .safetensors); default: the embedded model")
     p.add_argument("--tokenizer", default=None, help="tokenizer (folder, .pt or .safetensors); give with --ckpt")
     p.add_argument("--num-per-class", type=int, default=100, help="generated images per class (default 100)")

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from detailflow_engine import cli, outputs, run_folder
-from detailflow_engine.cli import (Parser, UsageError, check_out_writable, load_pipeline, one_line,
+from detailflow_engine.cli import (Parser, UsageError, check_out_writable, int_items, load_pipeline, one_line,
                                    settings_from_args)
 from detailflow_engine.device_dtype import DEVICES, DTYPES
 from detailflow_engine.distributed import DIST_TIMEOUT_S, Dist
@@ -46,7 +46,7 @@ MAX_IMAGES = 10_000_000  # one run's plan is held in memory: 10 M images is 50x 
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m detailflow_engine.generate",
-                description="Generate class-conditional images with a DetailFlow prior + tokenizer.")
+               description="Generate class-conditional images with a DetailFlow prior + tokenizer.")
     m = p.add_argument_group("model (both or neither; neither = the embedded default model)")
     m.add_argument("--ckpt", metavar="PATH|REPO", help="prior: model folder, .pt or .safetensors, or a Hugging "
                    "Face repo id owner/name[@revision] (a local path wins)")
@@ -119,13 +119,7 @@ def parse_classes(tokens: List[str]) -> Optional[List[int]]:
         if len(items) > 1:
             raise UsageError("--classes: give 'all' alone or a list of class ids, not both")
         return None
-    out = []
-    for t in items:
-        try:
-            out.append(int(t))
-        except ValueError:
-            raise UsageError(f"--classes: {t!r} is not an integer class id") from None
-    return out
+    return int_items("--classes", items, "class id")
 
 
 def check_numbers(args) -> None:

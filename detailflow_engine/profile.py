@@ -90,7 +90,7 @@ def quiet_profiler_stderr():
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m detailflow_engine.profile",
-                description="Per-stage and per-op profile of DetailFlow generation, engine beside the reference.")
+               description="Per-stage and per-op profile of DetailFlow generation, engine beside the reference.")
     m = p.add_argument_group("model (--ckpt and --tokenizer, or --random-weights, or neither: the embedded model)")
     m.add_argument("--ckpt", metavar="PATH", help="prior: model folder, .pt or .safetensors")
     m.add_argument("--tokenizer", metavar="PATH", help="tokenizer: model folder, .pt or .safetensors")

@@ -27,7 +27,8 @@ from typing import List, Optional
 import numpy as np
 
 from detailflow_engine import cli, outputs
-from detailflow_engine.cli import Parser, UsageError, check_device, check_out_writable, one_line, resolve_model_arg
+from detailflow_engine.cli import (Parser, UsageError, check_device, check_out_writable, int_items, one_line,
+                                   resolve_model_arg)
 from detailflow_engine.device_dtype import DEVICES, DTYPES
 
 
@@ -38,7 +39,7 @@ _PADDED_GREY = {"fashion-mnist": 28, "fashion_mnist": 28, "fmnist": 28, "mnist":
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog="python -m detailflow_engine.reconstruct",
-                description="Encode images with a DetailFlow tokenizer and decode them coarse to fine.")
+               description="Encode images with a DetailFlow tokenizer and decode them coarse to fine.")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
     p.add_argument("--tokens", nargs="+", metavar="T", default=None,
                    help="token budgets, comma- or space-separated; each must be a scheduled prefix "
@@ -65,12 +66,7 @@ def parse_budgets(tokens: Optional[List[str]], scheduled: List[int]) -> List[int
     items = [t for tok in tokens for t in re.split(r"[,\s]+", tok.strip()) if t]
     if not items:
         raise UsageError("--tokens is empty: give token budgets such as 8,16,32")
-    budgets = []
-    for t in items:
-        try:
-            budgets.append(int(t))
-        except ValueError:
-            raise UsageError(f"--tokens: {t!r} is not an integer") from None
+    budgets = int_items("--tokens", items)
     for t in budgets:
         if t not in scheduled:
             raise UsageError(f"--tokens: {t} is not a scheduled prefix of this tokenizer; valid: {scheduled}")

@@ -25,7 +25,7 @@ EXTRA_HINT = 'pip install -e ".[serve]"'
 
 def build_parser():
     p = Parser(prog="python -m detailflow_engine.serve",
-                description="Serve DetailFlow images over HTTP (POST /v1/generate, GET /healthz, GET /metrics).")
+               description="Serve DetailFlow images over HTTP (POST /v1/generate, GET /healthz, GET /metrics).")
     m = p.add_argument_group("model (both or neither; neither = the embedded default model)")
     m.add_argument("--ckpt", metavar="PATH|REPO", help="prior: model folder, .pt or .safetensors, or a Hub repo id")
     m.add_argument("--tokenizer", metavar="PATH|REPO", help="tokenizer: model folder, .pt or .safetensors, or a Hub repo id")

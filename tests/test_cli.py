@@ -13,22 +13,27 @@ from detailflow_engine.sampling_settings import SamplingSettings
 TOOLS = {"generate": generate.main, "profile": profile.main, "evaluate": evaluate.main}
 
 
-@pytest.mark.parametrize("argv,line", [
-    (["--top-p", "2"], "error: --top-p must be a number in (0, 1], got 2.0"),
-    (["--cfg-scale", "nan"], "error: --cfg-scale must be a finite number >= 0, got nan"),
-    (["--temperature", "-1"], "error: --temperature must be a finite number >= 0, got -1.0"),
-    (["--top-k", "-3"], "error: --top-k must be an int >= 0 (0 = off), got -3"),
-    (["--dtype", "fp16"], "error: argument --dtype: invalid choice: 'fp16' (choose from fp32, bf16)"),
-    (["--device", "tpu"], "error: argument --device: invalid choice: 'tpu' (choose from auto, cpu, cuda)"),
-])
+# flags -> the one error line every tool prints for them
+SAME_LINE = {
+    "--top-p 2": "error: --top-p must be a number in (0, 1], got 2.0",
+    "--cfg-scale nan": "error: --cfg-scale must be a finite number >= 0, got nan",
+    "--temperature -1": "error: --temperature must be a finite number >= 0, got -1.0",
+    "--top-k -3": "error: --top-k must be an int >= 0 (0 = off), got -3",
+    "--dtype fp16": "error: argument --dtype: invalid choice: 'fp16' (choose from fp32, bf16)",
+    "--device tpu": "error: argument --device: invalid choice: 'tpu' (choose from auto, cpu, cuda)",
+}
+
+
+@pytest.mark.parametrize("flags", sorted(SAME_LINE))
 @pytest.mark.parametrize("tool", sorted(TOOLS))
-def test_the_same_bad_value_gets_the_same_line_everywhere(tool, argv, line, capsys, tmp_path):
+def test_the_same_bad_value_gets_the_same_line_everywhere(tool, flags, capsys, tmp_path):
     """Checked before any model is loaded or anything written; SamplingSettings words the sampling
     errors, reworded as the flag; the spellings come from device_dtype."""
+    argv, line = flags.split(), SAME_LINE[flags]
     assert TOOLS[tool](argv + (["--out", str(tmp_path / "out")] if tool == "generate" else [])) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.rstrip("\n").replace("'", "") == line.replace("'", ""), err  # argparse
-    # quotes the choices in some Python versions only
+    # compared without quotes: argparse quotes the choices in some Python versions only
+    assert err.count("\n") == 1 and err.rstrip("\n").replace("'", "") == line.replace("'", ""), err
     assert not (tmp_path / "out").exists()
 
 
