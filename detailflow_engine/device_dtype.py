@@ -52,7 +52,3 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> torch.dtype:
         raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
 
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """torch.bfloat16 -> 'bf16' (the spelling the CLIs and records use)."""
-    return next(k for k, v in STORAGE_DTYPES.items() if v == dtype)

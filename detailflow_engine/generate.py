@@ -23,6 +23,10 @@ before anything is created in --out; bad input is one ``error: ...`` line on std
 Existing outputs are never replaced without --overwrite; --resume finishes an interrupted run.
 Files are written atomically (temp file + os.replace) and the manifest is appended (and fsynced)
 one line per finished image, so an interrupted run leaves only whole files behind.
+
+Where the parts live: the flag checks shared with the other CLIs in ``cli``, the sampling flags'
+checks in ``sampling_settings``, torchrun in ``distributed``, and the --out bookkeeping (what the
+folder holds, --resume against the manifest, --overwrite cleanup, grid and npz) in ``run_folder``.
 """
 from __future__ import annotations
 

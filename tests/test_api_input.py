@@ -165,3 +165,17 @@ def test_mistyped_local_path_is_not_a_repo_id(tmp_path, monkeypatch):
     (tmp_path / "runs").mkdir()
     with pytest.raises(HubError, match=r"runs/prior does not exist .* mistyped local path"):
         resolve_model_path("runs/prior")
+
+
+def test_settings_and_spellings_are_bottom_layer():
+    """sampling_settings and device_dtype stand on torch alone: no engine runtime, no reference."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import sys, json, detailflow_engine; before = set(sys.modules); "
+            "import detailflow_engine.sampling_settings, detailflow_engine.device_dtype; "
+            "print(json.dumps(sorted(m for m in set(sys.modules) - before if m.startswith('detailflow'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout) == ["detailflow_engine.device_dtype", "detailflow_engine.sampling_settings"]
