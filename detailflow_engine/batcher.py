@@ -81,7 +81,7 @@ class _Request:
     future: Future = field(default_factory=Future)
 
 
-def _normalize(settings: dict, pipe: DetailFlowPipeline) -> SamplingSettings:
+def request_settings(settings: dict, pipe: DetailFlowPipeline) -> SamplingSettings:
     """A request's settings -> SamplingSettings with num_tokens resolved against the model (None and
     block_size are the same request, so they batch together); bad values raise as in pipeline.generate."""
     unknown = sorted(set(settings) - set(SETTING_NAMES))
@@ -134,7 +134,7 @@ class DetailFlowBatcher:
         """
         fut: Future = _RequestFuture(self)
         try:
-            key = _normalize(settings, self.pipeline)
+            key = request_settings(settings, self.pipeline)  # the batching key
             labs = checked_labels(label_list(labels), self.pipeline.prior.config.num_classes)
             seeds = seed_list(seed, len(labs))  # ints within int64, or a ValueError naming the seed
         except Exception as e:  # noqa: BLE001 - bad input belongs to this request's future
@@ -275,4 +275,4 @@ class DetailFlowBatcher:
             k += n
 
 
-__all__ = ["DetailFlowBatcher", "BatcherClosed", "BatcherDied", "MAX_WAIT_MS"]
+__all__ = ["DetailFlowBatcher", "BatcherClosed", "BatcherDied", "MAX_WAIT_MS", "request_settings"]

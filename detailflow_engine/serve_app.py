@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-from detailflow_engine.batcher import BatcherClosed, BatcherDied, DetailFlowBatcher, _normalize
+from detailflow_engine.batcher import BatcherClosed, BatcherDied, DetailFlowBatcher, request_settings
 from detailflow_engine.outputs import png_bytes
 from detailflow_engine.pipeline import DetailFlowPipeline
 from detailflow_engine.sampling_settings import INT64, SETTING_NAMES, SettingsError
@@ -195,7 +195,7 @@ def submit(state: ServeState, params: dict):
     """-> (Future, the normalized settings); a bad value raises BadRequest(422) naming the field."""
     pipe = state.pipeline
     try:
-        used = _normalize(settings_of(params), pipe).kwargs()
+        used = request_settings(settings_of(params), pipe).kwargs()
     except (ValueError, TypeError) as e:
         raise BadRequest(422, str(e), _field(e)) from None
     fut = state.batcher.submit([params["class_label"]], seed=[params["seed"]], **used)
