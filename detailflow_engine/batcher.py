@@ -20,15 +20,13 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
-from detailflow_engine.pipeline import DetailFlowPipeline, GenerationResult, _seed_list
+from detailflow_engine.pipeline import DetailFlowPipeline, GenerationResult
+from detailflow_engine.sampling_settings import SETTING_NAMES, SamplingSettings, checked_labels, label_list, seed_list
 
-# Sampling settings a request may give, with the pipeline's defaults (pipeline.generate).
-DEFAULT_SETTINGS = {"cfg_scale": 1.45, "temperature": 1.0, "top_k": 0, "top_p": 1.0,
-                    "gradual_cfg": False, "num_tokens": None}
 # The longest gathering wait: beyond a minute a request would rather time out than wait for
 # company, and threading.Condition.wait overflows on huge or infinite timeouts.
 MAX_WAIT_MS = 60_000.0
@@ -78,37 +76,19 @@ class _RequestFuture(Future):
 class _Request:
     labels: List[int]
     seeds: List[int]
-    key: Tuple  # the normalized settings: requests batch together only when these are equal
+    settings: SamplingSettings  # requests batch together only when these are equal
     future: Future = field(default_factory=Future)
 
 
-def _normalize(settings: dict, pipe: DetailFlowPipeline) -> Tuple:
-    """Check settings as pipeline.generate would, -> a hashable key (cfg, temp, k, p, gradual, T)."""
-    unknown = sorted(set(settings) - set(DEFAULT_SETTINGS))
+def request_settings(settings: dict, pipe: DetailFlowPipeline) -> SamplingSettings:
+    """A request's settings -> SamplingSettings with num_tokens resolved against the model (None and
+    block_size are the same request, so they batch together); bad values raise as in pipeline.generate."""
+    unknown = sorted(set(settings) - set(SETTING_NAMES))
     if unknown:
-        raise TypeError(f"unknown setting(s) {unknown}; the batcher takes {sorted(DEFAULT_SETTINGS)} "
+        raise TypeError(f"unknown setting(s) {unknown}; the batcher takes {sorted(SETTING_NAMES)} "
                         f"(no callback: previews are per-call, use pipeline.generate)")
-    s = dict(DEFAULT_SETTINGS, **settings)
-    for name in ("cfg_scale", "temperature", "top_p"):
-        v = s[name]
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or v != v:
-            raise ValueError(f"{name} must be a number, got {v!r}")
-    if not isinstance(s["gradual_cfg"], (bool, np.bool_)):
-        raise ValueError(f"gradual_cfg must be a bool, got {s['gradual_cfg']!r}")
-    num_tokens = s["num_tokens"]
-    # the step plan's end is the request's token count; None and block_size are the same request
-    num_tokens = pipe.prior.config.generation_plan(num_tokens)[-1].stop
-    top_k = s["top_k"]
-    if isinstance(top_k, (int, np.integer)) and not isinstance(top_k, bool):
-        top_k = int(top_k)  # else left as given: pipeline._check_args names the problem
-    return (float(s["cfg_scale"]), float(s["temperature"]), top_k, float(s["top_p"]),
-            bool(s["gradual_cfg"]), num_tokens)
-
-
-def _key_settings(key: Tuple) -> dict:
-    cfg_scale, temperature, top_k, top_p, gradual_cfg, num_tokens = key
-    return dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                gradual_cfg=gradual_cfg, num_tokens=num_tokens)
+    s = SamplingSettings(**settings)
+    return s.with_num_tokens(pipe.prior.config.generation_plan(s.num_tokens)[-1].stop)
 
 
 class DetailFlowBatcher:
@@ -153,10 +133,9 @@ class DetailFlowBatcher:
         """
         fut: Future = _RequestFuture(self)
         try:
-            key = _normalize(settings, self.pipeline)
-            labels_t = self.pipeline._check_args(labels, key[0], key[1], key[2], key[3])
-            labs = [int(x) for x in labels_t.tolist()]
-            seeds = _seed_list(seed, len(labs))  # ints within int64, or a ValueError naming the seed
+            key = request_settings(settings, self.pipeline)  # the batching key
+            labs = checked_labels(label_list(labels), self.pipeline.prior.config.num_classes)
+            seeds = seed_list(seed, len(labs))  # ints within int64, or a ValueError naming the seed
         except Exception as e:  # noqa: BLE001 - bad input belongs to this request's future
             fut.set_exception(e)
             return fut
@@ -245,10 +224,10 @@ class DetailFlowBatcher:
             reqs = self._take()
             if reqs is None:
                 return
-            groups: Dict[Tuple, List[_Request]] = {}
+            groups: Dict[SamplingSettings, List[_Request]] = {}
             for r in reqs:
                 if r.future.set_running_or_notify_cancel():  # skip requests the caller cancelled
-                    groups.setdefault(r.key, []).append(r)
+                    groups.setdefault(r.settings, []).append(r)
             for key, group in groups.items():
                 for batch in self._pack(group):
                     self._run(key, batch)
@@ -266,12 +245,12 @@ class DetailFlowBatcher:
             batches.append(cur)
         return batches
 
-    def _run(self, key: Tuple, batch: List[_Request]) -> None:
+    def _run(self, key: SamplingSettings, batch: List[_Request]) -> None:
         labels = [lab for r in batch for lab in r.labels]
         seeds = [s for r in batch for s in r.seeds]
         t0 = time.perf_counter()
         try:
-            result = self.pipeline.generate(labels, seed=seeds, **_key_settings(key))
+            result = self.pipeline.generate(labels, seed=seeds, **key.kwargs())
         except Exception as e:  # noqa: BLE001 - the worker must survive any request
             if len(batch) > 1:
                 for r in batch:  # rerun alone: the failure lands only on the request that causes it
@@ -295,4 +274,4 @@ class DetailFlowBatcher:
             k += n
 
 
-__all__ = ["DetailFlowBatcher", "BatcherClosed", "BatcherDied", "MAX_WAIT_MS"]
+__all__ = ["DetailFlowBatcher", "BatcherClosed", "BatcherDied", "MAX_WAIT_MS", "request_settings"]

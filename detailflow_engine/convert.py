@@ -14,17 +14,14 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-import torch
-
+from detailflow_engine import cli
 from detailflow_engine.checkpoint import (KINDS, CheckpointError, ConfigError, load_checkpoint,
                                           save_safetensors_folder)
-
-
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from detailflow_engine.device_dtype import STORAGE_DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.Parser(
         prog="python -m detailflow_engine.convert",
         description="Convert an official DetailFlow checkpoint into a safetensors model folder.")
     p.add_argument("src", help="model folder, checkpoints/<N>.pt or .safetensors file")
@@ -33,26 +30,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                    help="use the 'ema' (--ema) or 'model' (--no-ema) weights; "
                         "default: prior ema if present, tokenizer model")
-    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None,
-                   help="store floating-point weights in this dtype (default: as in SRC)")
+    p.add_argument("--dtype", choices=list(STORAGE_DTYPES), default=None,
+                   help="store floating-point weights in this dtype (default: as in SRC; fp16 is a storage "
+                        "format only: the engine loads it as fp32 or bf16)")
     p.add_argument("--overwrite", action="store_true", help="replace existing files in OUT")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     try:
         loaded = load_checkpoint(args.src, args.kind, ema=args.ema)
         out = save_safetensors_folder(loaded, args.out, overwrite=args.overwrite,
-                                      dtype=_DTYPES[args.dtype] if args.dtype else None)
+                                      dtype=STORAGE_DTYPES[args.dtype] if args.dtype else None)
     except (CheckpointError, ConfigError, OSError) as exc:
-        msg = " ".join(str(exc).split())  # exactly one line
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+        raise cli.UsageError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - anything else from a foreign file: still one line
-        msg = " ".join(str(exc).split())
-        print(f"error: cannot convert {args.src}: {type(exc).__name__}: {msg}", file=sys.stderr)
-        return 2
+        raise cli.UsageError(f"cannot convert {args.src}: {type(exc).__name__}: {cli.one_line(exc)}") from None
     print(f"wrote {out}: {len(loaded.state_dict)} tensors from {loaded.weights_path} "
           f"({loaded.which!r} weights, {len(loaded.skipped)} training-only tensors dropped)")
     return 0

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -43,24 +42,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from detailflow_engine import cli
+from detailflow_engine.cli import Parser, UsageError, settings_from_args
+from detailflow_engine.device_dtype import DEVICES, DTYPES
+
 CLASSIFIER_SIZE = 32
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line on stderr, status 2
-        self.exit(2, f"error: {message}\n")
-
-
-class UsageError(ValueError):
-    """Bad input detected by this tool (reported as one error line, status 2)."""
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from detailflow_engine.loading import DTYPES
-
-    p = _Parser(prog="python -m detailflow_engine.evaluate",
-                description="Classifier accuracy, classifier-feature Frechet distance and the tokenizer's "
-                            "coarse-to-fine reconstruction PSNR of a Fashion-MNIST DetailFlow model (JSON on stdout).")
+    p = Parser(prog="python -m detailflow_engine.evaluate",
+               description="Classifier accuracy, classifier-feature Frechet distance and the tokenizer's "
+                           "coarse-to-fine reconstruction PSNR of a Fashion-MNIST DetailFlow model (JSON on stdout).")
     p.add_argument("--ckpt", default=None, help="prior (folder, .pt or .safetensors); default: the embedded model")
     p.add_argument("--tokenizer", default=None, help="tokenizer (folder, .pt or .safetensors); give with --ckpt")
     p.add_argument("--num-per-class", type=int, default=100, help="generated images per class (default 100)")
@@ -71,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--batch-size", type=int, default=50, help="images per generation / tokenizer batch")
-    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="model dtype (default fp32)")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="auto (cuda if available; default), cpu, cuda")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="model dtype (default fp32)")
     p.add_argument("--weights", default="native", choices=["native", "int8"],
                    help="prior weights: native, or int8 weight-only decode GEMMs (default native)")
     p.add_argument("--classifier", default=None,
@@ -253,6 +245,7 @@ def class_balanced_split(labels: np.ndarray, per_class: int, seed: int = 0) -> T
 # ---------------------------------------------------------------------- CLI
 
 def _check_args(args) -> None:
+    """The flags' own ranges (the sampling flags: SamplingSettings)."""
     if args.num_per_class < 1:
         raise UsageError(f"--num-per-class must be >= 1, got {args.num_per_class}")
     if args.batch_size < 1:
@@ -261,14 +254,7 @@ def _check_args(args) -> None:
         raise UsageError(f"--psnr-images must be >= 0 (0 skips the curve), got {args.psnr_images}")
     if args.seed < 0:
         raise UsageError(f"--seed must be >= 0, got {args.seed}")
-    if not (math.isfinite(args.cfg_scale) and args.cfg_scale >= 0):
-        raise UsageError(f"--cfg-scale must be >= 0, got {args.cfg_scale}")
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_k < 0:
-        raise UsageError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
-    if not 0 < args.top_p <= 1:
-        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    settings_from_args(args)
     if (args.ckpt is None) != (args.tokenizer is None):
         raise UsageError("give both --ckpt and --tokenizer, or neither for the embedded default model")
 
@@ -280,11 +266,8 @@ def evaluate(args) -> dict:
     from detailflow_ref.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
 
     t_start = time.time()
-    try:
-        device = resolve_device(args.device)
-    except RuntimeError as exc:  # torch.device("nonsense")
-        raise UsageError(f"bad --device {args.device!r}: {exc}") from None
-    dtype = resolve_dtype(args.dtype)
+    cli.check_device(args.device)
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
 
     test_x, test_y = load_fashion_mnist("test", args.data_root)
     if args.psnr_images > len(test_y):
@@ -309,8 +292,7 @@ def evaluate(args) -> dict:
 
     # generated images
     t1 = time.time()
-    sampling = dict(cfg_scale=args.cfg_scale, temperature=args.temperature, top_k=args.top_k,
-                    top_p=args.top_p, gradual_cfg=args.gradual_cfg)
+    sampling = settings_from_args(args).kwargs()
     gen_u8, gen_labels = generate_images(pipe, args.num_per_class, num_classes, args.seed, args.batch_size,
                                          **sampling)
     t2 = time.time()
@@ -394,17 +376,20 @@ def evaluate(args) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
     args = build_parser().parse_args(argv)
     PROGRESS["enabled"] = not args.no_progress
+    _check_args(args)
     try:
-        _check_args(args)
         result = evaluate(args)
         text = json.dumps(result, indent=2)
         if args.out:
             Path(args.out).write_text(text + "\n")
-    except (ValueError, OSError) as exc:  # UsageError, CheckpointError, ConfigError, missing files
-        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
-        return 2
+    except (ValueError, OSError) as exc:  # CheckpointError, ConfigError, missing files
+        raise UsageError(str(exc)) from None
     print(text)
     return 0
 

@@ -3,49 +3,25 @@
 Models are built on the meta device (no random init of hundreds of MB), given real
 storage on the target device in the target dtype, and filled tensor by tensor from a strict,
 shape-checked state dict, so the result never aliases the checkpoint file and no fp32 copy of
-the model exists beside it (peak memory: benchmarks/bench_memory.py). Before that, ``load_checkpoint`` has bounded every
-config value and compared the config's sizes with the state dict's shapes, so an absurd config
-is refused before anything is built; after the copy, NaN/inf weights are refused by name.
+the model exists beside it (peak memory: benchmarks/bench_memory.py). Before that,
+``load_checkpoint`` has bounded every config value and compared the config's sizes with the
+state dict's shapes, so an absurd config is refused before anything is built; NaN/inf weights
+are refused by name as they are copied.
 """
 from __future__ import annotations
 
 import math
 import re
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 
 from detailflow_engine.checkpoint import (TOKENIZER_TRAINING_PREFIXES, CheckpointError, check_state_dict,
-                                          first_non_finite, load_checkpoint, release_pages)
+                                          load_checkpoint, release_pages)
+from detailflow_engine.device_dtype import DTYPES, resolve_device, resolve_dtype  # noqa: F401 - re-exported
 from detailflow_engine.linear import WEIGHT_MODES, DecodeLinear, replace_linears
 from detailflow_engine.prior import Prior
 from detailflow_engine.tokenizer import ENCODER_PREFIXES, Tokenizer
-
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-
-
-def resolve_device(device: Union[str, torch.device, None]) -> torch.device:
-    """'auto'/None -> cuda when available else cpu; 'cuda' without a GPU is an error."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was requested but no CUDA GPU is available")
-    return device
-
-
-def resolve_dtype(dtype: Union[str, torch.dtype, None]) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
-
 
 def resolve_weights(weights: Optional[str]) -> str:
     """'native' (None too) or 'int8'; anything else is a ValueError naming the allowed values."""
@@ -100,11 +76,6 @@ def _build(model, state: dict, device: torch.device, dtype: torch.dtype, where: 
         raise CheckpointError(f"{where}: {bad[0][0]} holds {bad[0][1]} values"
                               + (f" ({len(bad)} tensors do)" if len(bad) > 1 else "")
                               + "; the checkpoint is corrupt or its training diverged")
-    if dtype == torch.float16:  # fp16 tops out at 65504: larger fp32/bf16 weights became inf
-        bad = first_non_finite(model.state_dict())
-        if bad:
-            raise CheckpointError(f"{where}: {bad[0]} overflows float16 (a value beyond +-65504); "
-                                  f"load it as fp32 or bf16")
     return model.eval().requires_grad_(False)
 
 
@@ -155,7 +126,7 @@ def load_prior(path, ema: Optional[bool] = True, device=None, dtype=None, weight
     ``ema=True`` (default) uses the EMA weights when the checkpoint has them, else 'model';
     ``ema=False`` forces 'model'.
 
-    ``dtype`` (fp32 default | bf16 | fp16) is the compute and storage dtype of activations,
+    ``dtype`` (fp32 default | bf16, the spellings of ``device_dtype``) is the compute and storage dtype of activations,
     KV cache and the float weights. ``weights`` = "native" keeps the weights in ``dtype``;
     "int8" quantizes every Linear of the transformer blocks to int8 with per-output-channel
     fp32 scales at load (weight-only: activations stay in ``dtype``, products accumulate in

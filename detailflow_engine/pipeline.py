@@ -8,7 +8,6 @@ An image's tokens therefore depend only on its own seed, never on the batch it r
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -17,12 +16,13 @@ from typing import Callable, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from detailflow_engine.loading import load_prior, load_tokenizer, resolve_device, resolve_dtype
 from detailflow_engine.cuda_graphs import StepGraphs
+from detailflow_engine.loading import load_prior, load_tokenizer, resolve_device, resolve_dtype, resolve_weights
 from detailflow_engine.ops import _dispatch
 from detailflow_engine.ops.group_sample import group_sample
 from detailflow_engine.outputs import to_uint8
 from detailflow_engine.prior import Prior
+from detailflow_engine.sampling_settings import SamplingSettings, checked_labels, label_list, seed_list
 from detailflow_engine.schedule import Step, cfg_scale_for_step
 from detailflow_engine.tokenizer import Tokenizer
 
@@ -49,65 +49,6 @@ class GenerationResult:
         return [Image.fromarray(a) for a in self.uint8]
 
 
-_INT64 = (-(2 ** 63), 2 ** 63 - 1)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-
-
-def _label_list(class_labels) -> List:
-    """class_labels as given (one int, a sequence, an array or tensor, any iterable, read once) -> a list."""
-    if isinstance(class_labels, (torch.Tensor, np.ndarray)):
-        if class_labels.ndim > 1:
-            raise ValueError(f"class_labels must be 1-D, got shape {tuple(class_labels.shape)}")
-        class_labels = class_labels.tolist()  # a 0-d one becomes a plain number
-    if _is_int(class_labels) or isinstance(class_labels, (float, bool, np.bool_)):
-        return [class_labels]
-    if isinstance(class_labels, (str, bytes)):
-        raise ValueError(f"class_labels must be ints, got the string {class_labels!r}")
-    try:
-        return list(class_labels)
-    except TypeError:
-        raise ValueError(f"class_labels must be an int or a sequence of ints, got {type(class_labels).__name__}") from None
-
-
-def _seed_list(seed: Union[int, Sequence[int]], batch: int) -> List[int]:
-    """An int seed s -> [s, s + 1, ...]; a sequence -> one int seed per image, each in int64."""
-    if isinstance(seed, (torch.Tensor, np.ndarray)) and seed.ndim == 0:
-        seed = seed.item()
-    if _is_int(seed):
-        seeds = [int(seed) + i for i in range(batch)]
-        if not (_INT64[0] <= seeds[0] and seeds[-1] <= _INT64[1]):
-            raise ValueError(f"seed {int(seed)} (+ image index up to {batch - 1}) must fit in int64 "
-                             f"[{_INT64[0]}, {_INT64[1]}]")
-        return seeds
-    if isinstance(seed, (str, bytes, float, bool, np.bool_, np.floating)) or seed is None:
-        raise ValueError(f"seed must be an int or a sequence of ints (one per image), got {seed!r}")
-    if isinstance(seed, (torch.Tensor, np.ndarray)):
-        seed = seed.tolist()
-    try:
-        given = list(seed)
-    except TypeError:
-        raise ValueError(f"seed must be an int or a sequence of ints (one per image), got "
-                         f"{type(seed).__name__}") from None
-    for s in given:
-        if not _is_int(s):
-            raise ValueError(f"seed must be an int or a sequence of ints, got {s!r} in {given!r}")
-        if not _INT64[0] <= int(s) <= _INT64[1]:
-            raise ValueError(f"seed {int(s)} does not fit in int64 [{_INT64[0]}, {_INT64[1]}]")
-    if len(given) != batch:
-        raise ValueError(f"seed is a list of {len(given)} seeds but there are {batch} class labels")
-    return [int(s) for s in given]
-
-
-def _real(name: str, v) -> float:
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be a number, got {v!r}")
-    v = float(v)
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {v}")
-    return v
 
 
 class DetailFlowPipeline:
@@ -148,6 +89,8 @@ class DetailFlowPipeline:
         """
         if not isinstance(encoder, bool):
             raise ValueError(f"encoder must be a bool, got {encoder!r}")
+        weights = resolve_weights(weights)  # before any path is resolved (a Hub download)
+        device, dtype = resolve_device(device), resolve_dtype(dtype)
         if prior_path is None and tokenizer_path is None:
             from detailflow_engine.assets import default_model_paths
 
@@ -157,7 +100,6 @@ class DetailFlowPipeline:
         from detailflow_engine.hub import resolve_model_path
 
         prior_path, tokenizer_path = resolve_model_path(prior_path), resolve_model_path(tokenizer_path)
-        device, dtype = resolve_device(device), resolve_dtype(dtype)
         prior = load_prior(prior_path, ema=ema, device=device, dtype=dtype, weights=weights)
         pipe = cls(prior, load_tokenizer(tokenizer_path, device=device, dtype=dtype, encoder=encoder),
                    cuda_graphs=cuda_graphs)
@@ -192,28 +134,9 @@ class DetailFlowPipeline:
 
     # ------------------------------------------------------------------ generation
 
-    def _check_args(self, labels, cfg_scale, temperature, top_k, top_p, gradual_cfg=False) -> torch.Tensor:
-        """Validate labels and settings -> the labels as an int64 tensor; ValueError naming the argument."""
-        n = self.prior.config.num_classes
-        labels = _label_list(labels)
-        if not labels:
-            raise ValueError("class_labels is empty: give at least one class label")
-        for lab in labels:
-            if not _is_int(lab):
-                raise ValueError(f"class label {lab!r} is a {type(lab).__name__}: class labels must be ints")
-            if not 0 <= int(lab) < n:
-                raise ValueError(f"class label {lab!r} is outside [0, {n}) for this model")
-        if _real("cfg_scale", cfg_scale) < 0:
-            raise ValueError(f"cfg_scale must be >= 0, got {cfg_scale}")
-        if _real("temperature", temperature) < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if not _is_int(top_k) or top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
-        if not 0 < _real("top_p", top_p) <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if not isinstance(gradual_cfg, (bool, np.bool_)):
-            raise ValueError(f"gradual_cfg must be a bool, got {gradual_cfg!r}")
-        return torch.tensor([int(x) for x in labels], dtype=torch.int64, device=self.device)
+    def _labels(self, class_labels) -> List[int]:
+        """class_labels as given -> ints in [0, num_classes); a SettingsError (ValueError) names the problem."""
+        return checked_labels(label_list(class_labels), self.prior.config.num_classes)
 
     def _check_result_size(self, n: int, num_tokens: Optional[int]) -> None:
         """Refuse a call whose float32 pixels alone would not fit: name the size."""
@@ -255,13 +178,19 @@ class DetailFlowPipeline:
         CFG runs when cfg_scale > 1: rows [cond | null class] in one batch, mixed as u + s (c - u).
         cfg_scale <= 1 samples from the conditional logits alone (the official code asserts instead).
         """
-        labels = self._check_args(class_labels, cfg_scale, temperature, top_k, top_p, gradual_cfg)
-        cfg_scale, temperature, top_p, gradual_cfg = float(cfg_scale), float(temperature), float(top_p), bool(gradual_cfg)
+        settings = SamplingSettings(cfg_scale, temperature, top_k, top_p, gradual_cfg, num_tokens)
+        labels = self._labels(class_labels)
+        return self._generate_tokens(labels, seed_list(seed, len(labels)), settings, callback, return_step_logits)
+
+    def _generate_tokens(self, labels: List[int], seeds: List[int], settings: SamplingSettings,
+                         callback: Optional[Callback] = None, return_step_logits: bool = False):
+        """generate_tokens on checked labels, seeds and settings."""
+        s = settings
+        cfg_scale, temperature, top_k, top_p, gradual_cfg = s.cfg_scale, s.temperature, s.top_k, s.top_p, s.gradual_cfg
         cfg = self.prior.config
-        plan = cfg.generation_plan(num_tokens)
-        B, T = labels.shape[0], plan[-1].stop
-        seeds = _seed_list(seed, B)
-        use_cfg = cfg_scale > 1.0
+        plan = cfg.generation_plan(s.num_tokens)
+        B, T = len(labels), plan[-1].stop
+        use_cfg = s.use_cfg
         per_pass = self.images_per_pass(use_cfg)
         if B > per_pass:
             if callback is not None or return_step_logits:
@@ -269,12 +198,12 @@ class DetailFlowPipeline:
                                  f"takes {self._cache_bytes(use_cfg) / 2 ** 20:.1f} MB per image); with a "
                                  f"callback or return_step_logits, give at most {per_pass} class labels per call")
             # passes of per_pass images: batch invariance makes the result the same as one pass
-            parts = [self.generate_tokens(labels[i:i + per_pass], cfg_scale, temperature, top_k, top_p,
-                                          gradual_cfg, seeds[i:i + per_pass], num_tokens)[0]
+            parts = [self._generate_tokens(labels[i:i + per_pass], seeds[i:i + per_pass], s)[0]
                      for i in range(0, B, per_pass)]
             return torch.cat(parts), seeds
+        label_t = torch.tensor(labels, dtype=torch.int64, device=self.device)
         seed_t = torch.tensor(seeds, dtype=torch.int64, device=self.device)
-        rows = torch.cat([labels, torch.full_like(labels, self.prior.null_class)]) if use_cfg else labels
+        rows = torch.cat([label_t, torch.full_like(label_t, self.prior.null_class)]) if use_cfg else label_t
         num_groups = T // cfg.group_size  # as the official loop: groups of the tokens generated
         with self._locked():
             self.prior.setup_caches(rows.shape[0])
@@ -325,10 +254,11 @@ class DetailFlowPipeline:
         """
         if self.tokenizer is None:
             raise ValueError("this pipeline has no tokenizer: use generate_tokens, or give a tokenizer")
-        labels = _label_list(class_labels)  # read once: a generator is consumed here
-        self._check_result_size(len(labels), num_tokens)
-        tokens, seeds = self.generate_tokens(labels, cfg_scale, temperature, top_k, top_p, gradual_cfg,
-                                             seed, num_tokens, callback)
+        settings = SamplingSettings(cfg_scale, temperature, top_k, top_p, gradual_cfg, num_tokens)
+        labels = label_list(class_labels)  # read once: a generator is consumed here
+        self._check_result_size(len(labels), settings.num_tokens)
+        labels = self._labels(labels)
+        tokens, seeds = self._generate_tokens(labels, seed_list(seed, len(labels)), settings, callback)
         with self._locked():
             pixels = self.tokenizer.decode(tokens)
-        return GenerationResult(tokens=tokens, pixels=pixels, seeds=seeds, labels=[int(x) for x in labels])
+        return GenerationResult(tokens=tokens, pixels=pixels, seeds=seeds, labels=labels)

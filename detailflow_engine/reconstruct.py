@@ -26,9 +26,10 @@ from typing import List, Optional
 
 import numpy as np
 
-from detailflow_engine import outputs
-from detailflow_engine.generate import (EXIT_USAGE, UsageError, _one_line, _Parser, check_out_writable,
-                                        resolve_model_arg)
+from detailflow_engine import cli, outputs
+from detailflow_engine.cli import (Parser, UsageError, check_device, check_out_writable, int_items, one_line,
+                                   resolve_model_arg)
+from detailflow_engine.device_dtype import DEVICES, DTYPES
 
 
 FIT_MODES = ("pad", "center-crop", "resize")
@@ -37,8 +38,8 @@ _PADDED_GREY = {"fashion-mnist": 28, "fashion_mnist": 28, "fmnist": 28, "mnist":
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m detailflow_engine.reconstruct",
-                description="Encode images with a DetailFlow tokenizer and decode them coarse to fine.")
+    p = Parser(prog="python -m detailflow_engine.reconstruct",
+               description="Encode images with a DetailFlow tokenizer and decode them coarse to fine.")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format Pillow reads)")
     p.add_argument("--tokens", nargs="+", metavar="T", default=None,
                    help="token budgets, comma- or space-separated; each must be a scheduled prefix "
@@ -46,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", "--ckpt", dest="tokenizer", metavar="PATH|REPO",
                    help="tokenizer: model folder, .pt, .safetensors or Hugging Face repo id "
                         "(default: the embedded default model's tokenizer)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="default: fp32")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="default: auto")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="default: fp32")
     p.add_argument("--batch-size", type=int, default=16, help="images per encode/decode pass (default: 16)")
     p.add_argument("--fit", choices=FIT_MODES, default=None,
                    help="how an image becomes the tokenizer's input square: pad (centre on black, as "
@@ -65,12 +66,7 @@ def parse_budgets(tokens: Optional[List[str]], scheduled: List[int]) -> List[int
     items = [t for tok in tokens for t in re.split(r"[,\s]+", tok.strip()) if t]
     if not items:
         raise UsageError("--tokens is empty: give token budgets such as 8,16,32")
-    budgets = []
-    for t in items:
-        try:
-            budgets.append(int(t))
-        except ValueError:
-            raise UsageError(f"--tokens: {t!r} is not an integer") from None
+    budgets = int_items("--tokens", items)
     for t in budgets:
         if t not in scheduled:
             raise UsageError(f"--tokens: {t} is not a scheduled prefix of this tokenizer; valid: {scheduled}")
@@ -100,7 +96,7 @@ def read_image(path: Path) -> np.ndarray:
                 return np.asarray(im.convert("RGB"))
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as e:
-        raise UsageError(f"cannot read image {path}: {_one_line(e)}") from None
+        raise UsageError(f"cannot read image {path}: {one_line(e)}") from None
 
 
 def training_data(config) -> dict:
@@ -192,18 +188,11 @@ def strip_name(path: Path) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    try:
-        return _main(argv)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    return cli.run(_main, argv)
 
 
 def _main(argv) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as e:  # --help
-        return int(e.code or 0)
+    args = build_parser().parse_args(argv)
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     out = Path(args.out)
@@ -220,27 +209,24 @@ def _main(argv) -> int:
             raise UsageError(f"--out {out} already holds {present[0]}: use --overwrite or a new --out")
     images = [read_image(p) for p in paths]  # every image is readable before anything is loaded or written
 
-    from detailflow_engine.loading import load_tokenizer, resolve_device
+    from detailflow_engine.loading import load_tokenizer
 
-    try:
-        resolve_device(args.device)
-    except ValueError as e:
-        raise UsageError(f"--device {args.device}: {_one_line(e)}") from None
+    check_device(args.device)
     if args.tokenizer is None:
         from detailflow_engine.assets import default_model_paths
 
         try:
             tok_path = default_model_paths()[1]
         except FileNotFoundError as e:
-            raise UsageError(_one_line(e)) from None
+            raise UsageError(one_line(e)) from None
     else:
         tok_path = resolve_model_arg("--tokenizer", args.tokenizer)
     try:
         tokenizer = load_tokenizer(tok_path, device=args.device, dtype=args.dtype)
     except (ValueError, OSError) as e:  # CheckpointError / ConfigError are ValueErrors
-        raise UsageError(f"cannot load the tokenizer {tok_path}: {_one_line(e)}") from None
+        raise UsageError(f"cannot load the tokenizer {tok_path}: {one_line(e)}") from None
     except Exception as e:  # anything else from a foreign file: still one line, no traceback
-        raise UsageError(f"cannot load the tokenizer {tok_path}: {type(e).__name__}: {_one_line(e)}") from None
+        raise UsageError(f"cannot load the tokenizer {tok_path}: {type(e).__name__}: {one_line(e)}") from None
     budgets = parse_budgets(args.tokens, tokenizer.schedule.scheduled_tokens)
     train = training_data(tokenizer.config)
     fit = args.fit or train["fit"]
@@ -252,17 +238,17 @@ def _main(argv) -> int:
         decoded = reconstruct(tokenizer, images, budgets, args.batch_size, fit)
     except NotImplementedError as e:
         raise UsageError(f"the tokenizer cannot run with --device {args.device} --dtype {args.dtype}: "
-                         f"{_one_line(e)}") from None
+                         f"{one_line(e)}") from None
     height = max(d.shape[0] for d in decoded[0])  # the largest budget's decode size
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"cannot create --out {out}: {_one_line(e)}") from None
+        raise UsageError(f"cannot create --out {out}: {one_line(e)}") from None
     try:
         for name, decodes in zip(names, decoded):
             outputs.save_png(out / name, outputs.progressive_strip(decodes, height))
     except OSError as e:  # disk full: every strip written so far is whole (atomic writes)
-        raise UsageError(f"cannot write {e.filename or out}: {e.strerror or _one_line(e)}") from None
+        raise UsageError(f"cannot write {e.filename or out}: {e.strerror or one_line(e)}") from None
     outputs.fsync_dir(out)
     sizes = ", ".join(f"{t}->{d.shape[0]}px" for t, d in zip(budgets, decoded[0]))
     how = "--fit" if args.fit else f"the default for its training data, {train['name']}"

@@ -16,20 +16,21 @@ import math
 import sys
 from typing import List, Optional
 
-from detailflow_engine.generate import UsageError, _Parser, load_pipeline
+from detailflow_engine import cli
+from detailflow_engine.cli import Parser, UsageError, load_pipeline
+from detailflow_engine.device_dtype import DEVICES, DTYPES
 
-EXIT_USAGE = 2
 EXTRA_HINT = 'pip install -e ".[serve]"'
 
 
 def build_parser():
-    p = _Parser(prog="python -m detailflow_engine.serve",
-                description="Serve DetailFlow images over HTTP (POST /v1/generate, GET /healthz, GET /metrics).")
+    p = Parser(prog="python -m detailflow_engine.serve",
+               description="Serve DetailFlow images over HTTP (POST /v1/generate, GET /healthz, GET /metrics).")
     m = p.add_argument_group("model (both or neither; neither = the embedded default model)")
     m.add_argument("--ckpt", metavar="PATH|REPO", help="prior: model folder, .pt or .safetensors, or a Hub repo id")
     m.add_argument("--tokenizer", metavar="PATH|REPO", help="tokenizer: model folder, .pt or .safetensors, or a Hub repo id")
-    m.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto")
-    m.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="default: fp32")
+    m.add_argument("--device", default="auto", choices=DEVICES, help="default: auto")
+    m.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="default: fp32")
     m.add_argument("--weights", default="native", choices=["native", "int8"], help="default: native")
     m.add_argument("--no-cuda-graphs", action="store_true", help="on a GPU, run every decode step eagerly")
     s = p.add_argument_group("serving")
@@ -160,21 +161,18 @@ def serve_http(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    try:
-        try:
-            args = build_parser().parse_args(argv)
-        except SystemExit as e:  # --help
-            return int(e.code or 0)
-        check_args(args)
-        check_extra(args.ray)
-        if args.ray:
-            from detailflow_engine.serve_ray import serve_ray
+    return cli.run(_main, argv)
 
-            return serve_ray(args)
-        return serve_http(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+
+def _main(argv) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    check_extra(args.ray)
+    if args.ray:
+        from detailflow_engine.serve_ray import serve_ray
+
+        return serve_ray(args)
+    return serve_http(args)
 
 
 if __name__ == "__main__":

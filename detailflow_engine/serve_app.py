@@ -21,19 +21,19 @@ fastapi is imported here (the [serve] extra); the base package never imports thi
 import asyncio
 import base64
 import json
-import math
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-from detailflow_engine.batcher import DEFAULT_SETTINGS, BatcherClosed, BatcherDied, DetailFlowBatcher, _normalize
+from detailflow_engine.batcher import BatcherClosed, BatcherDied, DetailFlowBatcher, request_settings
 from detailflow_engine.outputs import png_bytes
-from detailflow_engine.pipeline import _INT64, DetailFlowPipeline
+from detailflow_engine.pipeline import DetailFlowPipeline
+from detailflow_engine.sampling_settings import INT64, SETTING_NAMES, SettingsError
 
 MAX_BODY_BYTES = 16 * 1024  # a generate body is ~200 bytes; anything past this is refused with 413
 DEFAULT_TIMEOUT_S = 120.0  # a request still unanswered after this gets 504 (the batcher keeps running)
-FIELDS = ("class_label", "seed") + tuple(DEFAULT_SETTINGS)
+FIELDS = ("class_label", "seed") + SETTING_NAMES
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -146,7 +146,8 @@ def _type_name(v) -> str:
 
 
 def parse_body(raw: bytes) -> dict:
-    """JSON body -> {"class_label", "seed", settings...}; types checked here, ranges by the pipeline."""
+    """JSON body -> {"class_label", "seed", settings...}: one int label and one int64 seed checked here
+    (a request is one image); the settings as given, checked by SamplingSettings in ``submit``."""
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
@@ -160,23 +161,20 @@ def parse_body(raw: bytes) -> dict:
     for name in ("class_label", "seed"):
         if name not in body:
             raise BadRequest(422, f"{name} is required (an int)", name)
-    out = {}
-    for name, v in body.items():
-        if name in ("class_label", "seed", "top_k") or (name == "num_tokens" and v is not None):
-            if not isinstance(v, int) or isinstance(v, bool):
-                kind = "an int" if name != "num_tokens" else "an int or null"
-                raise BadRequest(422, f"{name} must be {kind}, got {_type_name(v)} {json.dumps(v)[:60]}", name)
-            if not _INT64[0] <= v <= _INT64[1]:
-                raise BadRequest(422, f"{name} {v} does not fit in int64", name)
-        elif name in ("cfg_scale", "temperature", "top_p"):
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                raise BadRequest(422, f"{name} must be a finite number, got {_type_name(v)} {json.dumps(v)[:60]}",
-                                 name)
-            v = float(v)
-        elif name == "gradual_cfg" and not isinstance(v, bool):
-            raise BadRequest(422, f"gradual_cfg must be a bool, got {_type_name(v)} {json.dumps(v)[:60]}", name)
-        out[name] = v
-    return out
+    for name in ("class_label", "seed"):
+        v = body[name]
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise BadRequest(422, f"{name} must be an int, got {_type_name(v)} {json.dumps(v)[:60]}", name)
+        if not INT64[0] <= v <= INT64[1]:
+            raise BadRequest(422, f"{name} {v} does not fit in int64", name)
+    return body
+
+
+def _field(e: Exception) -> Optional[str]:
+    """The request field a ValueError/TypeError is about (a SettingsError names it)."""
+    if isinstance(e, SettingsError):
+        return "class_label" if e.argument == "class_labels" else e.argument
+    return _field_of(str(e))
 
 
 def _field_of(message: str) -> Optional[str]:
@@ -190,23 +188,19 @@ def _field_of(message: str) -> Optional[str]:
 
 
 def settings_of(params: dict) -> dict:
-    return {k: params[k] for k in DEFAULT_SETTINGS if k in params}
+    return {k: params[k] for k in SETTING_NAMES if k in params}
 
 
 def submit(state: ServeState, params: dict):
     """-> (Future, the normalized settings); a bad value raises BadRequest(422) naming the field."""
     pipe = state.pipeline
     try:
-        key = _normalize(settings_of(params), pipe)
+        used = request_settings(settings_of(params), pipe).kwargs()
     except (ValueError, TypeError) as e:
-        raise BadRequest(422, str(e), _field_of(str(e))) from None
-    cfg_scale, temperature, top_k, top_p, gradual_cfg, num_tokens = key
-    used = dict(cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                gradual_cfg=gradual_cfg, num_tokens=num_tokens)
+        raise BadRequest(422, str(e), _field(e)) from None
     fut = state.batcher.submit([params["class_label"]], seed=[params["seed"]], **used)
     if fut.done() and isinstance(fut.exception(), (ValueError, TypeError)):
-        msg = str(fut.exception())
-        raise BadRequest(422, msg, _field_of(msg))
+        raise BadRequest(422, str(fut.exception()), _field(fut.exception()))
     return fut, used
 
 
@@ -264,7 +258,7 @@ async def handle_generate(state: ServeState, request, max_body_bytes: int = MAX_
             return error(503, f"the server is shutting down or its worker failed: {e}")
         except (ValueError, TypeError) as e:  # a check only the generation itself makes
             status = 422
-            return error(422, str(e), _field_of(str(e)))
+            return error(422, str(e), _field(e))
         except Exception as e:  # noqa: BLE001
             status = 500
             return error(500, f"generation failed: {type(e).__name__}: {e}")

@@ -32,7 +32,7 @@ class DetailFlowDeployment:
     """One replica: loads the model named by ``config`` (serve.model_config) and serves the HTTP contract."""
 
     def __init__(self, config: Optional[dict] = None):
-        from detailflow_engine.generate import UsageError
+        from detailflow_engine.cli import UsageError
         from detailflow_engine.serve import load_state
 
         self.state = None

@@ -24,17 +24,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from detailflow_engine import cli
 from detailflow_engine.classifier import ARCHITECTURE, FEATURE_DIM, FashionCNN, accuracy, save_classifier
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, status 2
-        self.exit(2, f"error: {message}\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m detailflow_engine.train_classifier",
-                description="Train the small Fashion-MNIST CNN used as the evaluation feature extractor.")
+    p = cli.Parser(prog="python -m detailflow_engine.train_classifier",
+                   description="Train the small Fashion-MNIST CNN used as the evaluation feature extractor.")
     p.add_argument("--out", required=True, help="output .safetensors file (metadata goes to the .json next to it)")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=128)
@@ -147,6 +143,10 @@ def train(args) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    return cli.run(_main, argv)
+
+
+def _main(argv) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = argv
@@ -162,8 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         meta = train(args)
     except (OSError, ValueError) as exc:
-        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
-        return 2
+        raise cli.UsageError(str(exc)) from None
     print(f"test accuracy {meta['test_accuracy']:.4f} ({meta['test_images']} test images); "
           f"trained in {meta['training_time_s']:.0f} s; wrote {args.out} and "
           f"{Path(args.out).with_suffix('.json')}")

@@ -20,7 +20,8 @@ from conftest import REPO
 
 ENGINE = REPO / "detailflow_engine"
 REFERENCE = REPO / "python" / "detailflow_ref"
-BOTTOM = {"config", "checkpoint", "schedule", "rotary", "siglip2", "quantizer", "outputs", "images", "classifier"}
+BOTTOM = {"config", "checkpoint", "schedule", "rotary", "siglip2", "quantizer", "outputs", "images", "classifier",
+          "sampling_settings", "device_dtype"}
 COMPARISON = {"profile", "evaluate", "train_classifier", "profiling"}
 RUNTIME_IMPORTS = ["detailflow_engine", "detailflow_engine.pipeline", "detailflow_engine.batcher",
                    "detailflow_engine.generate", "detailflow_engine.reconstruct", "detailflow_engine.convert",

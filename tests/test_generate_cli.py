@@ -337,11 +337,11 @@ def test_read_only_out(tiny_a, read_only_folder, capsys):
 
 def test_read_only_out_check(tiny_a, tmp_path, monkeypatch, capsys):
     """The same refusal through a stubbed os.access (runs as root too, where chmod cannot deny)."""
-    import detailflow_engine.generate as gen
+    import detailflow_engine.cli as cli  # the --out check lives there
 
     ro = tmp_path / "ro"
     ro.mkdir()
-    monkeypatch.setattr(gen.os, "access", lambda path, mode: Path(path) != ro)
+    monkeypatch.setattr(cli.os, "access", lambda path, mode: Path(path) != ro)
     for out in (ro, ro / "sub"):
         assert run(tiny_a, out, "--num-images", 1) == 2
         err = capsys.readouterr().err

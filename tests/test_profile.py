@@ -13,6 +13,7 @@ import torch
 
 from detailflow_engine import profile
 from detailflow_engine.ops import _dispatch
+from detailflow_engine.profiling import report
 from detailflow_engine.profiling.instrument import STAGES
 
 REPO_ROOT = profile.__file__.rsplit("/detailflow_engine/", 1)[0]
@@ -86,21 +87,21 @@ def test_floor_below_one_is_flagged(run):
     fake = copy.deepcopy(rep)
     dec = next(r for r in fake["stages"] if r["stage"] == "decoder")
     dec.update(engine_vs_floor=0.84, floor_measured_low=True)
-    text = profile.format_text(fake, 12)
+    text = report.format_text(fake, 12)
     assert "| 0.84x (floor measured low) |" in text
     assert "floor measured low for decoder:" in text
     assert "best of " in text and " reads and " in text and "GEMMs, before and after the runs" in text
-    plain = profile.format_text(rep, 12)
+    plain = report.format_text(rep, 12)
     assert ("floor measured low" in plain) == any(r.get("floor_measured_low") for r in rep["stages"])
 
 
 def test_memory_peak_is_reported(run):
     rep, _, _ = run
     assert rep["memory"]["peak_rss_bytes"] > 50e6 and rep["memory"]["preset_peak"] is None
-    assert "# memory: peak RSS of this process " in profile.format_text(rep, 12)
-    fake = dict(rep, memory=dict(rep["memory"], preset_peak=profile._preset_peak_text("detailflow16", True)))
+    assert "# memory: peak RSS of this process " in report.format_text(rep, 12)
+    fake = dict(rep, memory=dict(rep["memory"], preset_peak=report.preset_peak_text("detailflow16", True)))
     assert ("; this random-weights profile peaks at about 8 GB of RAM with --compare-reference (about 5 GB "
-            "without)") in profile.format_text(fake, 12)
+            "without)") in report.format_text(fake, 12)
 
 
 def _stage_rows(rep):
