@@ -39,26 +39,9 @@ class KVCachePeer:
         self.freqs = model.freqs_cis.to(w.device)
 
     def embed(self, cond: torch.Tensor, tokens: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """Input embeddings of sequence positions [start, stop): [cls] tok[:c] specials tok[c:]."""
-        m, c, g = self.model, self.model.causal_num, self.model.group_size
-        parts, q = [], start
-        while q < stop:
-            if q == 0:
-                parts.append(m.cls_embedding.embedding_table(cond)[:, None])
-                q += 1
-            elif q <= c:
-                end = min(stop, c + 1)
-                parts.append(m.tok_embeddings(tokens[:, q - 1:end - 1]))
-                q = end
-            elif q < c + g:
-                end = min(stop, c + g)
-                spe = m.spe_tok_embeddings.special_embeddings.weight[q - c - 1:end - c - 1]
-                parts.append(spe[None].expand(cond.shape[0], -1, -1))
-                q = end
-            else:
-                parts.append(m.tok_embeddings(tokens[:, q - g:stop - g]))
-                q = stop
-        return torch.cat(parts, dim=1)
+        """Input embeddings of sequence positions [start, stop): the reference's own full-prefix
+        embedding of the `start` tokens known so far, sliced (it holds exactly those positions)."""
+        return self.model.embed(cond, tokens[:, :start] if start else None)[:, start:stop]
 
     def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """New positions [start, start + n) through the model against the cache -> logits (rows, n, V) fp32."""
