@@ -294,7 +294,7 @@ def run_reference(ref_prior, ref_tok, labels, args, settings: SamplingSettings, 
 
     with instrument_reference(ref_prior, ref_tok, device):
         for _ in range(args.warmup):  # the reference is slow: warm up on the causal prefix only
-            once(ref_prior.causal_num)
+            once(ref_prior.config.causal_num)
         wall, timer = _timed(once, device, args.reference_repeats)
         with quiet_profiler_stderr(), \
                 torch.profiler.profile(activities=_activities(device), record_shapes=True) as prof:

@@ -90,7 +90,7 @@ def test_seq_len_rule(ema_model):
 def test_teacher_forcing_logits(prior_ckpt, golden, which, key):
     model = load_prior_checkpoint(prior_ckpt, which=which)
     idx = torch.from_numpy(golden["prior_tf_input"])
-    assert torch.equal(idx, torch.from_numpy(golden["prior_tf_codes"])[:, :-model.group_size])
+    assert torch.equal(idx, torch.from_numpy(golden["prior_tf_codes"])[:, :-model.config.group_size])
     with torch.no_grad():
         logits = model(idx, torch.from_numpy(golden["prior_tf_labels"]))
     assert logits.dtype == torch.float32
@@ -143,7 +143,7 @@ def test_generation_without_cfg(ema_model, golden):
     labels = torch.from_numpy(golden["gen_labels"])
     out = generate(ema_model, labels, cfg_scale=1.0, return_step_logits=True,
                    generator=torch.Generator().manual_seed(0))
-    b, t = labels.shape[0], ema_model.block_size
+    b, t = labels.shape[0], ema_model.config.block_size
     assert out.tokens.shape == (b, t) and out.tokens.dtype == torch.int64
     assert int(out.tokens.min()) >= 0 and int(out.tokens.max()) < ema_model.config.vocab_size
     assert all(s.shape[0] == b for s in out.step_logits)  # no null-class rows
@@ -179,10 +179,10 @@ def test_generation_plan():
 
 def test_gradual_cfg_in_generation(ema_model, golden):
     labels = torch.from_numpy(golden["gen_labels"])
-    b, g = labels.shape[0], ema_model.group_size
+    b, g = labels.shape[0], ema_model.config.group_size
     out = generate(ema_model, labels, cfg_scale=1.5, top_k=1, gradual_cfg=True, return_step_logits=True)
-    num_groups = ema_model.block_size // g
-    for step, raw in zip(generation_plan(ema_model.block_size, g, ema_model.causal_num), out.step_logits):
+    num_groups = ema_model.config.block_size // g
+    for step, raw in zip(generation_plan(ema_model.config.block_size, g, ema_model.config.causal_num), out.step_logits):
         c, u = raw[:b], raw[b:]
         s = 1.5 if step.group_index is None else 1.5 * (num_groups - step.group_index + 1) / (num_groups + 1)
         n = step.stop - step.start

@@ -268,7 +268,7 @@ def instrument_reference(ref_prior, ref_tok, device: torch.device) -> Iterator[N
     """Stage ranges around the reference models (instances only; the sampler is wrapped by the caller
     with `sampling_range`)."""
     ranges = Ranges(device)
-    c = ref_prior.causal_num
+    c = ref_prior.config.causal_num
     p = Patcher()
 
     def prior_name(cond_idx, tokens=None):

@@ -63,16 +63,16 @@ def generate(model, labels: torch.Tensor, cfg_scale: float = 1.5, temperature: f
     ``return_step_logits`` a :class:`GenerationOutput` with every step's raw model
     output (2B or B rows, L, V) and the mixed (B, T, V) logits.
     """
-    g, c = model.group_size, model.causal_num
-    num_tokens = model.block_size if num_tokens is None else int(num_tokens)
-    if num_tokens > model.block_size:
-        raise ValueError(f"num_tokens={num_tokens} exceeds block_size={model.block_size}")
+    g, c = model.config.group_size, model.config.causal_num
+    num_tokens = model.config.block_size if num_tokens is None else int(num_tokens)
+    if num_tokens > model.config.block_size:
+        raise ValueError(f"num_tokens={num_tokens} exceeds block_size={model.config.block_size}")
     steps = generation_plan(num_tokens, g, c)  # checks the group arithmetic
     num_groups = num_tokens // g
     labels = labels.reshape(-1).long()
     b = labels.shape[0]
     use_cfg = cfg_scale > 1.0
-    cond = torch.cat([labels, torch.full_like(labels, model.num_classes)]) if use_cfg else labels
+    cond = torch.cat([labels, torch.full_like(labels, model.config.num_classes)]) if use_cfg else labels
     if sampler is None:
         sampler = official_sampler(temperature, top_k, top_p, generator)
 

@@ -162,25 +162,9 @@ class Transformer(nn.Module):
         self.group_causal_mask = group_causal_mask(config.block_size, config.group_size, config.causal_num)
 
     # -- sizes
-    @property
-    def group_size(self) -> int:
-        return self.config.group_size
-
-    @property
-    def causal_num(self) -> int:
-        return self.config.causal_num
-
-    @property
-    def num_classes(self) -> int:
-        return self.config.num_classes
-
-    @property
-    def block_size(self) -> int:
-        return self.config.block_size
-
     def seq_len(self, num_tokens: int) -> int:
         """Sequence positions for a prefix of ``num_tokens`` tokens (class position included)."""
-        extra = self.config.num_special_tokens if num_tokens >= self.causal_num else 0
+        extra = self.config.num_special_tokens if num_tokens >= self.config.causal_num else 0
         return 1 + num_tokens + extra
 
     # -- forward
@@ -189,7 +173,7 @@ class Transformer(nn.Module):
         parts = [self.cls_embedding(cond_idx)]
         if tokens is not None and tokens.shape[1] > 0:
             tok = self.tok_embeddings(tokens)
-            c = self.causal_num
+            c = self.config.causal_num
             if tok.shape[1] >= c:
                 spe = self.spe_tok_embeddings().unsqueeze(0).expand(tok.shape[0], -1, -1)
                 parts += [tok[:, :c], spe.to(tok.dtype), tok[:, c:]]
@@ -208,7 +192,7 @@ class Transformer(nn.Module):
         h = self.tok_dropout(self.embed(cond_idx, tokens))
         n = h.shape[1]
         if n > self.freqs_cis.shape[0]:
-            raise ValueError(f"sequence of {n} positions exceeds block_size {self.block_size}")
+            raise ValueError(f"sequence of {n} positions exceeds block_size {self.config.block_size}")
         freqs = self.freqs_cis[:n].to(h.device)
         mask = self.group_causal_mask[:n, :n].to(h.device)
         for layer in self.layers:
