@@ -157,11 +157,12 @@ def check_device(flag_value: str, device=None) -> None:
         raise UsageError(f"--device {flag_value}: {one_line(e)}") from None
 
 
-def load_pipeline(args, device=None):
+def load_pipeline(args, device=None, encoder: bool = True):
     """--ckpt/--tokenizer (or neither: the embedded model), --device, --dtype, --weights,
     --no-cuda-graphs -> (pipeline, prior path, tokenizer path); any loading problem is a UsageError.
 
-    ``device``: this process's device (torchrun: the local rank's GPU); default ``--device``."""
+    ``device``: this process's device (torchrun: the local rank's GPU); default ``--device``.
+    ``encoder=False``: only the tokenizer's decoding half (a service that never encodes)."""
     device = args.device if device is None else device
     check_device(args.device, device)
     if args.ckpt is None:
@@ -178,7 +179,8 @@ def load_pipeline(args, device=None):
 
     try:
         pipe = DetailFlowPipeline.from_pretrained(prior_path, tok_path, device=device, dtype=args.dtype,
-                                                  weights=args.weights, cuda_graphs=not args.no_cuda_graphs)
+                                                  weights=args.weights, cuda_graphs=not args.no_cuda_graphs,
+                                                  encoder=encoder)
     except (ValueError, OSError) as e:  # CheckpointError / ConfigError are ValueErrors
         raise UsageError(f"cannot load the model (--ckpt {prior_path}, --tokenizer {tok_path}): "
                          f"{one_line(e)}") from None

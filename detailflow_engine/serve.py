@@ -104,7 +104,7 @@ def load_state(config: dict):
     ns.dtype = ns.dtype or "fp32"
     ns.weights = ns.weights or "native"
     ns.no_cuda_graphs = bool(config.get("no_cuda_graphs", False))
-    pipe, prior_path, tok_path = load_pipeline(ns)
+    pipe, prior_path, tok_path = load_pipeline(ns, encoder=False)  # generation only: no encoder held
     info = {"dtype": ns.dtype, "weights": ns.weights, "prior": str(prior_path), "tokenizer": str(tok_path)}
     return ServeState.create(pipe, max_batch=int(config.get("max_batch") or 16),
                              max_wait_ms=float(config.get("max_wait_ms", 20.0)), info=info,
