@@ -219,9 +219,7 @@ def group_sample_probs_ref(logits: Tensor, batch: int, *, cfg_scale: float = 1.0
 def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
     """(atol, rtol) for the logprobs against the reference, by logits dtype. Tokens are exact:
     both sides draw from the same integer masses (no boundary cases to excuse)."""
-    if dtype in _DTYPES:
-        return 1e-5, 0.0
-    raise ValueError(f"group_sample has no tolerance for {dtype}")
+    return _dispatch.tolerance("group_sample", {d: (1e-5, 0.0) for d in _DTYPES}, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,10 +362,7 @@ def _cuda_impl(logits: Tensor, seeds: Tensor, positions: Tensor, st: _Settings) 
     args = (x.data_ptr(), _dispatch.DTYPE_CODES[x.dtype], R, n_q, V, (x.stride(0), x.stride(1), 1),
             seeds.data_ptr(), positions.data_ptr(), B, st.cfg_scale, st.temperature, st.top_k,
             st.top_p24, st.greedy, tokens.data_ptr(), logprobs.data_ptr())
-    if dev.index is not None and dev.index != torch.cuda.current_device():
-        with torch.cuda.device(dev):
-            _dispatch.extension().group_sample_cuda(*args, torch.cuda.current_stream(dev).cuda_stream)
-    else:
+    with _dispatch.on_device(dev):
         _dispatch.extension().group_sample_cuda(*args, torch.cuda.current_stream(dev).cuda_stream)
     return tokens, logprobs
 
