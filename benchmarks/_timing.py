@@ -149,3 +149,18 @@ def rows_configs(args):
         for R in args.rows:
             if not (args.quick and dtype == torch.float32 and R != 16):
                 yield name, dtype, R
+
+
+def codebook_parser(doc: str, dtype_help: str):
+    """The command line of the codebook-op benchmarks (code_search, vq_lookup); each adds its sizes."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help="CUDA: few configs, short timing (< 20 s)")
+    p.add_argument("--codebook", type=int, default=8192)
+    p.add_argument("--dim", type=int, default=8)
+    p.add_argument("--dtype", nargs="+", default=None, choices=list(DTYPES), help=dtype_help)
+    p.add_argument("--target-s", type=float, default=0.5, help="timing budget per measurement")
+    p.add_argument("--threads", type=int, default=None, help="torch and OpenMP threads (default: torch's)")
+    return p
