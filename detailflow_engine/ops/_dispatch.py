@@ -278,12 +278,28 @@ def describe(t: torch.Tensor) -> str:
 
 # --- helpers the op wrappers share ---------------------------------------------------------
 
-def tolerance(op: str, table: Dict[torch.dtype, tuple], dtype: torch.dtype) -> tuple:
-    """(atol, rtol) for `dtype` from an op's per-dtype table (kept beside its reference)."""
-    try:
-        return table[dtype]
-    except KeyError:
-        raise ValueError(f"{op} has no tolerance for {dtype}") from None
+def tolerance_table(op: str, table: Dict[torch.dtype, tuple]) -> Callable[[torch.dtype], tuple]:
+    """An op's `tolerance(dtype) -> (atol, rtol)` from its per-dtype table (kept beside its
+    reference, so tests and benchmarks' --check use the same numbers); other dtypes raise."""
+    table = dict(table)
+
+    def tolerance(dtype: torch.dtype) -> tuple:
+        try:
+            return table[dtype]
+        except KeyError:
+            raise ValueError(f"{op} has no tolerance for {dtype}") from None
+
+    tolerance.__qualname__ = tolerance.__name__ = "tolerance"
+    tolerance.__module__ = f"detailflow_engine.ops.{op}"
+    return tolerance
+
+
+def into(out: Optional[torch.Tensor], result: torch.Tensor) -> torch.Tensor:
+    """A reference's `out=` convention: result itself, or `out` holding a copy of it."""
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
 
 
 def on_device(device: torch.device):

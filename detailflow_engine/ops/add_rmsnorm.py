@@ -40,14 +40,11 @@ def add_rmsnorm_ref(x: Tensor, delta: Optional[Tensor], weight: Tensor, eps: flo
     return h, hf.type_as(h) * weight
 
 
-_TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (5e-2, 0.0), torch.float16: (1e-2, 0.0)}
-
-
-def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
-    """(atol, rtol) of the STYLE practice-5 rule for y:
-    max|kernel - ref32| <= 2 * max|torch_lowp - ref32| + atol + rtol * max|ref32|.
-    h is exact (one fp32 add, one rounding, as torch)."""
-    return _dispatch.tolerance("add_rmsnorm", _TOLERANCES, dtype)
+# (atol, rtol) of the STYLE practice-5 rule for y:
+# max|kernel - ref32| <= 2 * max|torch_lowp - ref32| + atol + rtol * max|ref32|.
+# h is exact (one fp32 add, one rounding, as torch).
+tolerance = _dispatch.tolerance_table("add_rmsnorm", {
+    torch.float32: (1e-5, 1e-6), torch.bfloat16: (5e-2, 0.0), torch.float16: (1e-2, 0.0)})
 
 
 def _validate(x, delta, weight, eps) -> float:

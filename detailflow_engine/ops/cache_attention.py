@@ -39,20 +39,13 @@ def cache_attention_ref(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     scores = torch.matmul(q.float(), k_cache[:, :, :end].float().transpose(-1, -2)) * scale
     probs = torch.softmax(scores, dim=-1)
-    result = torch.matmul(probs, v_cache[:, :, :end].float()).to(q.dtype)
-    if out is None:
-        return result
-    out.copy_(result)
-    return out
+    return _dispatch.into(out, torch.matmul(probs, v_cache[:, :, :end].float()).to(q.dtype))
 
 
-_TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (5e-2, 0.0), torch.float16: (1e-2, 0.0)}
-
-
-def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
-    """(atol, rtol) of the STYLE practice-5 rule for this op:
-    max|kernel - ref32| <= 2 * max|torch_lowp - ref32| + atol + rtol * max|ref32|."""
-    return _dispatch.tolerance("cache_attention", _TOLERANCES, dtype)
+# (atol, rtol) of the STYLE practice-5 rule for this op:
+# max|kernel - ref32| <= 2 * max|torch_lowp - ref32| + atol + rtol * max|ref32|.
+tolerance = _dispatch.tolerance_table("cache_attention", {
+    torch.float32: (1e-5, 1e-6), torch.bfloat16: (5e-2, 0.0), torch.float16: (1e-2, 0.0)})
 
 
 def _validate(q, k_new, v_new, k_cache, v_cache, start_pos, scale, out) -> Tuple[int, float]:

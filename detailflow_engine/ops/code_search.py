@@ -44,11 +44,10 @@ def code_search_ref(latents: Tensor, codebook: Tensor, *, codebook_normalized: b
     return torch.argmin(code_distances_ref(latents, codebook, codebook_normalized=codebook_normalized), dim=-1)
 
 
-def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
-    """(atol, rtol) for this index-valued op: an index is correct when it equals the reference's
-    or when the two indices' reference distances (`code_distances_ref`, fp32 for every input
-    dtype) differ by at most atol + rtol * |d_ref|."""
-    return _dispatch.tolerance("code_search", {d: (1e-6, 0.0) for d in _CUDA_DTYPES}, dtype)
+# (atol, rtol) for this index-valued op: an index is correct when it equals the reference's
+# or when the two indices' reference distances (`code_distances_ref`, fp32 for every input
+# dtype) differ by at most atol + rtol * |d_ref|.
+tolerance = _dispatch.tolerance_table("code_search", {d: (1e-6, 0.0) for d in _CUDA_DTYPES})
 
 
 def _allowed(t: Tensor) -> Tuple[Tuple[torch.dtype, ...], str]:

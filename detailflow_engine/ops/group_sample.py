@@ -216,10 +216,9 @@ def group_sample_probs_ref(logits: Tensor, batch: int, *, cfg_scale: float = 1.0
     return q.double() / q.sum(dim=-1, keepdim=True).double()
 
 
-def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
-    """(atol, rtol) for the logprobs against the reference, by logits dtype. Tokens are exact:
-    both sides draw from the same integer masses (no boundary cases to excuse)."""
-    return _dispatch.tolerance("group_sample", {d: (1e-5, 0.0) for d in _DTYPES}, dtype)
+# (atol, rtol) for the logprobs against the reference, by logits dtype. Tokens are exact:
+# both sides draw from the same integer masses (no boundary cases to excuse).
+tolerance = _dispatch.tolerance_table("group_sample", {d: (1e-5, 0.0) for d in _DTYPES})
 
 
 # ---------------------------------------------------------------------------------------------

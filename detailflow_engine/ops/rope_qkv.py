@@ -41,15 +41,12 @@ def rope_qkv_ref(qkv: Tensor, freqs: Tensor, n_head: int) -> Tuple[Tensor, Tenso
             v.transpose(1, 2))
 
 
-_TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (5e-2, 0.0), torch.float16: (1e-2, 0.0)}
-
-
-def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
-    """(atol, rtol) of the STYLE practice-5 rule:
-    max|kernel - ref32| <= 2 * max|torch_lowp - ref32| + atol + rtol * max|ref32|.
-    (The kernel does the reference's fp32 operations in the same order with one final rounding,
-    so it matches `rope_qkv_ref` bit for bit; the tests check that too.)"""
-    return _dispatch.tolerance("rope_qkv", _TOLERANCES, dtype)
+# (atol, rtol) of the STYLE practice-5 rule:
+# max|kernel - ref32| <= 2 * max|torch_lowp - ref32| + atol + rtol * max|ref32|.
+# (The kernel does the reference's fp32 operations in the same order with one final rounding,
+# so it matches `rope_qkv_ref` bit for bit; the tests check that too.)
+tolerance = _dispatch.tolerance_table("rope_qkv", {
+    torch.float32: (1e-5, 1e-6), torch.bfloat16: (5e-2, 0.0), torch.float16: (1e-2, 0.0)})
 
 
 def _validate(qkv, freqs, n_head) -> Tuple[int, int]:

@@ -61,19 +61,13 @@ def vq_lookup_ref(codes: Tensor, codebook: Tensor, weight: Tensor, bias: Optiona
         y = F.linear(x, weight, bias)
         if pos is not None:
             y = y + pos[:T]
-    if out is None:
-        return y
-    out.copy_(y)
-    return out
+    return _dispatch.into(out, y)
 
 
-_TOLERANCES = {torch.float32: (1e-5, 1e-6), torch.bfloat16: (5e-2, 0.0), torch.float16: (1e-2, 0.0)}
-
-
-def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
-    """(atol, rtol) of the STYLE practice-5 rule for this op, by output (weight) dtype:
-    max|kernel - ref32| <= 2 * max|torch_lowp - ref32| + atol + rtol * max|ref32|."""
-    return _dispatch.tolerance("vq_lookup", _TOLERANCES, dtype)
+# (atol, rtol) of the STYLE practice-5 rule for this op, by output (weight) dtype:
+# max|kernel - ref32| <= 2 * max|torch_lowp - ref32| + atol + rtol * max|ref32|.
+tolerance = _dispatch.tolerance_table("vq_lookup", {
+    torch.float32: (1e-5, 1e-6), torch.bfloat16: (5e-2, 0.0), torch.float16: (1e-2, 0.0)})
 
 
 def _allowed(t: Tensor) -> Tuple[Tuple[torch.dtype, ...], str]:
