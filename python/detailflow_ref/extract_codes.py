@@ -43,7 +43,8 @@ from detailflow_engine.checkpoint import load_checkpoint
 
 from . import train_common as tc
 from .tokenizer import VQModel
-from .train_tokenizer import load_dataset_tensors, noise_token_index, self_correction_encode
+from .self_correction import noise_token_index, self_correction_encode
+from .train_tokenizer import load_dataset_tensors
 
 FORMAT = "detailflow-codes"
 VERSION = 1

@@ -368,6 +368,79 @@ def prepare_results_dir(folder: Path, resume: bool, overwrite: bool) -> Optional
     return last if resume else None
 
 
+class CheckpointedRun:
+    """What both trainers do with a run: split the global batch over the ranks, write the configs,
+    save checkpoints, resume (weights, EMA, optimizer, step, per-rank RNG) and warm-start.
+
+    A subclass calls `init_run` first in its __init__, then sets `model_args`, `train_yaml`,
+    `ema` (or None), `optimizer` and `steps`; it names the trained module in `trained_module`,
+    adds its own state through `extra_state` / `load_extra_state`, and says what --init-from
+    takes in `load_init_weights`.
+    """
+
+    def init_run(self, args: argparse.Namespace, info: Optional[DistInfo]) -> None:
+        self.args = args
+        self.info = info or init_distributed(args.device)
+        self.device = self.info.device
+        if args.global_batch_size % self.info.world_size:
+            raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by "
+                             f"{self.info.world_size} processes")
+        self.local_batch = args.global_batch_size // self.info.world_size
+        self.folder = Path(args.results_dir)
+
+    @property
+    def trained_module(self) -> nn.Module:
+        raise NotImplementedError
+
+    def extra_state(self) -> dict:
+        """Checkpoint entries beyond model, optimizer, steps, args and EMA."""
+        return {}
+
+    def load_extra_state(self, ckpt: dict, where: str) -> None:
+        """Restore what `extra_state` saved (`where` names the checkpoint for error messages)."""
+
+    def load_init_weights(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def prepare_folder(self) -> None:
+        """Write the configs and resume from the newest checkpoint when --resume."""
+        a = self.args
+        resume_from = prepare_results_dir(self.folder, a.resume, a.overwrite)
+        if self.info.is_main:
+            write_model_configs(self.folder, self.model_args, self.train_yaml,
+                                overwrite=a.overwrite or resume_from is not None)
+        self.info.barrier()
+        if resume_from is not None:
+            self.load_state(resume_from)
+        elif a.init_from:
+            self.load_init_weights(Path(a.init_from))
+
+    def load_state(self, path: Path) -> None:
+        ckpt = load_training_checkpoint(path)
+        self.trained_module.load_state_dict(ckpt["model"], strict=True)
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt.get("ema", ckpt["model"]), strict=True)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.load_extra_state(ckpt, f"--resume {path}")
+        self.steps = int(ckpt["steps"])
+        torch.manual_seed(self.args.global_seed * 7919 + self.steps * self.info.world_size + self.info.rank)
+
+    def checkpoint_payload(self) -> dict:
+        payload = {"model": self.trained_module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                   "steps": self.steps, "args": plain_namespace(self.args)}
+        if self.ema is not None:
+            payload["ema"] = self.ema.state_dict()
+        payload.update(self.extra_state())
+        return payload
+
+    def save_checkpoint(self) -> Optional[Path]:
+        path = None
+        if self.info.is_main:
+            path = save_checkpoint(self.folder, self.steps, self.checkpoint_payload(), overwrite=self.args.overwrite)
+        self.info.barrier()
+        return path
+
+
 def state_dict_hash(model: nn.Module, exclude: tuple[str, ...] = ()) -> str:
     """sha256 over the state dict's names, dtypes, shapes and bytes (rank-agreement checks)."""
     h = hashlib.sha256()

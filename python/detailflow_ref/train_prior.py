@@ -181,18 +181,11 @@ def prior_loss(model: nn.Module, z_input: torch.Tensor, z_target: torch.Tensor, 
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), z_target.reshape(-1))
 
 
-class PriorTrainer:
+class PriorTrainer(tc.CheckpointedRun):
     """Model, EMA, optimizer, scheduler and data of one prior training run."""
 
     def __init__(self, args: argparse.Namespace, info: Optional[tc.DistInfo] = None, codes: Optional[dict] = None):
-        self.args = args
-        self.info = info or tc.init_distributed(args.device)
-        self.device = self.info.device
-        if args.global_batch_size % self.info.world_size:
-            raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by "
-                             f"{self.info.world_size} processes")
-        self.local_batch = args.global_batch_size // self.info.world_size
-        self.folder = Path(args.results_dir)
+        self.init_run(args, info)
         data = codes if codes is not None else load_codes(args.code_path)
         self.codes_meta, vq_cfg = data["meta"], data["config"]
         num_classes = args.num_classes or int(data["meta"]["num_classes"])
@@ -238,17 +231,9 @@ class PriorTrainer:
 
     # -- state
 
-    def prepare_folder(self) -> None:
-        a = self.args
-        resume_from = tc.prepare_results_dir(self.folder, a.resume, a.overwrite)
-        if self.info.is_main:
-            tc.write_model_configs(self.folder, self.model_args, self.train_yaml,
-                                   overwrite=a.overwrite or resume_from is not None)
-        self.info.barrier()
-        if resume_from is not None:
-            self.load_state(resume_from)
-        elif a.init_from:
-            self.load_init_weights(Path(a.init_from))
+    @property
+    def trained_module(self) -> nn.Module:
+        return self.model
 
     def load_init_weights(self, path: Path) -> None:
         """--init-from: model and EMA weights of another run; optimizer, schedule and step start afresh."""
@@ -257,32 +242,12 @@ class PriorTrainer:
         if self.ema is not None:
             self.ema.load_state_dict(ckpt.get("ema", ckpt["model"]), strict=True)
 
-    def load_state(self, path: Path) -> None:
-        ckpt = tc.load_training_checkpoint(path)
-        self.model.load_state_dict(ckpt["model"], strict=True)
-        if self.ema is not None:
-            self.ema.load_state_dict(ckpt.get("ema", ckpt["model"]), strict=True)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+    def extra_state(self) -> dict:
+        return {"scheduler": self.scheduler.state_dict()}
+
+    def load_extra_state(self, ckpt: dict, where: str) -> None:
         if "scheduler" in ckpt:
             self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.steps = int(ckpt["steps"])
-        torch.manual_seed(self.args.global_seed * 7919 + self.steps * self.info.world_size + self.info.rank)
-
-    def checkpoint_payload(self) -> dict:
-        payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                   "scheduler": self.scheduler.state_dict(), "steps": self.steps,
-                   "args": tc.plain_namespace(self.args)}
-        if self.ema is not None:
-            payload["ema"] = self.ema.state_dict()
-        return payload
-
-    def save_checkpoint(self) -> Optional[Path]:
-        path = None
-        if self.info.is_main:
-            path = tc.save_checkpoint(self.folder, self.steps, self.checkpoint_payload(),
-                                      overwrite=self.args.overwrite)
-        self.info.barrier()
-        return path
 
     # -- steps
 
