@@ -368,6 +368,82 @@ def prepare_results_dir(folder: Path, resume: bool, overwrite: bool) -> Optional
     return last if resume else None
 
 
+def trainer_parser(module: str, doc: str, *, global_batch_size: int, vis_every: int, vis_what: str):
+    """A trainer's command line with the "output and run" flags both trainers take
+    -> (parser, that argument group, for the trainer's own run flags)."""
+    p = argparse.ArgumentParser(prog=f"python -m detailflow_ref.{module}", description=doc.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("output and run")
+    g.add_argument("--results-dir", required=True, help="model folder (official layout) to write")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --results-dir")
+    g.add_argument("--overwrite", action="store_true", help="allow replacing existing configs/checkpoints")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    g.add_argument("--mixed-precision", default="bf16", choices=["none", "bf16"],
+                   help="autocast dtype on CUDA (CPU runs fp32)")
+    g.add_argument("--cpu-bf16", action="store_true", help=CPU_BF16_HELP)
+    g.add_argument("--global-seed", type=int, default=0)
+    g.add_argument("--max-steps", type=int, default=1000, help="total optimizer steps")
+    g.add_argument("--global-batch-size", type=int, default=global_batch_size)
+    g.add_argument("--log-every", type=int, default=50)
+    g.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    g.add_argument("--vis-every", type=int, default=vis_every, help=f"{vis_what} every N steps (0: only at the end)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="tqdm progress bar on stderr")
+    g.add_argument("--write-state-hash", action="store_true",
+                   help="write state_hash_rank<R>.txt at the end (DDP checks)")
+    return p, g
+
+
+def add_adam_ema_arguments(g, *, ema: bool) -> None:
+    """The optimizer and EMA flags both trainers share (Adam betas, clipping, EMA)."""
+    g.add_argument("--beta1", type=float, default=0.9)
+    g.add_argument("--beta2", type=float, default=0.95)
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=ema)
+    g.add_argument("--ema-decay", type=float, default=0.9999)
+
+
+def due(every: int, step: int, last: bool) -> bool:
+    """Whether a periodic action (log, samples, checkpoint) runs at this step (0 = only at the end)."""
+    return bool(every and step % every == 0) or last
+
+
+class StatsWindow:
+    """The step statistics summed since the last log line; `mean` averages them over the steps
+    and the ranks and starts a new window."""
+
+    def __init__(self, skip: tuple[str, ...] = ("lr",)):
+        self.skip = skip
+        self.sums: dict = {}
+        self.n = 0
+
+    def add(self, stats: dict) -> None:
+        for k, v in stats.items():
+            if k not in self.skip:
+                self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.n += 1
+
+    def mean(self, info: DistInfo) -> dict:
+        avg = info.all_reduce_mean({k: v / self.n for k, v in self.sums.items()})
+        self.sums, self.n = {}, 0
+        return avg
+
+
+def fit_and_leave(trainer):
+    """trainer.fit(), then leave the process group whatever happened -> the trainer.
+
+    Under torchrun a trainer joins the process group. To run several trainers in one process,
+    share one group instead (re-initialising gloo in a process can hang):
+    ``info = init_distributed(dev)``, then ``<Trainer>(args, info=info).fit()`` for each, then
+    ``teardown_distributed(info)``.
+    """
+    try:
+        trainer.fit()
+    finally:
+        teardown_distributed(trainer.info)
+    return trainer
+
+
 class CheckpointedRun:
     """What both trainers do with a run: split the global batch over the ranks, write the configs,
     save checkpoints, resume (weights, EMA, optimizer, step, per-rank RNG) and warm-start.

@@ -111,24 +111,9 @@ def tokenizer_train_yaml(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m detailflow_ref.train_tokenizer", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p, g = tc.trainer_parser("train_tokenizer", __doc__, global_batch_size=128, vis_every=1000,
+                             vis_what="reconstruction grid")
     B = argparse.BooleanOptionalAction
-    g = p.add_argument_group("output and run")
-    g.add_argument("--results-dir", required=True, help="model folder (official layout) to write")
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --results-dir")
-    g.add_argument("--overwrite", action="store_true", help="allow replacing existing configs/checkpoints")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    g.add_argument("--mixed-precision", default="bf16", choices=["none", "bf16"], help="autocast dtype on CUDA (CPU runs fp32)")
-    g.add_argument("--cpu-bf16", action="store_true", help=tc.CPU_BF16_HELP)
-    g.add_argument("--global-seed", type=int, default=0)
-    g.add_argument("--max-steps", type=int, default=1000, help="total optimizer steps")
-    g.add_argument("--global-batch-size", type=int, default=128)
-    g.add_argument("--log-every", type=int, default=50)
-    g.add_argument("--vis-every", type=int, default=1000, help="reconstruction grid every N steps (0: only at the end)")
-    g.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    g.add_argument("--progress", action=B, default=True, help="tqdm progress bar on stderr")
-    g.add_argument("--write-state-hash", action="store_true", help="write state_hash_rank<R>.txt at the end (DDP checks)")
     g.add_argument("--init-from", default=None,
                    help="start from the weights of this training checkpoint (.pt) or run folder (its newest "
                         "checkpoint), with a fresh optimizer and step 0; the model flags must match it. "
@@ -190,11 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --max-steps")
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine end, as a fraction of LR (official 0.1)")
     g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--beta1", type=float, default=0.9)
-    g.add_argument("--beta2", type=float, default=0.95)
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--ema", action=B, default=False)
-    g.add_argument("--ema-decay", type=float, default=0.9999)
+    tc.add_adam_ema_arguments(g, ema=False)
     return p
 
 
@@ -618,30 +599,25 @@ class TokenizerTrainer(tc.CheckpointedRun):
         batches = image_batches(a, self.info, self.local_batch, self.steps)
         vis_batch = None
         bar = tc.progress(a.max_steps, self.steps, a.progress and self.info.is_main, "tokenizer")
-        window: dict = {}
-        n_window = 0
+        window = tc.StatsWindow(skip=("t", "noise_idx", "lr"))
         timer = tc.Timer()
         while self.steps < a.max_steps:
             images = next(batches)
             if vis_batch is None:
                 vis_batch = images[:8].clone()
             stats = self.train_step(images)
-            for k, v in stats.items():
-                if k not in ("t", "noise_idx", "lr"):
-                    window[k] = window[k] + v if k in window else v
-            n_window += 1
+            window.add(stats)
             bar.update(1)
             last = self.steps == a.max_steps
-            if (a.log_every and self.steps % a.log_every == 0) or last:
-                avg = self.info.all_reduce_mean({k: v / n_window for k, v in window.items()})
+            if tc.due(a.log_every, self.steps, last):
+                avg = window.mean(self.info)
                 rec = {"step": self.steps, **avg, "lr": stats["lr"], "codebook_usage": self.codebook_usage(),
                        "elapsed_s": round(timer.elapsed(), 3)}
                 self.logger.log(rec)
                 bar.set_postfix(loss=f"{avg.get('loss', float('nan')):.4f}", rec=f"{avg.get('rec_loss', 0):.4f}")
-                window, n_window = {}, 0
-            if (a.vis_every and self.steps % a.vis_every == 0) or last:
+            if tc.due(a.vis_every, self.steps, last):
                 self.save_samples(vis_batch, f"{self.steps:07d}")
-            if (a.ckpt_every and self.steps % a.ckpt_every == 0) or last:
+            if tc.due(a.ckpt_every, self.steps, last):
                 self.save_checkpoint()
         bar.close()
         if a.write_state_hash:
@@ -652,20 +628,10 @@ class TokenizerTrainer(tc.CheckpointedRun):
 
 
 def train(argv: Union[None, Sequence[str], argparse.Namespace] = None, perceptual_net=None) -> TokenizerTrainer:
-    """Python API: parse ``argv`` (or take a Namespace), train, return the trainer (models in memory).
-
-    Under torchrun this joins the process group and leaves it at the end. To run several
-    trainers in one process, share one group instead (re-initialising gloo in a process can
-    hang): ``info = train_common.init_distributed(dev)``, then ``<Trainer>(args, info=info).fit()``
-    for each, then ``train_common.teardown_distributed(info)``.
-    """
+    """Python API: parse ``argv`` (or take a Namespace), train, return the trainer (models in
+    memory); the process group is left at the end (`train_common.fit_and_leave`)."""
     args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
-    trainer = TokenizerTrainer(args, perceptual_net=perceptual_net)
-    try:
-        trainer.fit()
-    finally:
-        tc.teardown_distributed(trainer.info)
-    return trainer
+    return tc.fit_and_leave(TokenizerTrainer(args, perceptual_net=perceptual_net))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
