@@ -129,10 +129,6 @@ def wrap_ddp(model: nn.Module, info: DistInfo, find_unused_parameters: bool = Fa
     return DDP(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
 CPU_BF16_HELP = ("on the CPU too: bf16 autocast and the math attention kernel (about 2.2x faster training "
                  "steps on CPUs with AMX / AVX512-BF16; slower on CPUs without them)")
 
