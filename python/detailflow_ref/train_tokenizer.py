@@ -54,6 +54,8 @@ from detailflow_engine.config import TokenizerConfig
 from . import train_common as tc
 from .losses import (PatchDiscriminator, PerceptualLoss, build_perceptual_net, entropy_loss, hinge_d_loss,
                      hinge_g_loss, reconstruction_loss, vq_losses)
+from .datasets import load_dataset_tensors
+from .datasets import synthetic_images as _synthetic_images  # noqa: F401 (the trainer tests' name)
 from .self_correction import noise_span, noise_token_index, self_correction_encode
 from .tokenizer import VQModel, resize_images
 
@@ -328,26 +330,6 @@ def disc_input(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- data
-
-
-def _synthetic_images(n: int, size: int, seed: int) -> torch.Tensor:
-    """Deterministic smooth random uint8 images (N, 3, S, S): low-res noise upsampled."""
-    g = torch.Generator().manual_seed(seed)
-    low = torch.rand(n, 3, max(size // 4, 1), max(size // 4, 1), generator=g)
-    x = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
-    return (x * 255).round().clamp(0, 255).to(torch.uint8)
-
-
-def load_dataset_tensors(data: str, image_size: int, root=None, split: str = "train", num_classes: int = 10):
-    """(uint8 images (N, 3, S, S), int64 labels (N,)) for 'fashion-mnist', 'synthetic[:N]' or an image folder."""
-    from .datasets import load_image_tensors
-
-    if data.startswith("synthetic"):
-        n = int(data.split(":", 1)[1]) if ":" in data else 256
-        imgs = _synthetic_images(n, image_size, seed=1234)
-        labels = torch.arange(n, dtype=torch.int64) % num_classes
-        return imgs, labels
-    return load_image_tensors(data, split=split, image_size=image_size, root=root)
 
 
 def to_float_images(u8: torch.Tensor, flip: bool) -> torch.Tensor:
