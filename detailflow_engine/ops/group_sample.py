@@ -12,8 +12,8 @@ CFG rule: the number of logits rows R is compared with the number of seeds B.
 R == 2B: rows [0, B) are conditional, rows [B, 2B) unconditional (null class), mixed with
 cfg_scale (any s >= 0, also 1). R == B: no CFG, cfg_scale is ignored. Anything else raises.
 
-Exact definition (shared by `group_sample_ref`, csrc/cpu/group_sample.cpp and a future CUDA
-kernel; all fp32 steps are single IEEE ops in the order written, all sums are uint64 integers):
+Exact definition (shared by `group_sample_ref`, csrc/cpu/group_sample.cpp and
+csrc/cuda/group_sample.cu; all fp32 steps are single IEEE ops in the order written, all sums are uint64 integers):
   x = u + fp32(s) * (c - u)  [CFG] else c;  NaN -> -inf
   greedy (temperature == 0 or top_k == 1): token = first argmax of x, logprob = 0, no RNG
   y = x / fp32(max(temperature, 1e-5))  (skipped when that is 1);  m = max y
