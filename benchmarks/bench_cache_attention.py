@@ -21,20 +21,36 @@ calls (includes the Python/launch overhead of each side) and CUDA-graph replays 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import bench, read_bandwidth_gbs  # noqa: E402
+from detailflow_engine.ops import _dispatch
+from detailflow_engine.ops.cache_attention import cache_attention, cache_attention_ref, tolerance
 
-from detailflow_engine.ops import _dispatch  # noqa: E402
-from detailflow_engine.ops.cache_attention import cache_attention, cache_attention_ref, tolerance  # noqa: E402
+try:
+    from benchmarks._timing import bench, graph_replay, read_bandwidth_gbs
+except ImportError:  # python benchmarks/bench_cache_attention.py: sys.path has this folder, not the root
+    from _timing import bench, graph_replay, read_bandwidth_gbs
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def ours_and_sdpa(q, k_new, v_new, k_cache, v_cache, start_pos, out):
+    """The two timed calls: our op, and the torch composition it replaces (cache write + SDPA)."""
+    L = start_pos + q.shape[2]
+    pos = torch.arange(start_pos, L, device=q.device)
+
+    def ours():
+        return cache_attention(q, k_new, v_new, k_cache, v_cache, start_pos, out=out)
+
+    def composition():
+        k_cache.index_copy_(2, pos, k_new)
+        v_cache.index_copy_(2, pos, v_new)
+        return F.scaled_dot_product_attention(q, k_cache[:, :, :L], v_cache[:, :, :L])
+
+    return ours, composition
 
 
 def warm_up_threads(seconds: float = 1.0) -> None:
@@ -76,8 +92,8 @@ def main() -> None:
     backend = _dispatch.pick("cache_attention", *([torch.empty(1, 1, 1, d)] * 6)).name
     print(f"# cache_attention: backend={backend}, torch {torch.__version__}, threads={torch.get_num_threads()}, "
           f"H={H}, d={d}, L_max={L_max}; machine streaming read {read_bandwidth_gbs():.1f} GB/s")
-    print(f"# composition = k/v_cache.index_copy_(2, pos, k/v_new) + F.scaled_dot_product_attention(q, k[:, :, :L], "
-          f"v[:, :, :L]); KV GB/s = 2*B*H*L*d*bytes / our time")
+    print("# composition = k/v_cache.index_copy_(2, pos, k/v_new) + F.scaled_dot_product_attention(q, k[:, :, :L], "
+          "v[:, :, :L]); KV GB/s = 2*B*H*L*d*bytes / our time")
     for name in args.dtype:
         dtype = DTYPES[name]
         for B in args.batch:
@@ -89,16 +105,8 @@ def main() -> None:
                     g = torch.Generator().manual_seed(0)
                     q, k_new, v_new = (torch.randn(B, H, n_q, d, generator=g).to(dtype) for _ in range(3))
                     k_cache, v_cache = (torch.randn(B, H, L_max, d, generator=g).to(dtype) for _ in range(2))
-                    out = torch.empty_like(q)
-                    pos = torch.arange(start_pos, L)
-
-                    def ours():
-                        return cache_attention(q, k_new, v_new, k_cache, v_cache, start_pos, out=out)
-
-                    def composition():
-                        k_cache.index_copy_(2, pos, k_new)
-                        v_cache.index_copy_(2, pos, v_new)
-                        return F.scaled_dot_product_attention(q, k_cache[:, :, :L], v_cache[:, :, :L])
+                    ours, composition = ours_and_sdpa(q, k_new, v_new, k_cache, v_cache, start_pos,
+                                                      torch.empty_like(q))
 
                     def reference():
                         return cache_attention_ref(q, k_new, v_new, k_cache, v_cache, start_pos)
@@ -116,20 +124,6 @@ def main() -> None:
                     print(line, flush=True)
 
 
-def graph_of(fn):
-    """fn captured once in a CUDA graph (warmed up on a side stream, as the torch docs show)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def main_cuda(args) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device")
@@ -142,8 +136,8 @@ def main_cuda(args) -> None:
         configs.append(("float32", 64, 8, 128))
     probe = torch.empty(1, 1, 1, d, device=dev)
     backend = _dispatch.pick("cache_attention", *([probe] * 6)).name
-    props = torch.cuda.get_device_properties(dev)
-    print(f"# cache_attention --device cuda: backend={backend}, {props.name} ({props.multi_processor_count} SMs), "
+    print(f"# cache_attention --device cuda: backend={backend}, {torch.cuda.get_device_name(dev)} "
+          f"({_dispatch.sm_count(dev)} SMs), "
           f"torch {torch.__version__}, H={H}, d={d}, L_max={L_max}; streaming read "
           f"{read_bandwidth_gbs('cuda'):.0f} GB/s")
     print("# sdpa = k/v_cache.index_copy_(2, pos, k/v_new) + F.scaled_dot_product_attention(q, k[:, :, :L], "
@@ -156,21 +150,12 @@ def main_cuda(args) -> None:
         g = torch.Generator(device=dev).manual_seed(0)
         q, k_new, v_new = (torch.randn(B, H, n_q, d, generator=g, device=dev).to(dtype) for _ in range(3))
         k_cache, v_cache = (torch.randn(B, H, L_max, d, generator=g, device=dev).to(dtype) for _ in range(2))
-        out = torch.empty_like(q)
-        pos = torch.arange(start_pos, L, device=dev)
-
-        def ours():
-            return cache_attention(q, k_new, v_new, k_cache, v_cache, start_pos, out=out)
-
-        def composition():
-            k_cache.index_copy_(2, pos, k_new)
-            v_cache.index_copy_(2, pos, v_new)
-            return F.scaled_dot_product_attention(q, k_cache[:, :, :L], v_cache[:, :, :L])
+        ours, composition = ours_and_sdpa(q, k_new, v_new, k_cache, v_cache, start_pos, torch.empty_like(q))
 
         t_ours = bench(ours, device="cuda", target_s=target).median_s
         t_comp = bench(composition, device="cuda", target_s=target).median_s
-        g_ours = bench(graph_of(ours), device="cuda", target_s=target).median_s
-        g_comp = bench(graph_of(composition), device="cuda", target_s=target).median_s
+        g_ours = bench(graph_replay(ours, warmup=2), device="cuda", target_s=target).median_s
+        g_comp = bench(graph_replay(composition, warmup=2), device="cuda", target_s=target).median_s
         gbs = 2 * B * H * L * d * q.element_size() / g_ours / 1e9
         line = (f"{name:8s} B={B:3d} n_q={n_q} L={L:3d}  eager: ours {t_ours * 1e6:7.1f} us  sdpa "
                 f"{t_comp * 1e6:7.1f} us (x{t_comp / t_ours:5.2f})  graph: ours {g_ours * 1e6:7.1f} us  sdpa "

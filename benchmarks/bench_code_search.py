@@ -17,24 +17,16 @@ next to GFLOP/s: the op is compute-bound, so GFLOP/s is the number that matters.
 """
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import bench  # noqa: E402
-
-from detailflow_engine.ops import _dispatch  # noqa: E402
-from detailflow_engine.ops.code_search import (  # noqa: E402
+from detailflow_engine.ops import _dispatch
+from detailflow_engine.ops.code_search import (
     code_distances_ref, code_search, code_search_ref, tolerance)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _ms(t) -> str:
-    return f"{t.median_s * 1e3:8.3f} ms (min {t.min_s * 1e3:.3f})"
+try:
+    from benchmarks._timing import DTYPES, bench, codebook_parser, cpu_backend, ms
+except ImportError:  # python benchmarks/bench_code_search.py: sys.path has this folder, not the root
+    from _timing import DTYPES, bench, codebook_parser, cpu_backend, ms
 
 
 def _check(latents, codebook, ours, ref, dtype) -> str:
@@ -79,32 +71,17 @@ def main_cuda(args) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--quick", action="store_true", help="CUDA: few configs, short timing (< 20 s)")
+    p = codebook_parser(__doc__, dtype_help="latents and codebook dtype (math is fp32 either way); "
+                                            "default float32 (CUDA: bfloat16 + one float32 line)")
     p.add_argument("--rows", type=int, nargs="+", default=None,
                    help="default 128 1024 8192 (CUDA: 128 1024 8192 32768)")
-    p.add_argument("--codebook", type=int, default=8192)
-    p.add_argument("--dim", type=int, default=8)
-    p.add_argument("--dtype", nargs="+", default=None, choices=list(DTYPES),
-                   help="latents and codebook dtype (math is fp32 either way); default float32 "
-                        "(CUDA: bfloat16 + one float32 line)")
-    p.add_argument("--target-s", type=float, default=0.5, help="timing budget per measurement")
-    p.add_argument("--threads", type=int, default=None, help="torch and OpenMP threads (default: torch's)")
     args = p.parse_args()
     if args.device == "cuda":
         main_cuda(args)
         return
     args.rows = args.rows or [128, 1024, 8192]
     args.dtype = args.dtype or ["float32"]
-    if "float16" in args.dtype:
-        p.error("--dtype float16 needs --device cuda (the CPU op takes float32 and bfloat16)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    backend = "cpu" if _dispatch.has_cpu_kernels() else "torch (no _C: fallback)"
-    print(f"code_search: backend {backend}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"codebook {args.codebook}x{args.dim}")
+    print(cpu_backend(p, args, "code_search") + f", codebook {args.codebook}x{args.dim}")
     g = torch.Generator().manual_seed(0)
     for dname in args.dtype:
         dtype = DTYPES[dname]
@@ -115,8 +92,8 @@ def main() -> None:
             t_ours = bench(lambda: code_search(latents, codebook), target_s=args.target_s)
             t_torch = bench(lambda: code_search_ref(latents, codebook), target_s=args.target_s)
             flops = 2 * N * args.codebook * args.dim
-            print(f"N={N:5d} K={args.codebook} D={args.dim} {dname:8s}  ours {_ms(t_ours)}  "
-                  f"torch {_ms(t_torch)}  speedup {t_torch.median_s / t_ours.median_s:6.2f}x  "
+            print(f"N={N:5d} K={args.codebook} D={args.dim} {dname:8s}  ours {ms(t_ours)}  "
+                  f"torch {ms(t_torch)}  speedup {t_torch.median_s / t_ours.median_s:6.2f}x  "
                   f"{flops / t_ours.median_s / 1e9:6.1f} GFLOP/s  {check}")
 
 

@@ -24,23 +24,24 @@ import argparse
 import copy
 import json
 import resource
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._timing import bench, read_bandwidth_gbs  # noqa: E402
-from detailflow_engine.loading import prepare_prior  # noqa: E402
-from detailflow_engine.pipeline import DetailFlowPipeline  # noqa: E402
-from detailflow_engine.presets import preset_configs, randomize_  # noqa: E402
-from detailflow_engine.prior import Prior  # noqa: E402
-from detailflow_engine.tokenizer import Tokenizer  # noqa: E402
-from detailflow_ref.generate import generate as ref_generate  # noqa: E402
-from detailflow_ref.kv_generate import KVCachePeer, kv_cache_generate  # noqa: E402
-from detailflow_ref.gpt import Transformer  # noqa: E402
-from detailflow_ref.tokenizer import VQModel  # noqa: E402
+from detailflow_engine.loading import prepare_prior
+from detailflow_engine.pipeline import DetailFlowPipeline
+from detailflow_engine.presets import preset_configs, randomize_
+from detailflow_engine.prior import Prior
+from detailflow_engine.tokenizer import Tokenizer
+from detailflow_ref.generate import generate as ref_generate
+from detailflow_ref.kv_generate import KVCachePeer, kv_cache_generate
+from detailflow_ref.gpt import Transformer
+from detailflow_ref.tokenizer import VQModel
+
+try:
+    from benchmarks._timing import bench, read_bandwidth_gbs
+except ImportError:  # python benchmarks/bench_generate.py: sys.path has this folder, not the root
+    from _timing import bench, read_bandwidth_gbs
 
 
 def peak_rss_gb() -> float:

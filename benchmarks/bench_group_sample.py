@@ -18,17 +18,17 @@ and 2048 (B 256, n_q 8), V = 8192, bf16 logits plus one fp32 line per size; CUDA
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from detailflow_engine.ops import _dispatch
+from detailflow_engine.ops.group_sample import group_sample, group_sample_ref
+from detailflow_ref.sampling import sample as official_sample
 
-from benchmarks._timing import bench  # noqa: E402
-from detailflow_engine.ops import _dispatch  # noqa: E402
-from detailflow_engine.ops.group_sample import group_sample, group_sample_ref  # noqa: E402
-from detailflow_ref.sampling import sample as official_sample  # noqa: E402
+try:
+    from benchmarks._timing import bench
+except ImportError:  # python benchmarks/bench_group_sample.py: sys.path has this folder, not the root
+    from _timing import bench
 
 SETTINGS = {  # name -> (cfg_scale, temperature, top_k, top_p)
     "plain": (1.45, 1.0, 0, 1.0),

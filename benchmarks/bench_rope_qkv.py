@@ -15,51 +15,24 @@ CFG and one position, 16 = one group of 8, 512 and 4096 = batch 32 / 256 with CF
 """
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import bench  # noqa: E402
+from detailflow_engine.ops import _dispatch
+from detailflow_engine.ops.rope_qkv import rope_qkv, rope_qkv_ref, tolerance
+from detailflow_engine.rotary import precompute_freqs_cis_2d
 
-from detailflow_engine.ops import _dispatch  # noqa: E402
-from detailflow_engine.ops.rope_qkv import rope_qkv, rope_qkv_ref, tolerance  # noqa: E402
-from detailflow_engine.rotary import precompute_freqs_cis_2d  # noqa: E402
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-GRAPH_CALLS = 20
-
-
-def graph_time(fn, target_s: float) -> float:
-    """Per-call time of `fn` captured GRAPH_CALLS times in one CUDA graph, replayed."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # warm-up outside the capture (Triton compiles on first call)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(GRAPH_CALLS):
-            fn()
-    return bench(graph.replay, device="cuda", target_s=target_s).median_s / GRAPH_CALLS
+try:
+    from benchmarks._timing import eager_and_graph, practice5_bound, rows_configs, rows_parser
+except ImportError:  # python benchmarks/bench_rope_qkv.py: sys.path has this folder, not the root
+    from _timing import eager_and_graph, practice5_bound, rows_configs, rows_parser
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    ap.add_argument("--rows", type=int, nargs="+", default=[2, 16, 512, 4096],
-                    help="R = B * n (n = 1 for R = 2, else 8: one group)")
+    ap = rows_parser(__doc__, rows_help="R = B * n (n = 1 for R = 2, else 8: one group)")
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"], choices=list(DTYPES))
-    ap.add_argument("--target-s", type=float, default=0.3, help="timing budget per measurement")
-    ap.add_argument("--quick", action="store_true", help="short timings, fp32 only at 16 rows")
-    ap.add_argument("--check", action="store_true", help="also compare each config with the _ref")
     args = ap.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda: no CUDA device here (the Triton kernel needs one)")
+    configs = list(rows_configs(args))
     cuda = args.device == "cuda"
     target = 0.05 if args.quick else args.target_s
     H, d = args.heads, args.head_dim
@@ -71,43 +44,29 @@ def main() -> None:
           f"{' ' + torch.cuda.get_device_name() if cuda else ''}, H={H}, d={d}")
     print("# composition = prior.Attention's view/unbind + apply_rotary(q), apply_rotary(k) + transposes; "
           "graph = per call of 20 captured calls; GB/s = 2 * R * 3*H*d * elem / our time")
-    for name in args.dtype:
-        dtype = DTYPES[name]
-        for R in args.rows:
-            if args.quick and dtype == torch.float32 and R != 16:
-                continue
-            n = 1 if R < 8 or R % 8 else 8
-            B, start = R // n, (1 if n == 1 else 9)
-            g = torch.Generator().manual_seed(0)
-            qkv = torch.randn(B, n, 3 * H * d, generator=g).to(dtype).to(dev)
-            freqs = table[start:start + n]
+    for name, dtype, R in configs:
+        n = 1 if R < 8 or R % 8 else 8
+        B, start = R // n, (1 if n == 1 else 9)
+        g = torch.Generator().manual_seed(0)
+        qkv = torch.randn(B, n, 3 * H * d, generator=g).to(dtype).to(dev)
+        freqs = table[start:start + n]
 
-            def ours():
-                return rope_qkv(qkv, freqs, H)
+        def ours():
+            return rope_qkv(qkv, freqs, H)
 
-            def composition():
-                return rope_qkv_ref(qkv, freqs, H)
+        def composition():
+            return rope_qkv_ref(qkv, freqs, H)
 
-            t_ours = bench(ours, device=args.device, target_s=target).median_s
-            t_comp = bench(composition, device=args.device, target_s=target).median_s
-            nbytes = 2 * R * 3 * H * d * qkv.element_size() + freqs.numel() * 4
-            line = (f"{name:8s} R={R:5d} (B={B}, n={n})  eager: ours {t_ours * 1e6:8.1f} us  "
-                    f"torch {t_comp * 1e6:8.1f} us (x{t_comp / t_ours:5.2f})")
-            if cuda:
-                g_ours, g_comp = graph_time(ours, target), graph_time(composition, target)
-                line += (f"  graph: ours {g_ours * 1e6:7.2f} us  torch {g_comp * 1e6:7.2f} us (x{g_comp / g_ours:5.2f})"
-                         f"  {nbytes / g_ours / 1e9:7.1f} GB/s")
-            else:
-                line += f"  {nbytes / t_ours / 1e9:7.1f} GB/s"
-            if args.check:  # the tests' STYLE 5 rule: vs the fp32 reference, 2x torch's own error + atol
-                atol, rtol = tolerance(dtype)
-                worst, ok = 0.0, True
-                for o, lowp, r32 in zip(ours(), composition(), rope_qkv_ref(qkv.float(), freqs, H)):
-                    err = (o.float() - r32).abs().max().item()
-                    bound = 2 * (lowp.float() - r32).abs().max().item() + atol + rtol * r32.abs().max().item()
-                    worst, ok = max(worst, err), ok and err <= bound
-                line += f"  max|ours-ref32| {worst:.2e} ({'ok' if ok else 'FAIL'})"
-            print(line, flush=True)
+        nbytes = 2 * R * 3 * H * d * qkv.element_size() + freqs.numel() * 4
+        line = f"{name:8s} R={R:5d} (B={B}, n={n})  " + eager_and_graph(
+            ours, composition, device=args.device, target_s=target, nbytes=nbytes)
+        if args.check:  # the tests' STYLE 5 rule: vs the fp32 reference, 2x torch's own error + atol
+            worst, ok = 0.0, True
+            for o, lowp, r32 in zip(ours(), composition(), rope_qkv_ref(qkv.float(), freqs, H)):
+                err, bound = practice5_bound(o, lowp, r32, *tolerance(dtype))
+                worst, ok = max(worst, err), ok and err <= bound
+            line += f"  max|ours-ref32| {worst:.2e} ({'ok' if ok else 'FAIL'})"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,21 @@ import http.client
 import json
 import os
 import statistics
-import sys
 import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def serve_util_server():
+    """tests/serve_util.Server (the tests' server launcher; tests/ is not a package), loaded from its file."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tests" / "serve_util.py"
+    spec = importlib.util.spec_from_file_location("serve_util", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Server
 
 
 def run_load(call, concurrency: int, seconds: float, warmup_s: float):
@@ -117,8 +125,7 @@ def main():
 
             server, caller = None, call
         else:
-            from serve_util import Server
-
+            Server = serve_util_server()
             extra = [] if mode == "http" else ["--ray", "--replicas", mode[-1], "--ray-num-cpus", "2"]
             server = Server("--device", "cpu", "--max-batch", str(a.max_batch), "--max-wait-ms",
                             str(a.max_wait_ms), *extra, env={"OMP_NUM_THREADS": str(a.threads),

@@ -20,11 +20,8 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
-sys.path.insert(0, str(ROOT))
-from detailflow_ref import train_prior as tp  # noqa: E402
-from detailflow_ref import train_tokenizer as tt  # noqa: E402
+from detailflow_ref import train_prior as tp
+from detailflow_ref import train_tokenizer as tt
 
 TOKENIZER = ["--device", "cpu", "--mixed-precision", "none", "--image-size", "32", "--encoder-patch-size", "4",
              "--decoder-patch-size", "4", "--num-latent-tokens", "32", "--group-size", "4", "--codebook-size", "1024",

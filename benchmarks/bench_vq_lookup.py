@@ -19,23 +19,15 @@ composition, the ratio torch / kernel, and the kernel's GB/s (same bytes formula
 """
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _timing import bench  # noqa: E402
+from detailflow_engine.ops import _dispatch
+from detailflow_engine.ops.vq_lookup import tolerance, vq_lookup, vq_lookup_ref
 
-from detailflow_engine.ops import _dispatch  # noqa: E402
-from detailflow_engine.ops.vq_lookup import tolerance, vq_lookup, vq_lookup_ref  # noqa: E402
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def _ms(t) -> str:
-    return f"{t.median_s * 1e3:8.3f} ms (min {t.min_s * 1e3:.3f})"
+try:
+    from benchmarks._timing import DTYPES, bench, codebook_parser, cpu_backend, ms
+except ImportError:  # python benchmarks/bench_vq_lookup.py: sys.path has this folder, not the root
+    from _timing import DTYPES, bench, codebook_parser, cpu_backend, ms
 
 
 def _nbytes(B, T, C, D, dtype) -> int:
@@ -89,18 +81,10 @@ def main_cuda(args) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--quick", action="store_true", help="CUDA: few configs, short timing (< 20 s)")
+    p = codebook_parser(__doc__, dtype_help="default float32 bfloat16 (CUDA: bfloat16 + one float32 line)")
     p.add_argument("--batch", type=int, nargs="+", default=None, help="default 1 16 64 (CUDA: 1 16 64 256)")
     p.add_argument("--tokens", type=int, nargs="+", default=[128])
     p.add_argument("--width", type=int, nargs="+", default=None, help="default 768 1152 (CUDA: 768 1024 1152)")
-    p.add_argument("--codebook", type=int, default=8192)
-    p.add_argument("--dim", type=int, default=8)
-    p.add_argument("--dtype", nargs="+", default=None, choices=list(DTYPES),
-                   help="default float32 bfloat16 (CUDA: bfloat16 + one float32 line)")
-    p.add_argument("--target-s", type=float, default=0.5, help="timing budget per measurement")
-    p.add_argument("--threads", type=int, default=None, help="torch and OpenMP threads (default: torch's)")
     args = p.parse_args()
     if args.device == "cuda":
         main_cuda(args)
@@ -108,14 +92,7 @@ def main() -> None:
     args.batch = args.batch or [1, 16, 64]
     args.width = args.width or [768, 1152]
     args.dtype = args.dtype or ["float32", "bfloat16"]
-    if "float16" in args.dtype:
-        p.error("--dtype float16 needs --device cuda (the CPU op takes float32 and bfloat16)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    backend = "cpu" if _dispatch.has_cpu_kernels() else "torch (no _C: fallback)"
-    print(f"vq_lookup: backend {backend}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"codebook {args.codebook}x{args.dim} fp32")
+    print(cpu_backend(p, args, "vq_lookup") + f", codebook {args.codebook}x{args.dim} fp32")
     g = torch.Generator().manual_seed(0)
     for dname in args.dtype:
         dtype = DTYPES[dname]
@@ -136,7 +113,7 @@ def main() -> None:
                                     target_s=args.target_s)
                     nbytes = _nbytes(B, T, C, args.dim, dtype)
                     ok = err <= atol + rtol * ref.float().abs().max().item()
-                    print(f"B={B:3d} T={T} C={C:4d} {dname:8s}  ours {_ms(t_ours)}  torch {_ms(t_torch)}  "
+                    print(f"B={B:3d} T={T} C={C:4d} {dname:8s}  ours {ms(t_ours)}  torch {ms(t_torch)}  "
                           f"speedup {t_torch.median_s / t_ours.median_s:5.2f}x  "
                           f"{nbytes / t_ours.median_s / 1e9:6.1f} GB/s  max|err| {err:.1e}"
                           f"{'' if ok else '  (OVER TOLERANCE)'}")

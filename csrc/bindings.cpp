@@ -18,7 +18,12 @@
 #include "group_sample.h"
 #include "vq_lookup.h"
 #if DETAILFLOW_HAS_CUDA
+#include "cache_attention_cuda.h"
+#include "code_search_cuda.h"
 #include "cuda_info.h"
+#include "decode_gemm_cuda.h"
+#include "group_sample_cuda.h"
+#include "vq_lookup_cuda.h"
 #endif
 
 namespace py = pybind11;
@@ -46,14 +51,14 @@ py::dict build_info() {
 
 }  // namespace
 
-// cache_attention: q/k_new/v_new/out are (B, H, n_q, d) views with unit last stride,
-// k_cache/v_cache contiguous (B, H, L_max, d); see cpu/cache_attention.cpp.
-static void cache_attention_cpu(uintptr_t q, std::array<int64_t, 4> q_s, uintptr_t k_new,
-                                std::array<int64_t, 4> k_s, uintptr_t v_new,
-                                std::array<int64_t, 4> v_s, uintptr_t k_cache, uintptr_t v_cache,
-                                uintptr_t out, std::array<int64_t, 4> out_s, int64_t B, int64_t H,
-                                int64_t n_q, int64_t d, int64_t L_max, int64_t start_pos,
-                                double scale, int dtype, int num_threads) {
+// The argument checks of each op that its CPU and CUDA bindings share; a binding adds the
+// limits of its own kernel.
+static void check_cache_attention_args(uintptr_t q, const std::array<int64_t, 4>& q_s, uintptr_t k_new,
+                                       const std::array<int64_t, 4>& k_s, uintptr_t v_new,
+                                       const std::array<int64_t, 4>& v_s, uintptr_t k_cache,
+                                       uintptr_t v_cache, uintptr_t out, const std::array<int64_t, 4>& out_s,
+                                       int64_t B, int64_t H, int64_t n_q, int64_t d, int64_t L_max,
+                                       int64_t start_pos) {
   DF_CHECK_PTR(q); DF_CHECK_PTR(k_new); DF_CHECK_PTR(v_new); DF_CHECK_PTR(k_cache);
   DF_CHECK_PTR(v_cache); DF_CHECK_PTR(out);
   DF_CHECK_POSITIVE(B); DF_CHECK_POSITIVE(H); DF_CHECK_POSITIVE(n_q); DF_CHECK_POSITIVE(d);
@@ -63,6 +68,40 @@ static void cache_attention_cpu(uintptr_t q, std::array<int64_t, 4> q_s, uintptr
   DF_CHECK(q_s[3] == 1 && k_s[3] == 1 && v_s[3] == 1 && out_s[3] == 1,
            "q, k_new, v_new, out need a unit last stride, got " << q_s[3] << ", " << k_s[3]
                                                                  << ", " << v_s[3] << ", " << out_s[3]);
+}
+
+static void check_vq_lookup_args(uintptr_t codes, const std::array<int64_t, 2>& codes_s, int64_t B,
+                                 int64_t T, uintptr_t codebook, const std::array<int64_t, 2>& cb_s,
+                                 int64_t K, int64_t D, uintptr_t weight, const std::array<int64_t, 2>& w_s,
+                                 int64_t C, uintptr_t pos, const std::array<int64_t, 2>& pos_s,
+                                 int64_t pos_rows, uintptr_t out) {
+  DF_CHECK_PTR(codes); DF_CHECK_PTR(codebook); DF_CHECK_PTR(weight); DF_CHECK_PTR(out);
+  DF_CHECK_POSITIVE(B); DF_CHECK_POSITIVE(T); DF_CHECK_POSITIVE(K); DF_CHECK_POSITIVE(D);
+  DF_CHECK_POSITIVE(C);
+  DF_CHECK(codes_s[1] == 1 && cb_s[1] == 1 && w_s[1] == 1 && (pos == 0 || pos_s[1] == 1),
+           "codes, codebook, weight, pos_embed need a unit last stride");
+  DF_CHECK(pos == 0 || pos_rows >= T, "pos_embed needs >= T = " << T << " rows, got " << pos_rows);
+}
+
+static void check_code_search_args(uintptr_t latents, const std::array<int64_t, 2>& lat_s, int64_t N,
+                                   int64_t D, uintptr_t codebook, const std::array<int64_t, 2>& cb_s,
+                                   int64_t K, uintptr_t out) {
+  DF_CHECK_PTR(latents); DF_CHECK_PTR(codebook); DF_CHECK_PTR(out);
+  DF_CHECK_POSITIVE(N); DF_CHECK_POSITIVE(D); DF_CHECK_POSITIVE(K);
+  DF_CHECK(lat_s[1] == 1 && cb_s[1] == 1, "latents and codebook need a unit last stride, got "
+                                              << lat_s[1] << ", " << cb_s[1]);
+}
+
+// cache_attention: q/k_new/v_new/out are (B, H, n_q, d) views with unit last stride,
+// k_cache/v_cache contiguous (B, H, L_max, d); see cpu/cache_attention.cpp.
+static void cache_attention_cpu(uintptr_t q, std::array<int64_t, 4> q_s, uintptr_t k_new,
+                                std::array<int64_t, 4> k_s, uintptr_t v_new,
+                                std::array<int64_t, 4> v_s, uintptr_t k_cache, uintptr_t v_cache,
+                                uintptr_t out, std::array<int64_t, 4> out_s, int64_t B, int64_t H,
+                                int64_t n_q, int64_t d, int64_t L_max, int64_t start_pos,
+                                double scale, int dtype, int num_threads) {
+  check_cache_attention_args(q, q_s, k_new, k_s, v_new, v_s, k_cache, v_cache, out, out_s, B, H, n_q, d,
+                             L_max, start_pos);
   using detailflow::cpu::BhnStrides;
   py::gil_scoped_release release;
   DF_DISPATCH_FLOAT(dtype, "cache_attention", [&] {
@@ -85,12 +124,7 @@ static void vq_lookup_cpu(uintptr_t codes, std::array<int64_t, 2> codes_s, int64
                           int cb_dtype, uintptr_t weight, std::array<int64_t, 2> w_s, int64_t C,
                           uintptr_t bias, uintptr_t pos, std::array<int64_t, 2> pos_s,
                           int64_t pos_rows, uintptr_t out, int dtype, int num_threads) {
-  DF_CHECK_PTR(codes); DF_CHECK_PTR(codebook); DF_CHECK_PTR(weight); DF_CHECK_PTR(out);
-  DF_CHECK_POSITIVE(B); DF_CHECK_POSITIVE(T); DF_CHECK_POSITIVE(K); DF_CHECK_POSITIVE(D);
-  DF_CHECK_POSITIVE(C);
-  DF_CHECK(codes_s[1] == 1 && cb_s[1] == 1 && w_s[1] == 1 && (pos == 0 || pos_s[1] == 1),
-           "codes, codebook, weight, pos_embed need a unit last stride");
-  DF_CHECK(pos == 0 || pos_rows >= T, "pos_embed needs >= T = " << T << " rows, got " << pos_rows);
+  check_vq_lookup_args(codes, codes_s, B, T, codebook, cb_s, K, D, weight, w_s, C, pos, pos_s, pos_rows, out);
   const auto* c = reinterpret_cast<const int64_t*>(codes);
   int64_t bad = -1;
   {
@@ -116,11 +150,8 @@ static void code_search_cpu(uintptr_t latents, std::array<int64_t, 2> lat_s, int
                             int lat_dtype, uintptr_t codebook, std::array<int64_t, 2> cb_s,
                             int64_t K, int cb_dtype, bool codebook_normalized, uintptr_t out,
                             int num_threads) {
-  DF_CHECK_PTR(latents); DF_CHECK_PTR(codebook); DF_CHECK_PTR(out);
-  DF_CHECK_POSITIVE(N); DF_CHECK_POSITIVE(D); DF_CHECK_POSITIVE(K);
+  check_code_search_args(latents, lat_s, N, D, codebook, cb_s, K, out);
   DF_CHECK(K <= INT32_MAX - 64, "K must be < 2^31 - 64 (int32 lane indices), got " << K);
-  DF_CHECK(lat_s[1] == 1 && cb_s[1] == 1, "latents and codebook need a unit last stride, got "
-                                              << lat_s[1] << ", " << cb_s[1]);
   py::gil_scoped_release release;
   DF_DISPATCH_FLOAT(lat_dtype, "code_search latents", [&] {
     using Z = scalar_t;
@@ -133,14 +164,11 @@ static void code_search_cpu(uintptr_t latents, std::array<int64_t, 2> lat_s, int
   });
 }
 
-// group_sample: logits (R, n_q, V) with strides (stride_row, stride_pos, 1), R = B or 2B (CFG);
-// seeds (B,), positions (n_q,) int64 contiguous; tokens int64 and logprobs float32 (B, n_q)
-// contiguous (logprobs may be 0); see cpu/group_sample.cpp.
-static void group_sample_cpu(uintptr_t logits, int dtype, int64_t R, int64_t n_q, int64_t V,
-                             std::array<int64_t, 3> strides, uintptr_t seeds, uintptr_t positions,
-                             int64_t B, double cfg_scale, double temperature, int64_t top_k,
-                             int64_t top_p24, bool greedy, uintptr_t tokens, uintptr_t logprobs,
-                             int num_threads) {
+// group_sample's argument checks and kernel parameters, shared by the CPU and CUDA bindings.
+static detailflow::cpu::GroupSampleParams group_sample_params(
+    uintptr_t logits, int64_t R, int64_t n_q, int64_t V, const std::array<int64_t, 3>& strides,
+    uintptr_t seeds, uintptr_t positions, int64_t B, double cfg_scale, double temperature, int64_t top_k,
+    int64_t top_p24, bool greedy, uintptr_t tokens) {
   DF_CHECK_PTR(logits); DF_CHECK_PTR(seeds); DF_CHECK_PTR(positions); DF_CHECK_PTR(tokens);
   DF_CHECK_POSITIVE(B); DF_CHECK_POSITIVE(n_q); DF_CHECK_POSITIVE(V);
   DF_CHECK(R == B || R == 2 * B, "R must be B or 2B (CFG), got R = " << R << ", B = " << B);
@@ -149,9 +177,21 @@ static void group_sample_cpu(uintptr_t logits, int dtype, int64_t R, int64_t n_q
   DF_CHECK(top_k == 0 || (top_k >= 2 && top_k < V), "top_k must be 0 or in [2, V), got " << top_k);
   DF_CHECK(top_p24 >= 0 && top_p24 <= detailflow::kGsTopPOne, "top_p24 must be in [0, 2^24], got " << top_p24);
   DF_CHECK(temperature > 0.0, "temperature must be > 0, got " << temperature);
-  const detailflow::cpu::GroupSampleParams p{B, n_q, V, strides[0], strides[1], R == 2 * B,
-                                             static_cast<float>(cfg_scale), static_cast<float>(temperature),
-                                             top_k, top_p24, greedy};
+  return detailflow::cpu::GroupSampleParams{B, n_q, V, strides[0], strides[1], R == 2 * B,
+                                            static_cast<float>(cfg_scale), static_cast<float>(temperature),
+                                            top_k, top_p24, greedy};
+}
+
+// group_sample: logits (R, n_q, V) with strides (stride_row, stride_pos, 1), R = B or 2B (CFG);
+// seeds (B,), positions (n_q,) int64 contiguous; tokens int64 and logprobs float32 (B, n_q)
+// contiguous (logprobs may be 0); see cpu/group_sample.cpp.
+static void group_sample_cpu(uintptr_t logits, int dtype, int64_t R, int64_t n_q, int64_t V,
+                             std::array<int64_t, 3> strides, uintptr_t seeds, uintptr_t positions,
+                             int64_t B, double cfg_scale, double temperature, int64_t top_k,
+                             int64_t top_p24, bool greedy, uintptr_t tokens, uintptr_t logprobs,
+                             int num_threads) {
+  const detailflow::cpu::GroupSampleParams p = group_sample_params(
+      logits, R, n_q, V, strides, seeds, positions, B, cfg_scale, temperature, top_k, top_p24, greedy, tokens);
   py::gil_scoped_release release;
   DF_DISPATCH_FLOAT(dtype, "group_sample", [&] {
     detailflow::cpu::group_sample<scalar_t>(
@@ -204,8 +244,7 @@ static const char* decode_gemm_cpu(uintptr_t x, int64_t M, int64_t K, int64_t ld
   return variant;
 }
 
-#if DETAILFLOW_HAS_CUDA
-#include "group_sample_cuda.h"
+#if DETAILFLOW_HAS_CUDA  // the CUDA kernels' bindings
 
 // group_sample (CUDA): the arguments of group_sample_cpu, all device pointers on the current
 // device, plus the stream handle; same checks. Launches asynchronously (graph-capturable).
@@ -214,17 +253,8 @@ static void group_sample_cuda(uintptr_t logits, int dtype, int64_t R, int64_t n_
                               int64_t B, double cfg_scale, double temperature, int64_t top_k,
                               int64_t top_p24, bool greedy, uintptr_t tokens, uintptr_t logprobs,
                               uintptr_t stream) {
-  DF_CHECK_PTR(logits); DF_CHECK_PTR(seeds); DF_CHECK_PTR(positions); DF_CHECK_PTR(tokens);
-  DF_CHECK_POSITIVE(B); DF_CHECK_POSITIVE(n_q); DF_CHECK_POSITIVE(V);
-  DF_CHECK(R == B || R == 2 * B, "R must be B or 2B (CFG), got R = " << R << ", B = " << B);
-  DF_CHECK(V <= detailflow::kGsMaxVocab, "V must be < 2^23, got " << V);
-  DF_CHECK(strides[2] == 1, "logits needs a unit last stride, got " << strides[2]);
-  DF_CHECK(top_k == 0 || (top_k >= 2 && top_k < V), "top_k must be 0 or in [2, V), got " << top_k);
-  DF_CHECK(top_p24 >= 0 && top_p24 <= detailflow::kGsTopPOne, "top_p24 must be in [0, 2^24], got " << top_p24);
-  DF_CHECK(temperature > 0.0, "temperature must be > 0, got " << temperature);
-  const detailflow::cpu::GroupSampleParams p{B, n_q, V, strides[0], strides[1], R == 2 * B,
-                                             static_cast<float>(cfg_scale), static_cast<float>(temperature),
-                                             top_k, top_p24, greedy};
+  const detailflow::cpu::GroupSampleParams p = group_sample_params(
+      logits, R, n_q, V, strides, seeds, positions, B, cfg_scale, temperature, top_k, top_p24, greedy, tokens);
   py::gil_scoped_release release;
   detailflow::cuda::group_sample(reinterpret_cast<const void*>(logits), dtype, p,
                                  reinterpret_cast<const int64_t*>(seeds),
@@ -232,11 +262,6 @@ static void group_sample_cuda(uintptr_t logits, int dtype, int64_t R, int64_t n_
                                  reinterpret_cast<int64_t*>(tokens), reinterpret_cast<float*>(logprobs),
                                  stream);
 }
-#endif
-
-#if DETAILFLOW_HAS_CUDA
-#include "code_search_cuda.h"
-#include "vq_lookup_cuda.h"
 
 // vq_lookup on CUDA: the arguments of vq_lookup_cpu as device pointers, and the stream handle
 // instead of a thread count; see cuda/vq_lookup.cu. Codes live in device memory, so they are not
@@ -247,14 +272,9 @@ static void vq_lookup_cuda(uintptr_t codes, std::array<int64_t, 2> codes_s, int6
                            int cb_dtype, uintptr_t weight, std::array<int64_t, 2> w_s, int64_t C,
                            uintptr_t bias, uintptr_t pos, std::array<int64_t, 2> pos_s,
                            int64_t pos_rows, uintptr_t out, int dtype, uintptr_t stream) {
-  DF_CHECK_PTR(codes); DF_CHECK_PTR(codebook); DF_CHECK_PTR(weight); DF_CHECK_PTR(out);
-  DF_CHECK_POSITIVE(B); DF_CHECK_POSITIVE(T); DF_CHECK_POSITIVE(K); DF_CHECK_POSITIVE(D);
-  DF_CHECK_POSITIVE(C);
+  check_vq_lookup_args(codes, codes_s, B, T, codebook, cb_s, K, D, weight, w_s, C, pos, pos_s, pos_rows, out);
   DF_CHECK(D <= detailflow::cuda::kVqLookupMaxD,
            "D must be <= " << detailflow::cuda::kVqLookupMaxD << " on CUDA, got " << D);
-  DF_CHECK(codes_s[1] == 1 && cb_s[1] == 1 && w_s[1] == 1 && (pos == 0 || pos_s[1] == 1),
-           "codes, codebook, weight, pos_embed need a unit last stride");
-  DF_CHECK(pos == 0 || pos_rows >= T, "pos_embed needs >= T = " << T << " rows, got " << pos_rows);
   py::gil_scoped_release release;
   detailflow::cuda::vq_lookup(reinterpret_cast<const int64_t*>(codes), B, T, codes_s[0],
                               reinterpret_cast<const void*>(codebook), cb_dtype, K, D, cb_s[0],
@@ -269,22 +289,15 @@ static void code_search_cuda(uintptr_t latents, std::array<int64_t, 2> lat_s, in
                              int lat_dtype, uintptr_t codebook, std::array<int64_t, 2> cb_s,
                              int64_t K, int cb_dtype, bool codebook_normalized, uintptr_t out,
                              uintptr_t stream) {
-  DF_CHECK_PTR(latents); DF_CHECK_PTR(codebook); DF_CHECK_PTR(out);
-  DF_CHECK_POSITIVE(N); DF_CHECK_POSITIVE(D); DF_CHECK_POSITIVE(K);
+  check_code_search_args(latents, lat_s, N, D, codebook, cb_s, K, out);
   DF_CHECK(K <= INT32_MAX, "K must be < 2^31 (int32 indices), got " << K);
   DF_CHECK(D <= detailflow::cuda::kCodeSearchMaxD,
            "D must be <= " << detailflow::cuda::kCodeSearchMaxD << " on CUDA, got " << D);
-  DF_CHECK(lat_s[1] == 1 && cb_s[1] == 1, "latents and codebook need a unit last stride, got "
-                                              << lat_s[1] << ", " << cb_s[1]);
   py::gil_scoped_release release;
   detailflow::cuda::code_search(reinterpret_cast<const void*>(latents), lat_dtype, N, D, lat_s[0],
                                 reinterpret_cast<const void*>(codebook), cb_dtype, K, cb_s[0],
                                 codebook_normalized, reinterpret_cast<int64_t*>(out), stream);
 }
-#endif  // DETAILFLOW_HAS_CUDA
-
-#if DETAILFLOW_HAS_CUDA
-#include "cache_attention_cuda.h"
 
 // cache_attention (CUDA): the CPU entry's contract plus float16; num_splits > 1 splits the keys
 // of each head across blocks and then needs `scratch` (fp32, scratch_elems long, allocated by
@@ -297,17 +310,11 @@ static void cache_attention_cuda(uintptr_t q, std::array<int64_t, 4> q_s, uintpt
                                  double scale, int dtype, int64_t num_splits, uintptr_t scratch,
                                  int64_t scratch_elems, uintptr_t stream) {
   namespace dc = detailflow::cuda;
-  DF_CHECK_PTR(q); DF_CHECK_PTR(k_new); DF_CHECK_PTR(v_new); DF_CHECK_PTR(k_cache);
-  DF_CHECK_PTR(v_cache); DF_CHECK_PTR(out);
-  DF_CHECK_POSITIVE(B); DF_CHECK_POSITIVE(H); DF_CHECK_POSITIVE(n_q); DF_CHECK_POSITIVE(d);
-  DF_CHECK_NONNEG(start_pos); DF_CHECK_POSITIVE(num_splits);
+  check_cache_attention_args(q, q_s, k_new, k_s, v_new, v_s, k_cache, v_cache, out, out_s, B, H, n_q, d,
+                             L_max, start_pos);
+  DF_CHECK_POSITIVE(num_splits);
   DF_CHECK(d <= dc::kCacheAttnMaxHeadDim, "head dim d must be <= " << dc::kCacheAttnMaxHeadDim
                                                                    << ", got " << d);
-  DF_CHECK(start_pos + n_q <= L_max, "start_pos + n_q must be <= L_max, got " << start_pos
-                                         << " + " << n_q << " > " << L_max);
-  DF_CHECK(q_s[3] == 1 && k_s[3] == 1 && v_s[3] == 1 && out_s[3] == 1,
-           "q, k_new, v_new, out need a unit last stride, got " << q_s[3] << ", " << k_s[3]
-                                                                 << ", " << v_s[3] << ", " << out_s[3]);
   // grid = (B*H, ceil(n_q / 8), splits); the combine grid has B*H*n_q blocks
   DF_CHECK(B * H * n_q <= 0x7fffffff, "B*H*n_q must be < 2^31, got " << B * H * n_q);
   DF_CHECK(num_splits <= 65535, "num_splits must be <= 65535, got " << num_splits);
@@ -327,10 +334,6 @@ static void cache_attention_cuda(uintptr_t q, std::array<int64_t, 4> q_s, uintpt
                       B, H, n_q, d, L_max, start_pos, static_cast<float>(scale), dtype, splits,
                       reinterpret_cast<float*>(scratch), stream);
 }
-#endif  // DETAILFLOW_HAS_CUDA
-
-#if DETAILFLOW_HAS_CUDA
-#include "decode_gemm_cuda.h"
 
 // decode_gemm_cuda: x (M, K) rows with stride ldx, w (N, K) contiguous of x's dtype or int8 with
 // N fp32 scales (else scales = 0), y (M, N) rows with stride ldy; `splits` K splits need
@@ -372,15 +375,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("group_sample", &group_sample_cpu, "CFG + temperature + top-k/top-p + Philox draw (CPU)");
 #if DETAILFLOW_HAS_CUDA
   m.def("decode_gemm_cuda", &decode_gemm_cuda, "y = x @ W^T for few rows, W row-major or int8 (CUDA)");
-#endif
-#if DETAILFLOW_HAS_CUDA
   m.def("vq_lookup_cuda", &vq_lookup_cuda, "Gather + normalize codebook rows, project, + bias + pos (CUDA)");
   m.def("code_search_cuda", &code_search_cuda, "Nearest normalized codeword per normalized latent (CUDA)");
-#endif
-#if DETAILFLOW_HAS_CUDA
   m.def("group_sample_cuda", &group_sample_cuda, "CFG + temperature + top-k/top-p + Philox draw (CUDA)");
-#endif
-#if DETAILFLOW_HAS_CUDA
   m.def("cache_attention_cuda", &cache_attention_cuda, "Append K/V to a static cache, attend (CUDA)");
 #endif
 }

@@ -107,7 +107,16 @@ def resolve_tower(name: str, pretrained: bool, patch_size: int) -> TowerConfig:
 
 
 @dataclass(frozen=True)
-class TokenizerConfig:
+class _ReadFrom:
+    """The config.json and config.yaml mappings a config was validated from (written back as
+    they were by checkpoint saves; not compared, not shown)."""
+
+    raw_json: dict = field(default_factory=dict, compare=False, repr=False, kw_only=True)
+    raw_yaml: dict = field(default_factory=dict, compare=False, repr=False, kw_only=True)
+
+
+@dataclass(frozen=True)
+class TokenizerConfig(_ReadFrom):
     """The VQ tokenizer: config.json (ModelArgs) + the schedule facts of config.yaml."""
 
     image_size: int
@@ -126,8 +135,6 @@ class TokenizerConfig:
     global_token_loss_weight: float
     repa: bool
     degradation_power: float
-    raw_json: dict = field(default_factory=dict, compare=False, repr=False)
-    raw_yaml: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def enc_patch_size(self) -> int:
@@ -162,9 +169,7 @@ class TokenizerConfig:
         if ys.get_str("content_degradation", "resolution_power") != "resolution_power":
             raise ConfigError(f"{ys.where}: content_degradation={ycfg['content_degradation']!r} is not supported")
         tokens = js.get_int("num_latent_tokens", 1, MAX_TOKENS)
-        group = js.get_int("group_size", 1, tokens, hi_is="num_latent_tokens")
-        causal_num = js.get_int("causal_num", 1, tokens, default=group, nullable=True, hi_is="num_latent_tokens")
-        _check_groups(js, "num_latent_tokens", tokens, group, causal_num)
+        group, causal_num = _groups(js, "num_latent_tokens", tokens)
         enc_patch = js.get_int("enc_patch_size", 1, MAX_PATCH_SIZE)
         dec_patch = js.get_int("dec_patch_size", 1, MAX_PATCH_SIZE)
         if enc_patch > dec_patch:  # the schedule rounds encoder sizes up to the decoder's patch
@@ -197,7 +202,7 @@ class TokenizerConfig:
 
 
 @dataclass(frozen=True)
-class PriorConfig:
+class PriorConfig(_ReadFrom):
     """The class-conditional GPT prior (config.json ModelArgs; gpt_model name from config.yaml)."""
 
     dim: int
@@ -216,8 +221,6 @@ class PriorConfig:
     causal_num: int  # resolved: config null -> group_size
     class_dropout_prob: float
     gpt_model: str
-    raw_json: dict = field(default_factory=dict, compare=False, repr=False)
-    raw_yaml: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def head_dim(self) -> int:
@@ -262,9 +265,7 @@ class PriorConfig:
         if n_head % n_kv:
             raise ConfigError(f"{where}: n_head={n_head} must be a multiple of n_kv_head={n_kv}")
         block = js.get_int("block_size", 1, MAX_TOKENS)
-        group = js.get_int("group_size", 1, block, hi_is="block_size")
-        causal_num = js.get_int("causal_num", 1, block, default=group, nullable=True, hi_is="block_size")
-        _check_groups(js, "block_size", block, group, causal_num)
+        group, causal_num = _groups(js, "block_size", block)
         if js.get_int("cls_token_num", 1, MAX_TOKENS, default=1) != 1:
             raise ConfigError(f"{where}: cls_token_num={cfg['cls_token_num']} is not supported (only 1)")
         return cls(
@@ -401,12 +402,16 @@ def _gpt_shape(js: _Fields, ys: _Fields, name: str) -> tuple[int, int, int]:
     return out[0], out[1], out[2]
 
 
-def _check_groups(js: _Fields, tokens_key: str, tokens: int, group: int, causal_num: int) -> None:
-    """Causal prefix and groups tile the tokens (the generation plan and the schedule need it)."""
+def _groups(js: _Fields, tokens_key: str, tokens: int) -> tuple[int, int]:
+    """(group_size, causal_num; null -> group_size) of `tokens` tokens: the causal prefix and the
+    groups must tile the tokens (the generation plan and the schedule need it)."""
+    group = js.get_int("group_size", 1, tokens, hi_is=tokens_key)
+    causal_num = js.get_int("causal_num", 1, tokens, default=group, nullable=True, hi_is=tokens_key)
     if causal_num % group:
         raise ConfigError(f"{js.where}: causal_num={causal_num} must be a multiple of group_size={group}")
     if tokens % group:
         raise ConfigError(f"{js.where}: {tokens_key}={tokens} must be a multiple of group_size={group}")
+    return group, causal_num
 
 
 def _max_image_size(js: _Fields, ys: _Fields, image_size: int) -> tuple[int, str]:

@@ -90,3 +90,16 @@ def in_thread(fn, limit_s: float = 30.0):
     t.join(limit_s)
     assert not t.is_alive(), f"still waiting after {limit_s} s: a deadlock"
     return box["value"], time.perf_counter() - t0
+
+
+def tiny_a_pipeline(tiny_a: Path, device: str, **kwargs):
+    """The tiny-a fixture model as a DetailFlowPipeline on `device`."""
+    from detailflow_engine import DetailFlowPipeline
+
+    return DetailFlowPipeline.from_pretrained(tiny_a / "prior", tiny_a / "tokenizer", device=device, **kwargs)
+
+
+def max_abs_err(a, b) -> float:
+    """max |a - b| in float64; tensors (any device) or array-likes."""
+    a = a.detach().cpu().double().numpy() if hasattr(a, "detach") else np.asarray(a, dtype=np.float64)
+    return float(np.abs(a - np.asarray(b, dtype=np.float64)).max())

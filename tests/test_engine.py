@@ -12,7 +12,7 @@ from detailflow_engine.loading import prepare_prior
 from detailflow_engine.prior import Prior
 from detailflow_ref.generate import generate as ref_generate
 from detailflow_ref.gpt import Transformer
-from conftest import in_thread
+from conftest import in_thread, max_abs_err, tiny_a_pipeline
 
 # Tolerances (tiny-a README.json "tolerances"): fp32 logits of |x| <= 17 differ by up to
 # 6.2e-6 between thread counts and 1.4e-5 against fp64, so 1e-4 leaves a 7x margin while a
@@ -23,11 +23,7 @@ PIXELS_ATOL = 5e-5
 
 @pytest.fixture(scope="module")
 def pipe(tiny_a):
-    return DetailFlowPipeline.from_pretrained(tiny_a / "prior", tiny_a / "tokenizer", device="cpu")
-
-
-def _err(a, b) -> float:
-    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
+    return tiny_a_pipeline(tiny_a, "cpu")
 
 
 def test_greedy_tokens_and_step_logits_match_golden(pipe, golden):
@@ -38,13 +34,13 @@ def test_greedy_tokens_and_step_logits_match_golden(pipe, golden):
     assert len(step_logits) == len(plan) == 7
     for step, ours in zip(plan, step_logits):
         ref = golden[f"gen_step{step.index:02d}_logits"][:, step.start:step.stop]  # full-prefix logits of this step's positions
-        err = _err(ours.numpy(), ref)
+        err = max_abs_err(ours.numpy(), ref)
         assert err <= LOGITS_ATOL, f"step {step.index} logits max err {err:.3g}"
 
 
 def test_generated_pixels_match_golden(pipe, golden):
     out = pipe.generate(golden["gen_labels"].tolist(), cfg_scale=1.5, top_k=1)
-    err = _err(out.pixels.numpy(), golden["gen_images"])
+    err = max_abs_err(out.pixels.numpy(), golden["gen_images"])
     assert err <= PIXELS_ATOL, f"pixels max err {err:.3g}"
     diff = np.abs(out.uint8.astype(int) - golden["gen_images_uint8"].astype(int)).max()
     assert diff <= 1, f"uint8 images differ by {diff}"
@@ -64,7 +60,7 @@ def test_decode_every_scheduled_prefix(pipe, golden, t):
     pixels = pipe.tokenizer.decode(torch.from_numpy(golden["dec_codes"]), num_tokens=t)
     ref = golden[f"dec_t{t:03d}"]
     assert pixels.shape == ref.shape
-    err = _err(pixels.numpy(), ref)
+    err = max_abs_err(pixels.numpy(), ref)
     assert err <= PIXELS_ATOL, f"t={t}: max err {err:.3g}"
 
 
@@ -77,7 +73,7 @@ def test_model_vs_ema_weights(tiny_a, golden):
         prior.setup_caches(codes.shape[0])
         outs = [prior.forward_step(prior.step_embeddings(labels, codes, s.start, s.stop), s.start)
                 for s in prior.config.generation_plan()]
-        err = _err(torch.cat(outs, dim=1).numpy(), golden[key])
+        err = max_abs_err(torch.cat(outs, dim=1).numpy(), golden[key])
         assert err <= LOGITS_ATOL, f"ema={ema}: teacher-forcing logits through the cache, max err {err:.3g}"
 
 

@@ -6,10 +6,10 @@ as O(1)); graphs vs eager must be bit-identical (the same kernels on the same in
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
+from conftest import max_abs_err, tiny_a_pipeline
 from detailflow_engine import DetailFlowPipeline
 
 pytestmark = [pytest.mark.gpu,
@@ -21,12 +21,7 @@ GPU_PIXELS_ATOL = 2e-3
 
 @pytest.fixture(scope="module")
 def gpu_pipe(tiny_a):
-    return DetailFlowPipeline.from_pretrained(tiny_a / "prior", tiny_a / "tokenizer", device="cuda")
-
-
-def _err(a, b) -> float:
-    a = a.detach().cpu().double().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, dtype=np.float64)
-    return float(np.abs(a - np.asarray(b, dtype=np.float64)).max())
+    return tiny_a_pipeline(tiny_a, "cuda")
 
 
 @pytest.mark.parametrize("graphs", [True, False])
@@ -39,7 +34,7 @@ def test_gpu_greedy_tokens_and_logits_match_golden(gpu_pipe, golden, graphs):
             assert torch.equal(tokens.cpu(), torch.from_numpy(golden["gen_tokens"])), "greedy tokens differ from the golden"
             for step, ours in zip(gpu_pipe.prior.config.generation_plan(), step_logits):
                 ref = golden[f"gen_step{step.index:02d}_logits"][:, step.start:step.stop]
-                err = _err(ours, ref)
+                err = max_abs_err(ours, ref)
                 assert err <= GPU_LOGITS_ATOL, f"step {step.index} logits max err {err:.3g} (graphs={graphs})"
     finally:
         gpu_pipe.cuda_graphs = True
@@ -47,7 +42,7 @@ def test_gpu_greedy_tokens_and_logits_match_golden(gpu_pipe, golden, graphs):
 
 def test_gpu_pixels_and_codes_match_golden(gpu_pipe, golden):
     out = gpu_pipe.generate(golden["gen_labels"].tolist(), cfg_scale=1.5, top_k=1)
-    err = _err(out.pixels, golden["gen_images"])
+    err = max_abs_err(out.pixels, golden["gen_images"])
     assert err <= GPU_PIXELS_ATOL, f"pixels max err {err:.3g}"
     codes = gpu_pipe.tokenizer.encode(torch.from_numpy(golden["enc_images"]).cuda())
     assert torch.equal(codes.cpu(), torch.from_numpy(golden["enc_codes"]))

@@ -276,10 +276,7 @@ void code_search(const Z* latents, int64_t N, int64_t D, int64_t latents_stride,
 #define DF_INSTANTIATE(Z, E)                                                                    \
   template void code_search<Z, E>(const Z*, int64_t, int64_t, int64_t, const E*, int64_t,      \
                                   int64_t, bool, int64_t*, int);
-DF_INSTANTIATE(float, float)
-DF_INSTANTIATE(float, bf16)
-DF_INSTANTIATE(bf16, float)
-DF_INSTANTIATE(bf16, bf16)
+DF_FOR_CPU_FLOAT_PAIRS(DF_INSTANTIATE)
 #undef DF_INSTANTIATE
 
 }  // namespace detailflow::cpu

@@ -154,16 +154,16 @@ DF_INLINE void masses(const float* __restrict y, int64_t L, float m, float thr,
   }
 }
 
-// q_j = trunc(w_j) (= floor: 0 <= w <= 2^40), block sums, exact total.
-DF_INLINE uint64_t to_integer(const float* __restrict w, int64_t L, uint64_t* __restrict q,
-                              uint64_t* __restrict blk) {
+// q_j = mass(j) for j < L, the block sums of q and their exact total.
+template <typename Mass>
+DF_INLINE uint64_t set_masses(int64_t L, uint64_t* __restrict q, uint64_t* __restrict blk, Mass mass) {
   uint64_t total = 0;
   for (int64_t b0 = 0; b0 < L; b0 += kBlock) {
     const int64_t end = std::min(b0 + kBlock, L);
     uint64_t sum = 0;
 #pragma omp simd reduction(+ : sum)
     for (int64_t j = b0; j < end; ++j) {
-      const uint64_t v = static_cast<uint64_t>(static_cast<int64_t>(w[j]));
+      const uint64_t v = mass(j);
       q[j] = v;
       sum += v;
     }
@@ -171,6 +171,12 @@ DF_INLINE uint64_t to_integer(const float* __restrict w, int64_t L, uint64_t* __
     total += sum;
   }
   return total;
+}
+
+// q_j = trunc(w_j) (= floor: 0 <= w <= 2^40), block sums, exact total.
+DF_INLINE uint64_t to_integer(const float* __restrict w, int64_t L, uint64_t* __restrict q,
+                              uint64_t* __restrict blk) {
+  return set_masses(L, q, blk, [w](int64_t j) { return static_cast<uint64_t>(static_cast<int64_t>(w[j])); });
 }
 
 // Buckets of d = y - m at 1/8 nat: bucket = trunc(-8 max(d, -28)) in [0, kBuckets). A larger
@@ -253,22 +259,11 @@ DF_INLINE bool top_p_cut(const float* y, const uint64_t* q, int64_t L, float m, 
 // Zero the masses ordered after the cut (key, position); rebuild block sums; new total.
 DF_INLINE uint64_t apply_cut(const float* __restrict y, int64_t L, uint32_t key_cut,
                              int64_t pos_cut, uint64_t* __restrict q, uint64_t* __restrict blk) {
-  uint64_t total = 0;
-  for (int64_t b0 = 0; b0 < L; b0 += kBlock) {
-    const int64_t end = std::min(b0 + kBlock, L);
-    uint64_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = b0; j < end; ++j) {
-      const uint32_t key = gs_order_key(y[j]);
-      const bool keep = (key > key_cut) | ((key == key_cut) & (j <= pos_cut));
-      const uint64_t v = keep ? q[j] : 0u;
-      q[j] = v;
-      sum += v;
-    }
-    blk[b0 / kBlock] = sum;
-    total += sum;
-  }
-  return total;
+  return set_masses(L, q, blk, [=](int64_t j) -> uint64_t {
+    const uint32_t key = gs_order_key(y[j]);
+    const bool keep = (key > key_cut) | ((key == key_cut) & (j <= pos_cut));
+    return keep ? q[j] : 0u;
+  });
 }
 
 // Smallest j with q_0 + .. + q_j > target (target < total).

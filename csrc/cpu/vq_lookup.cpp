@@ -207,10 +207,7 @@ int64_t vq_lookup(const int64_t* codes, int64_t B, int64_t T, int64_t codes_stri
   template int64_t vq_lookup<E, W>(const int64_t*, int64_t, int64_t, int64_t, const E*,      \
                                    int64_t, int64_t, int64_t, const W*, int64_t, int64_t,    \
                                    const W*, const W*, int64_t, W*, int);
-DF_INSTANTIATE(float, float)
-DF_INSTANTIATE(float, bf16)
-DF_INSTANTIATE(bf16, float)
-DF_INSTANTIATE(bf16, bf16)
+DF_FOR_CPU_FLOAT_PAIRS(DF_INSTANTIATE)
 #undef DF_INSTANTIATE
 
 }  // namespace detailflow::cpu

@@ -116,28 +116,27 @@ struct Row {
   }
 };
 
-template <int kThreads>
-__device__ __forceinline__ uint64_t block_sum(uint64_t v, Shared<kThreads / 32>& sh) {
+// The block-wide reduction of v by `warp_op` (warp_sum or warp_max; 0 is the identity of both).
+template <int kThreads, typename WarpOp>
+__device__ __forceinline__ uint64_t block_reduce(uint64_t v, Shared<kThreads / 32>& sh, WarpOp warp_op) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = warp_sum(v);
+  v = warp_op(v);
   if (lane == 0) sh.red[warp] = v;
   __syncthreads();
   uint64_t r = lane < kThreads / 32 ? sh.red[lane] : 0u;
-  r = warp_sum(r);
+  r = warp_op(r);
   __syncthreads();  // sh.red is reused next
   return r;
 }
 
 template <int kThreads>
+__device__ __forceinline__ uint64_t block_sum(uint64_t v, Shared<kThreads / 32>& sh) {
+  return block_reduce<kThreads>(v, sh, [](uint64_t x) { return warp_sum(x); });
+}
+
+template <int kThreads>
 __device__ __forceinline__ uint64_t block_max(uint64_t v, Shared<kThreads / 32>& sh) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  v = warp_max(v);
-  if (lane == 0) sh.red[warp] = v;
-  __syncthreads();
-  uint64_t r = lane < kThreads / 32 ? sh.red[lane] : 0u;
-  r = warp_max(r);
-  __syncthreads();
-  return r;
+  return block_reduce<kThreads>(v, sh, [](uint64_t x) { return warp_max(x); });
 }
 
 // hist[digit] += w for the active lanes; lanes with equal digits are summed by their leader

@@ -44,32 +44,13 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
     }                                                                                     \
   } while (0)
 
-#define DF_CUDA_CHECK(expr)                                                               \
-  do {                                                                                    \
-    cudaError_t df_err_ = (expr);                                                         \
-    if (df_err_ != cudaSuccess) {                                                         \
-      std::ostringstream df_msg_;                                                         \
-      df_msg_ << #expr << ": " << cudaGetErrorString(df_err_);                            \
-      throw std::runtime_error(df_msg_.str());                                            \
-    }                                                                                     \
-  } while (0)
-
 // DF_DISPATCH_FLOAT for CUDA code: scalar_t is float, __nv_bfloat16 or __half.
 #define DF_CUDA_DISPATCH_FLOAT(dtype_code, name, ...)                                     \
   [&] {                                                                                   \
     switch (static_cast<::detailflow::DType>(dtype_code)) {                               \
-      case ::detailflow::DType::Float32: {                                                \
-        using scalar_t = float;                                                           \
-        return __VA_ARGS__();                                                             \
-      }                                                                                   \
-      case ::detailflow::DType::BFloat16: {                                               \
-        using scalar_t = __nv_bfloat16;                                                   \
-        return __VA_ARGS__();                                                             \
-      }                                                                                   \
-      case ::detailflow::DType::Float16: {                                                \
-        using scalar_t = __half;                                                          \
-        return __VA_ARGS__();                                                             \
-      }                                                                                   \
+      DF_DTYPE_CASE(Float32, float, __VA_ARGS__)                                          \
+      DF_DTYPE_CASE(BFloat16, __nv_bfloat16, __VA_ARGS__)                                 \
+      DF_DTYPE_CASE(Float16, __half, __VA_ARGS__)                                         \
       default:                                                                            \
         DF_CHECK(false, name << ": unsupported dtype code " << (dtype_code)               \
                               << " (expected float32, bfloat16 or float16)");             \

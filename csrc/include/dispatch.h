@@ -37,18 +37,23 @@ inline void from_float(float x, bf16* out) {
 
 }  // namespace detailflow
 
+// Applies M(A, B) to every pair of CPU float types: the instantiations of two-dtype kernels.
+#define DF_FOR_CPU_FLOAT_PAIRS(M) \
+  M(float, float) M(float, ::detailflow::bf16) M(::detailflow::bf16, float) M(::detailflow::bf16, ::detailflow::bf16)
+
+// One case of a dtype switch: runs the lambda-like body with `scalar_t` = `type`.
+#define DF_DTYPE_CASE(enum_value, type, ...)                                          \
+  case ::detailflow::DType::enum_value: {                                             \
+    using scalar_t = type;                                                            \
+    return __VA_ARGS__();                                                             \
+  }
+
 // Expands the lambda-like body once per supported float dtype with `scalar_t` defined.
 #define DF_DISPATCH_FLOAT(dtype_code, name, ...)                                      \
   [&] {                                                                               \
     switch (static_cast<::detailflow::DType>(dtype_code)) {                           \
-      case ::detailflow::DType::Float32: {                                            \
-        using scalar_t = float;                                                       \
-        return __VA_ARGS__();                                                         \
-      }                                                                               \
-      case ::detailflow::DType::BFloat16: {                                           \
-        using scalar_t = ::detailflow::bf16;                                          \
-        return __VA_ARGS__();                                                         \
-      }                                                                               \
+      DF_DTYPE_CASE(Float32, float, __VA_ARGS__)                                      \
+      DF_DTYPE_CASE(BFloat16, ::detailflow::bf16, __VA_ARGS__)                        \
       default:                                                                        \
         DF_CHECK(false, name << ": unsupported dtype code " << (dtype_code)           \
                               << " (expected float32 or bfloat16)");                  \

@@ -3,10 +3,10 @@
 // contract; detailflow_engine/ops/group_sample.py:group_sample_ref is the oracle.
 //
 // The per-element arithmetic that decides which token is drawn lives here as DF_HD inline
-// functions so the CPU kernel, a future CUDA kernel and the torch reference share ONE exact
-// definition: single IEEE fp32 ops in a fixed order, never contracted into FMA, then integer
-// (uint64) masses, whose sums and prefix sums are exact in any summation order. A CUDA kernel
-// reproduces the CPU tokens bit for bit when it computes, per element,
+// functions so the CPU kernel, the CUDA kernel (cuda/group_sample.cu) and the torch reference
+// share ONE exact definition: single IEEE fp32 ops in a fixed order, never contracted into FMA,
+// then integer (uint64) masses, whose sums and prefix sums are exact in any summation order.
+// The CUDA kernel reproduces the CPU tokens bit for bit because it computes, per element,
 //   x = DF_FADD(u, DF_FMUL(s, DF_FSUB(c, u)))   (CFG; else x = c), x = -inf if NaN,
 //   y = __fdiv_rn(x, t) when t != 1,  m = max y (exact in any order),
 //   q = gs_mass(DF_FSUB(y, m)) (kept tokens), and the integer rules of cpu/group_sample.cpp
@@ -30,25 +30,21 @@
 
 namespace detailflow {
 
-DF_HD uint32_t gs_f2u(float f) {
+// The bits of a float as a uint32 and back: the intrinsics on the device, memcpy on the host.
 #ifdef __CUDA_ARCH__
-  return __float_as_uint(f);
+DF_HD uint32_t gs_f2u(float f) { return __float_as_uint(f); }
+DF_HD float gs_u2f(uint32_t u) { return __uint_as_float(u); }
 #else
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return u;
-#endif
+template <typename To, typename From>
+DF_HD To gs_bit_cast(From x) {
+  static_assert(sizeof(To) == sizeof(From), "gs_bit_cast: sizes differ");
+  To y;
+  std::memcpy(&y, &x, sizeof(y));
+  return y;
 }
-
-DF_HD float gs_u2f(uint32_t u) {
-#ifdef __CUDA_ARCH__
-  return __uint_as_float(u);
-#else
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
+DF_HD uint32_t gs_f2u(float f) { return gs_bit_cast<uint32_t>(f); }
+DF_HD float gs_u2f(uint32_t u) { return gs_bit_cast<float>(u); }
 #endif
-}
 
 // Masses are trunc(gs_exp_mass(d)) ~ 2^40 exp(d) for d = y - max(y) >= kGsCutoff, else 0:
 // a token 28 nats below the row maximum has probability < 2^-40 relative to it, far below

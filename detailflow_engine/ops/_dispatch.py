@@ -14,6 +14,10 @@ never run on a given GPU thus cannot silently corrupt images there.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib
+import operator
 import os
 import warnings
 from dataclasses import dataclass
@@ -177,8 +181,6 @@ def _passes_selfcheck(op: str, b: Backend, device: Optional[torch.device]) -> bo
 def selfcheck(device: Union[str, torch.device]) -> Dict[str, str]:
     """Run every op's self-check for `device` now (from_pretrained does, so that the first
     generation or a CUDA-graph capture never pays for it) -> {op: backend that will serve it}."""
-    import importlib
-
     for name in OP_MODULES:  # registration happens at import
         importlib.import_module(f"detailflow_engine.ops.{name}")
     device = torch.device(device)
@@ -272,3 +274,87 @@ def plain_eager(*tensors) -> bool:
 def describe(t: torch.Tensor) -> str:
     """'(8192, 16) float16 on cpu': what an argument check reports as found."""
     return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
+
+
+# --- helpers the op wrappers share ---------------------------------------------------------
+
+def tolerance_table(op: str, table: Dict[torch.dtype, tuple]) -> Callable[[torch.dtype], tuple]:
+    """An op's `tolerance(dtype) -> (atol, rtol)` from its per-dtype table (kept beside its
+    reference, so tests and benchmarks' --check use the same numbers); other dtypes raise."""
+    table = dict(table)
+
+    def tolerance(dtype: torch.dtype) -> tuple:
+        try:
+            return table[dtype]
+        except KeyError:
+            raise ValueError(f"{op} has no tolerance for {dtype}") from None
+
+    tolerance.__qualname__ = tolerance.__name__ = "tolerance"
+    tolerance.__module__ = f"detailflow_engine.ops.{op}"
+    return tolerance
+
+
+def into(out: Optional[torch.Tensor], result: torch.Tensor) -> torch.Tensor:
+    """A reference's `out=` convention: result itself, or `out` holding a copy of it."""
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
+
+
+def on_device(device: torch.device):
+    """torch.cuda.device(device) when it is not the current CUDA device, else a no-op context:
+    a kernel launched for a tensor on cuda:1 must run with cuda:1 current."""
+    if device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (its index, or the current one)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def has_unit_last(t: torch.Tensor) -> bool:
+    """Whether t's last dimension has unit stride (what the kernels index by)."""
+    return t.stride(-1) == 1 or t.shape[-1] == 1
+
+
+def unit_last(t: torch.Tensor) -> torch.Tensor:
+    """t when its last dimension has unit stride, else a contiguous copy."""
+    return t if has_unit_last(t) else t.contiguous()
+
+
+def dtype_words(dtypes) -> str:
+    """(float32, bfloat16, float16) -> 'float32, bfloat16 or float16', for argument messages."""
+    names = [str(d).replace("torch.", "") for d in dtypes]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def dtypes_for(t: torch.Tensor, cpu_dtypes: tuple, cuda_dtypes: tuple) -> tuple:
+    """(the dtypes an op accepts for a tensor on t's device, their names for messages)."""
+    dtypes = cuda_dtypes if t.device.type == "cuda" else cpu_dtypes
+    return dtypes, dtype_words(dtypes)
+
+
+def as_index(name: str, value) -> int:
+    """`value` as a Python int (ints and integer-like objects, not bools), else a TypeError naming `name`."""
+    if isinstance(value, bool):
+        raise TypeError(f"`{name}` must be an int, got bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}") from None
+
+
+@functools.lru_cache(maxsize=None)
+def triton_kernels(op: str):
+    """detailflow_engine.ops._triton.<op>, or None when triton does not import or there is no
+    CUDA device (imported on first use only: importing triton is slow)."""
+    if not _triton_available():
+        return None
+    try:
+        return importlib.import_module(f"detailflow_engine.ops._triton.{op}")
+    except ImportError:
+        return None

@@ -17,7 +17,6 @@ prior runs the same single forward path as the GPU); then the torch reference
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional, Tuple
 
@@ -41,17 +40,11 @@ def add_rmsnorm_ref(x: Tensor, delta: Optional[Tensor], weight: Tensor, eps: flo
     return h, hf.type_as(h) * weight
 
 
-def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
-    """(atol, rtol) of the STYLE practice-5 rule for y:
-    max|kernel - ref32| <= 2 * max|torch_lowp - ref32| + atol + rtol * max|ref32|.
-    h is exact (one fp32 add, one rounding, as torch)."""
-    if dtype == torch.float32:
-        return 1e-5, 1e-6
-    if dtype == torch.float16:
-        return 1e-2, 0.0
-    if dtype == torch.bfloat16:
-        return 5e-2, 0.0
-    raise ValueError(f"add_rmsnorm has no tolerance for {dtype}")
+# (atol, rtol) of the STYLE practice-5 rule for y:
+# max|kernel - ref32| <= 2 * max|torch_lowp - ref32| + atol + rtol * max|ref32|.
+# h is exact (one fp32 add, one rounding, as torch).
+tolerance = _dispatch.tolerance_table("add_rmsnorm", {
+    torch.float32: (1e-5, 1e-6), torch.bfloat16: (5e-2, 0.0), torch.float16: (1e-2, 0.0)})
 
 
 def _validate(x, delta, weight, eps) -> float:
@@ -138,29 +131,14 @@ def _torch_impl(x, delta, weight, eps):
     return (None if delta is None else h.contiguous()), y.contiguous()
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_kernels():
-    """ops/_triton/add_rmsnorm.py, or None when triton does not import (imported on first use only)."""
-    if not _dispatch._triton_available():
-        return None
-    try:
-        from detailflow_engine.ops._triton import add_rmsnorm as kernels
-    except ImportError:
-        return None
-    return kernels
-
-
 def _triton_applies(x, delta, weight) -> bool:
     return (x.is_cuda and x.dtype in _DTYPES and x.shape[-1] <= TRITON_MAX_DIM
-            and _triton_kernels() is not None)
+            and _dispatch.triton_kernels("add_rmsnorm") is not None)
 
 
 def _triton_impl(x, delta, weight, eps):
-    kernels = _triton_kernels()
-    if x.device.index is not None and x.device.index != torch.cuda.current_device():
-        with torch.cuda.device(x.device):
-            return kernels.add_rmsnorm_fwd(x, delta, weight, eps)
-    return kernels.add_rmsnorm_fwd(x, delta, weight, eps)
+    with _dispatch.on_device(x.device):
+        return _dispatch.triton_kernels("add_rmsnorm").add_rmsnorm_fwd(x, delta, weight, eps)
 
 
 _dispatch.register("add_rmsnorm", "triton", _triton_impl, applies=_triton_applies)

@@ -13,7 +13,6 @@ reference `cache_attention_ref`, which is also the test oracle.
 from __future__ import annotations
 
 import math
-import operator
 from typing import Optional, Tuple
 
 import torch
@@ -40,23 +39,13 @@ def cache_attention_ref(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     scores = torch.matmul(q.float(), k_cache[:, :, :end].float().transpose(-1, -2)) * scale
     probs = torch.softmax(scores, dim=-1)
-    result = torch.matmul(probs, v_cache[:, :, :end].float()).to(q.dtype)
-    if out is None:
-        return result
-    out.copy_(result)
-    return out
+    return _dispatch.into(out, torch.matmul(probs, v_cache[:, :, :end].float()).to(q.dtype))
 
 
-def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
-    """(atol, rtol) of the STYLE practice-5 rule for this op:
-    max|kernel - ref32| <= 2 * max|torch_lowp - ref32| + atol + rtol * max|ref32|."""
-    if dtype == torch.float32:
-        return 1e-5, 1e-6
-    if dtype == torch.bfloat16:
-        return 5e-2, 0.0
-    if dtype == torch.float16:
-        return 1e-2, 0.0
-    raise ValueError(f"cache_attention has no tolerance for {dtype}")
+# (atol, rtol) of the STYLE practice-5 rule for this op:
+# max|kernel - ref32| <= 2 * max|torch_lowp - ref32| + atol + rtol * max|ref32|.
+tolerance = _dispatch.tolerance_table("cache_attention", {
+    torch.float32: (1e-5, 1e-6), torch.bfloat16: (5e-2, 0.0), torch.float16: (1e-2, 0.0)})
 
 
 def _validate(q, k_new, v_new, k_cache, v_cache, start_pos, scale, out) -> Tuple[int, float]:
@@ -85,12 +74,7 @@ def _validate(q, k_new, v_new, k_cache, v_cache, start_pos, scale, out) -> Tuple
             raise ValueError(f"`{name}` must have the dtype of `q` ({q.dtype}), got {_dispatch.describe(t)}")
         if t.device != q.device:
             raise ValueError(f"`{name}` must be on the device of `q` ({q.device}), got {_dispatch.describe(t)}")
-    if isinstance(start_pos, bool):
-        raise TypeError("`start_pos` must be an int, got bool")
-    try:
-        start_pos = operator.index(start_pos)
-    except TypeError:
-        raise TypeError(f"`start_pos` must be an int, got {type(start_pos).__name__}") from None
+    start_pos = _dispatch.as_index("start_pos", start_pos)
     if start_pos < 0:
         raise ValueError(f"`start_pos` must be >= 0, got {start_pos}")
     if start_pos + n_q > L_max:
@@ -152,8 +136,11 @@ def cache_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_
     return out
 
 
-def _unit_last(t: Tensor) -> bool:
-    return t.stride(-1) == 1 or t.shape[-1] == 1
+def _unit_last_args(q, k_new, v_new, out):
+    """The kernels' inputs with unit last strides, and where they write (`out` or a scratch)."""
+    q, k_new, v_new = (_dispatch.unit_last(t) for t in (q, k_new, v_new))
+    dst = out if _dispatch.has_unit_last(out) else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    return q, k_new, v_new, dst
 
 
 def _strides(t: Tensor) -> Tuple[int, int, int, int]:
@@ -164,8 +151,7 @@ def _strides(t: Tensor) -> Tuple[int, int, int, int]:
 def _cpu_impl(q, k_new, v_new, k_cache, v_cache, out, start_pos, scale) -> None:
     if q.numel() == 0:
         return
-    q, k_new, v_new = (t if _unit_last(t) else t.contiguous() for t in (q, k_new, v_new))
-    dst = out if _unit_last(out) else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    q, k_new, v_new, dst = _unit_last_args(q, k_new, v_new, out)
     B, H, n_q, d = q.shape
     _dispatch.extension().cache_attention(
         q.data_ptr(), _strides(q), k_new.data_ptr(), _strides(k_new), v_new.data_ptr(), _strides(v_new),
@@ -208,8 +194,7 @@ def _cuda_impl(q, k_new, v_new, k_cache, v_cache, out, start_pos, scale, num_spl
     """num_splits: None = the heuristic above; tests force 1 or more to cover both kernels."""
     if q.numel() == 0:
         return
-    q, k_new, v_new = (t if _unit_last(t) else t.contiguous() for t in (q, k_new, v_new))
-    dst = out if _unit_last(out) else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    q, k_new, v_new, dst = _unit_last_args(q, k_new, v_new, out)
     B, H, n_q, d = q.shape
     L = start_pos + n_q
     dev = q.device
@@ -233,10 +218,7 @@ def _cuda_impl(q, k_new, v_new, k_cache, v_cache, out, start_pos, scale, num_spl
             ext_splits, scratch.data_ptr() if scratch is not None else 0,
             scratch.numel() if scratch is not None else 0, torch.cuda.current_stream(dev).cuda_stream)
 
-    if dev.index is not None and dev.index != torch.cuda.current_device():
-        with torch.cuda.device(dev):
-            launch()
-    else:
+    with _dispatch.on_device(dev):
         launch()
     if dst is not out:
         out.copy_(dst)

@@ -13,7 +13,6 @@ oracle.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Tuple
 
 import torch
@@ -45,20 +44,15 @@ def code_search_ref(latents: Tensor, codebook: Tensor, *, codebook_normalized: b
     return torch.argmin(code_distances_ref(latents, codebook, codebook_normalized=codebook_normalized), dim=-1)
 
 
-def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
-    """(atol, rtol) for this index-valued op: an index is correct when it equals the reference's
-    or when the two indices' reference distances (`code_distances_ref`, fp32 for every input
-    dtype) differ by at most atol + rtol * |d_ref|."""
-    if dtype in _CUDA_DTYPES:
-        return 1e-6, 0.0
-    raise ValueError(f"code_search has no tolerance for {dtype}")
+# (atol, rtol) for this index-valued op: an index is correct when it equals the reference's
+# or when the two indices' reference distances (`code_distances_ref`, fp32 for every input
+# dtype) differ by at most atol + rtol * |d_ref|.
+tolerance = _dispatch.tolerance_table("code_search", {d: (1e-6, 0.0) for d in _CUDA_DTYPES})
 
 
 def _allowed(t: Tensor) -> Tuple[Tuple[torch.dtype, ...], str]:
     """Float dtypes accepted for a tensor on t's device, and their names for messages."""
-    if t.device.type == "cuda":
-        return _CUDA_DTYPES, "float32, bfloat16 or float16"
-    return _DTYPES, "float32 or bfloat16"
+    return _dispatch.dtypes_for(t, _DTYPES, _CUDA_DTYPES)
 
 
 def _validate(latents, codebook, codebook_normalized) -> None:
@@ -120,17 +114,18 @@ def code_search(latents: Tensor, codebook: Tensor, *, codebook_normalized: bool 
     return idx.reshape(latents.shape[:-1])
 
 
-def _unit_last(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+def _launch(kernel, latents, codebook, codebook_normalized, out, last_arg) -> None:
+    """Both compiled backends take the same arguments; `last_arg` is the CPU kernel's thread
+    count or the CUDA kernel's stream."""
+    latents, codebook = _dispatch.unit_last(latents), _dispatch.unit_last(codebook)
+    dt = _dispatch.DTYPE_CODES
+    kernel(latents.data_ptr(), (latents.stride(0), 1), latents.shape[0], latents.shape[1], dt[latents.dtype],
+           codebook.data_ptr(), (codebook.stride(0), 1), codebook.shape[0], dt[codebook.dtype],
+           codebook_normalized, out.data_ptr(), last_arg)
 
 
 def _cpu_impl(latents, codebook, codebook_normalized, out) -> None:
-    latents, codebook = _unit_last(latents), _unit_last(codebook)
-    dt = _dispatch.DTYPE_CODES
-    _dispatch.extension().code_search(
-        latents.data_ptr(), (latents.stride(0), 1), latents.shape[0], latents.shape[1], dt[latents.dtype],
-        codebook.data_ptr(), (codebook.stride(0), 1), codebook.shape[0], dt[codebook.dtype],
-        codebook_normalized, out.data_ptr(), _dispatch.num_threads())
+    _launch(_dispatch.extension().code_search, latents, codebook, codebook_normalized, out, _dispatch.num_threads())
 
 
 def _cpu_applies(latents, codebook, out) -> bool:
@@ -143,21 +138,10 @@ def _torch_impl(latents, codebook, codebook_normalized, out) -> None:
     out.copy_(code_search_ref(latents, codebook, codebook_normalized=codebook_normalized))
 
 
-def _on_device(dev: torch.device):
-    """torch.cuda.device(dev) when dev is not the current CUDA device, else a no-op context."""
-    if dev.index is not None and dev.index != torch.cuda.current_device():
-        return torch.cuda.device(dev)
-    return contextlib.nullcontext()
-
-
 def _cuda_impl(latents, codebook, codebook_normalized, out) -> None:
-    with _on_device(out.device):
-        latents, codebook = _unit_last(latents), _unit_last(codebook)
-        dt = _dispatch.DTYPE_CODES
-        _dispatch.extension().code_search_cuda(
-            latents.data_ptr(), (latents.stride(0), 1), latents.shape[0], latents.shape[1], dt[latents.dtype],
-            codebook.data_ptr(), (codebook.stride(0), 1), codebook.shape[0], dt[codebook.dtype],
-            codebook_normalized, out.data_ptr(), torch.cuda.current_stream(out.device).cuda_stream)
+    with _dispatch.on_device(out.device):
+        _launch(_dispatch.extension().code_search_cuda, latents, codebook, codebook_normalized, out,
+                torch.cuda.current_stream(out.device).cuda_stream)
 
 
 def _cuda_applies(latents, codebook, out) -> bool:

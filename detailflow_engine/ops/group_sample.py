@@ -12,8 +12,8 @@ CFG rule: the number of logits rows R is compared with the number of seeds B.
 R == 2B: rows [0, B) are conditional, rows [B, 2B) unconditional (null class), mixed with
 cfg_scale (any s >= 0, also 1). R == B: no CFG, cfg_scale is ignored. Anything else raises.
 
-Exact definition (shared by `group_sample_ref`, csrc/cpu/group_sample.cpp and a future CUDA
-kernel; all fp32 steps are single IEEE ops in the order written, all sums are uint64 integers):
+Exact definition (shared by `group_sample_ref`, csrc/cpu/group_sample.cpp and
+csrc/cuda/group_sample.cu; all fp32 steps are single IEEE ops in the order written, all sums are uint64 integers):
   x = u + fp32(s) * (c - u)  [CFG] else c;  NaN -> -inf
   greedy (temperature == 0 or top_k == 1): token = first argmax of x, logprob = 0, no RNG
   y = x / fp32(max(temperature, 1e-5))  (skipped when that is 1);  m = max y
@@ -216,12 +216,9 @@ def group_sample_probs_ref(logits: Tensor, batch: int, *, cfg_scale: float = 1.0
     return q.double() / q.sum(dim=-1, keepdim=True).double()
 
 
-def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
-    """(atol, rtol) for the logprobs against the reference, by logits dtype. Tokens are exact:
-    both sides draw from the same integer masses (no boundary cases to excuse)."""
-    if dtype in _DTYPES:
-        return 1e-5, 0.0
-    raise ValueError(f"group_sample has no tolerance for {dtype}")
+# (atol, rtol) for the logprobs against the reference, by logits dtype. Tokens are exact:
+# both sides draw from the same integer masses (no boundary cases to excuse).
+tolerance = _dispatch.tolerance_table("group_sample", {d: (1e-5, 0.0) for d in _DTYPES})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,10 +361,7 @@ def _cuda_impl(logits: Tensor, seeds: Tensor, positions: Tensor, st: _Settings) 
     args = (x.data_ptr(), _dispatch.DTYPE_CODES[x.dtype], R, n_q, V, (x.stride(0), x.stride(1), 1),
             seeds.data_ptr(), positions.data_ptr(), B, st.cfg_scale, st.temperature, st.top_k,
             st.top_p24, st.greedy, tokens.data_ptr(), logprobs.data_ptr())
-    if dev.index is not None and dev.index != torch.cuda.current_device():
-        with torch.cuda.device(dev):
-            _dispatch.extension().group_sample_cuda(*args, torch.cuda.current_stream(dev).cuda_stream)
-    else:
+    with _dispatch.on_device(dev):
         _dispatch.extension().group_sample_cuda(*args, torch.cuda.current_stream(dev).cuda_stream)
     return tokens, logprobs
 

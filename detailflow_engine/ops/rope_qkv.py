@@ -19,8 +19,6 @@ which is also the test oracle.
 """
 from __future__ import annotations
 
-import functools
-import operator
 from typing import Tuple
 
 import torch
@@ -43,18 +41,12 @@ def rope_qkv_ref(qkv: Tensor, freqs: Tensor, n_head: int) -> Tuple[Tensor, Tenso
             v.transpose(1, 2))
 
 
-def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
-    """(atol, rtol) of the STYLE practice-5 rule:
-    max|kernel - ref32| <= 2 * max|torch_lowp - ref32| + atol + rtol * max|ref32|.
-    (The kernel does the reference's fp32 operations in the same order with one final rounding,
-    so it matches `rope_qkv_ref` bit for bit; the tests check that too.)"""
-    if dtype == torch.float32:
-        return 1e-5, 1e-6
-    if dtype == torch.float16:
-        return 1e-2, 0.0
-    if dtype == torch.bfloat16:
-        return 5e-2, 0.0
-    raise ValueError(f"rope_qkv has no tolerance for {dtype}")
+# (atol, rtol) of the STYLE practice-5 rule:
+# max|kernel - ref32| <= 2 * max|torch_lowp - ref32| + atol + rtol * max|ref32|.
+# (The kernel does the reference's fp32 operations in the same order with one final rounding,
+# so it matches `rope_qkv_ref` bit for bit; the tests check that too.)
+tolerance = _dispatch.tolerance_table("rope_qkv", {
+    torch.float32: (1e-5, 1e-6), torch.bfloat16: (5e-2, 0.0), torch.float16: (1e-2, 0.0)})
 
 
 def _validate(qkv, freqs, n_head) -> Tuple[int, int]:
@@ -64,12 +56,7 @@ def _validate(qkv, freqs, n_head) -> Tuple[int, int]:
     if qkv.dim() != 3 or qkv.dtype not in _DTYPES:
         raise ValueError(f"`qkv` must be float32, bfloat16 or float16 of shape (B, n, 3*H*d), "
                          f"got {_dispatch.describe(qkv)}")
-    if isinstance(n_head, bool):
-        raise TypeError("`n_head` must be an int, got bool")
-    try:
-        n_head = operator.index(n_head)
-    except TypeError:
-        raise TypeError(f"`n_head` must be an int, got {type(n_head).__name__}") from None
+    n_head = _dispatch.as_index("n_head", n_head)
     if n_head < 1:
         raise ValueError(f"`n_head` must be >= 1, got {n_head}")
     B, n, width = qkv.shape
@@ -131,28 +118,13 @@ def _torch_impl(qkv, freqs, n_head):
     return q.contiguous(), k.contiguous(), v.clone(memory_format=torch.contiguous_format)
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_kernels():
-    """ops/_triton/rope_qkv.py, or None when triton does not import (imported on first use only)."""
-    if not _dispatch._triton_available():
-        return None
-    try:
-        from detailflow_engine.ops._triton import rope_qkv as kernels
-    except ImportError:
-        return None
-    return kernels
-
-
 def _triton_applies(qkv, freqs) -> bool:
-    return qkv.is_cuda and qkv.dtype in _DTYPES and _triton_kernels() is not None
+    return qkv.is_cuda and qkv.dtype in _DTYPES and _dispatch.triton_kernels("rope_qkv") is not None
 
 
 def _triton_impl(qkv, freqs, n_head):
-    kernels = _triton_kernels()
-    if qkv.device.index is not None and qkv.device.index != torch.cuda.current_device():
-        with torch.cuda.device(qkv.device):
-            return kernels.rope_qkv_fwd(qkv, freqs, n_head)
-    return kernels.rope_qkv_fwd(qkv, freqs, n_head)
+    with _dispatch.on_device(qkv.device):
+        return _dispatch.triton_kernels("rope_qkv").rope_qkv_fwd(qkv, freqs, n_head)
 
 
 _dispatch.register("rope_qkv", "triton", _triton_impl, applies=_triton_applies)

@@ -14,7 +14,6 @@ it instead.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -62,29 +61,18 @@ def vq_lookup_ref(codes: Tensor, codebook: Tensor, weight: Tensor, bias: Optiona
         y = F.linear(x, weight, bias)
         if pos is not None:
             y = y + pos[:T]
-    if out is None:
-        return y
-    out.copy_(y)
-    return out
+    return _dispatch.into(out, y)
 
 
-def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
-    """(atol, rtol) of the STYLE practice-5 rule for this op, by output (weight) dtype:
-    max|kernel - ref32| <= 2 * max|torch_lowp - ref32| + atol + rtol * max|ref32|."""
-    if dtype == torch.float32:
-        return 1e-5, 1e-6
-    if dtype == torch.bfloat16:
-        return 5e-2, 0.0
-    if dtype == torch.float16:
-        return 1e-2, 0.0
-    raise ValueError(f"vq_lookup has no tolerance for {dtype}")
+# (atol, rtol) of the STYLE practice-5 rule for this op, by output (weight) dtype:
+# max|kernel - ref32| <= 2 * max|torch_lowp - ref32| + atol + rtol * max|ref32|.
+tolerance = _dispatch.tolerance_table("vq_lookup", {
+    torch.float32: (1e-5, 1e-6), torch.bfloat16: (5e-2, 0.0), torch.float16: (1e-2, 0.0)})
 
 
 def _allowed(t: Tensor) -> Tuple[Tuple[torch.dtype, ...], str]:
     """Float dtypes accepted for a tensor on t's device, and their names for messages."""
-    if t.device.type == "cuda":
-        return _CUDA_DTYPES, "float32, bfloat16 or float16"
-    return _DTYPES, "float32 or bfloat16"
+    return _dispatch.dtypes_for(t, _DTYPES, _CUDA_DTYPES)
 
 
 def _validate(codes, codebook, weight, bias, pos_embed, out) -> None:
@@ -177,33 +165,35 @@ def vq_lookup(codes: Tensor, codebook: Tensor, weight: Tensor, bias: Optional[Te
     return out
 
 
-def _unit_last(t: Tensor) -> Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
-
 def _strides2(t: Optional[Tensor]) -> Tuple[int, int]:
     return (t.stride(0), 1) if t is not None else (0, 1)
 
 
-def _cpu_impl(codes, codebook, weight, bias, pos_embed, out) -> None:
-    if out.numel() == 0:
-        return
-    codes, codebook, weight = _unit_last(codes), _unit_last(codebook), _unit_last(weight)
+def _launch(kernel, codes, codebook, weight, bias, pos_embed, out, last_arg) -> None:
+    """Both compiled backends take the same arguments; `last_arg` is the CPU kernel's thread
+    count or the CUDA kernel's stream."""
+    unit_last = _dispatch.unit_last
+    codes, codebook, weight = unit_last(codes), unit_last(codebook), unit_last(weight)
     bias = bias.contiguous() if bias is not None else None
-    pos = _unit_last(pos_embed) if pos_embed is not None else None
+    pos = unit_last(pos_embed) if pos_embed is not None else None
     dst = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
     B, T = codes.shape
     K, D = codebook.shape
     dt = _dispatch.DTYPE_CODES
-    _dispatch.extension().vq_lookup(
-        codes.data_ptr(), _strides2(codes), B, T,
-        codebook.data_ptr(), _strides2(codebook), K, D, dt[codebook.dtype],
-        weight.data_ptr(), _strides2(weight), weight.shape[0],
-        bias.data_ptr() if bias is not None else 0,
-        pos.data_ptr() if pos is not None else 0, _strides2(pos), pos.shape[0] if pos is not None else 0,
-        dst.data_ptr(), dt[weight.dtype], _dispatch.num_threads())
+    kernel(codes.data_ptr(), _strides2(codes), B, T,
+           codebook.data_ptr(), _strides2(codebook), K, D, dt[codebook.dtype],
+           weight.data_ptr(), _strides2(weight), weight.shape[0],
+           bias.data_ptr() if bias is not None else 0,
+           pos.data_ptr() if pos is not None else 0, _strides2(pos), pos.shape[0] if pos is not None else 0,
+           dst.data_ptr(), dt[weight.dtype], last_arg)
     if dst is not out:
         out.copy_(dst)
+
+
+def _cpu_impl(codes, codebook, weight, bias, pos_embed, out) -> None:
+    if out.numel() > 0:
+        _launch(_dispatch.extension().vq_lookup, codes, codebook, weight, bias, pos_embed, out,
+                _dispatch.num_threads())
 
 
 def _cpu_applies(codes, codebook, weight, bias, pos_embed, out) -> bool:
@@ -216,33 +206,11 @@ def _torch_impl(codes, codebook, weight, bias, pos_embed, out) -> None:
     vq_lookup_ref(codes, codebook, weight, bias, pos_embed, out=out)
 
 
-def _on_device(dev: torch.device):
-    """torch.cuda.device(dev) when dev is not the current CUDA device, else a no-op context."""
-    if dev.index is not None and dev.index != torch.cuda.current_device():
-        return torch.cuda.device(dev)
-    return contextlib.nullcontext()
-
-
 def _cuda_impl(codes, codebook, weight, bias, pos_embed, out) -> None:
-    if out.numel() == 0:
-        return
-    with _on_device(out.device):
-        codes, codebook, weight = _unit_last(codes), _unit_last(codebook), _unit_last(weight)
-        bias = bias.contiguous() if bias is not None else None
-        pos = _unit_last(pos_embed) if pos_embed is not None else None
-        dst = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
-        B, T = codes.shape
-        K, D = codebook.shape
-        dt = _dispatch.DTYPE_CODES
-        _dispatch.extension().vq_lookup_cuda(
-            codes.data_ptr(), _strides2(codes), B, T,
-            codebook.data_ptr(), _strides2(codebook), K, D, dt[codebook.dtype],
-            weight.data_ptr(), _strides2(weight), weight.shape[0],
-            bias.data_ptr() if bias is not None else 0,
-            pos.data_ptr() if pos is not None else 0, _strides2(pos), pos.shape[0] if pos is not None else 0,
-            dst.data_ptr(), dt[weight.dtype], torch.cuda.current_stream(out.device).cuda_stream)
-        if dst is not out:
-            out.copy_(dst)
+    if out.numel() > 0:
+        with _dispatch.on_device(out.device):
+            _launch(_dispatch.extension().vq_lookup_cuda, codes, codebook, weight, bias, pos_embed, out,
+                    torch.cuda.current_stream(out.device).cuda_stream)
 
 
 def _cuda_applies(codes, codebook, weight, bias, pos_embed, out) -> bool:

@@ -166,3 +166,21 @@ def load_image_tensors(dataset: str, split: str = "train", image_size: int = 32,
         imgs.append(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
         labels.append(y)
     return torch.stack(imgs), torch.tensor(labels, dtype=torch.int64)
+
+
+def synthetic_images(n: int, size: int, seed: int) -> torch.Tensor:
+    """Deterministic smooth random uint8 images (N, 3, S, S): low-res noise upsampled."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, max(size // 4, 1), max(size // 4, 1), generator=g)
+    x = torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+    return (x * 255).round().clamp(0, 255).to(torch.uint8)
+
+
+def load_dataset_tensors(data: str, image_size: int, root=None, split: str = "train", num_classes: int = 10):
+    """(uint8 images (N, 3, S, S), int64 labels (N,)) for 'fashion-mnist', 'synthetic[:N]' or an image folder."""
+    if data.startswith("synthetic"):
+        n = int(data.split(":", 1)[1]) if ":" in data else 256
+        imgs = synthetic_images(n, image_size, seed=1234)
+        labels = torch.arange(n, dtype=torch.int64) % num_classes
+        return imgs, labels
+    return load_image_tensors(data, split=split, image_size=image_size, root=root)

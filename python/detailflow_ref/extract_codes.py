@@ -42,8 +42,9 @@ import torch
 from detailflow_engine.checkpoint import load_checkpoint
 
 from . import train_common as tc
+from .datasets import load_dataset_tensors
+from .self_correction import noise_token_index, self_correction_encode
 from .tokenizer import VQModel
-from .train_tokenizer import load_dataset_tensors, noise_token_index, self_correction_encode
 
 FORMAT = "detailflow-codes"
 VERSION = 1

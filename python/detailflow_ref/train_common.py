@@ -129,10 +129,6 @@ def wrap_ddp(model: nn.Module, info: DistInfo, find_unused_parameters: bool = Fa
     return DDP(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
-
-
 CPU_BF16_HELP = ("on the CPU too: bf16 autocast and the math attention kernel (about 2.2x faster training "
                  "steps on CPUs with AMX / AVX512-BF16; slower on CPUs without them)")
 
@@ -366,6 +362,155 @@ def prepare_results_dir(folder: Path, resume: bool, overwrite: bool) -> Optional
         raise FileExistsError(f"{folder} already holds checkpoints (newest {last.name}); pass --resume to "
                               f"continue training or --overwrite to start again over it")
     return last if resume else None
+
+
+def trainer_parser(module: str, doc: str, *, global_batch_size: int, vis_every: int, vis_what: str):
+    """A trainer's command line with the "output and run" flags both trainers take
+    -> (parser, that argument group, for the trainer's own run flags)."""
+    p = argparse.ArgumentParser(prog=f"python -m detailflow_ref.{module}", description=doc.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("output and run")
+    g.add_argument("--results-dir", required=True, help="model folder (official layout) to write")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --results-dir")
+    g.add_argument("--overwrite", action="store_true", help="allow replacing existing configs/checkpoints")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    g.add_argument("--mixed-precision", default="bf16", choices=["none", "bf16"],
+                   help="autocast dtype on CUDA (CPU runs fp32)")
+    g.add_argument("--cpu-bf16", action="store_true", help=CPU_BF16_HELP)
+    g.add_argument("--global-seed", type=int, default=0)
+    g.add_argument("--max-steps", type=int, default=1000, help="total optimizer steps")
+    g.add_argument("--global-batch-size", type=int, default=global_batch_size)
+    g.add_argument("--log-every", type=int, default=50)
+    g.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    g.add_argument("--vis-every", type=int, default=vis_every, help=f"{vis_what} every N steps (0: only at the end)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                   help="tqdm progress bar on stderr")
+    g.add_argument("--write-state-hash", action="store_true",
+                   help="write state_hash_rank<R>.txt at the end (DDP checks)")
+    return p, g
+
+
+def add_adam_ema_arguments(g, *, ema: bool) -> None:
+    """The optimizer and EMA flags both trainers share (Adam betas, clipping, EMA)."""
+    g.add_argument("--beta1", type=float, default=0.9)
+    g.add_argument("--beta2", type=float, default=0.95)
+    g.add_argument("--max-grad-norm", type=float, default=1.0)
+    g.add_argument("--ema", action=argparse.BooleanOptionalAction, default=ema)
+    g.add_argument("--ema-decay", type=float, default=0.9999)
+
+
+def due(every: int, step: int, last: bool) -> bool:
+    """Whether a periodic action (log, samples, checkpoint) runs at this step (0 = only at the end)."""
+    return bool(every and step % every == 0) or last
+
+
+class StatsWindow:
+    """The step statistics summed since the last log line; `mean` averages them over the steps
+    and the ranks and starts a new window."""
+
+    def __init__(self, skip: tuple[str, ...] = ("lr",)):
+        self.skip = skip
+        self.sums: dict = {}
+        self.n = 0
+
+    def add(self, stats: dict) -> None:
+        for k, v in stats.items():
+            if k not in self.skip:
+                self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.n += 1
+
+    def mean(self, info: DistInfo) -> dict:
+        avg = info.all_reduce_mean({k: v / self.n for k, v in self.sums.items()})
+        self.sums, self.n = {}, 0
+        return avg
+
+
+def fit_and_leave(trainer):
+    """trainer.fit(), then leave the process group whatever happened -> the trainer.
+
+    Under torchrun a trainer joins the process group. To run several trainers in one process,
+    share one group instead (re-initialising gloo in a process can hang):
+    ``info = init_distributed(dev)``, then ``<Trainer>(args, info=info).fit()`` for each, then
+    ``teardown_distributed(info)``.
+    """
+    try:
+        trainer.fit()
+    finally:
+        teardown_distributed(trainer.info)
+    return trainer
+
+
+class CheckpointedRun:
+    """What both trainers do with a run: split the global batch over the ranks, write the configs,
+    save checkpoints, resume (weights, EMA, optimizer, step, per-rank RNG) and warm-start.
+
+    A subclass calls `init_run` first in its __init__, then sets `model_args`, `train_yaml`,
+    `ema` (or None), `optimizer` and `steps`; it names the trained module in `trained_module`,
+    adds its own state through `extra_state` / `load_extra_state`, and says what --init-from
+    takes in `load_init_weights`.
+    """
+
+    def init_run(self, args: argparse.Namespace, info: Optional[DistInfo]) -> None:
+        self.args = args
+        self.info = info or init_distributed(args.device)
+        self.device = self.info.device
+        if args.global_batch_size % self.info.world_size:
+            raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by "
+                             f"{self.info.world_size} processes")
+        self.local_batch = args.global_batch_size // self.info.world_size
+        self.folder = Path(args.results_dir)
+
+    @property
+    def trained_module(self) -> nn.Module:
+        raise NotImplementedError
+
+    def extra_state(self) -> dict:
+        """Checkpoint entries beyond model, optimizer, steps, args and EMA."""
+        return {}
+
+    def load_extra_state(self, ckpt: dict, where: str) -> None:
+        """Restore what `extra_state` saved (`where` names the checkpoint for error messages)."""
+
+    def load_init_weights(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def prepare_folder(self) -> None:
+        """Write the configs and resume from the newest checkpoint when --resume."""
+        a = self.args
+        resume_from = prepare_results_dir(self.folder, a.resume, a.overwrite)
+        if self.info.is_main:
+            write_model_configs(self.folder, self.model_args, self.train_yaml,
+                                overwrite=a.overwrite or resume_from is not None)
+        self.info.barrier()
+        if resume_from is not None:
+            self.load_state(resume_from)
+        elif a.init_from:
+            self.load_init_weights(Path(a.init_from))
+
+    def load_state(self, path: Path) -> None:
+        ckpt = load_training_checkpoint(path)
+        self.trained_module.load_state_dict(ckpt["model"], strict=True)
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt.get("ema", ckpt["model"]), strict=True)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.load_extra_state(ckpt, f"--resume {path}")
+        self.steps = int(ckpt["steps"])
+        torch.manual_seed(self.args.global_seed * 7919 + self.steps * self.info.world_size + self.info.rank)
+
+    def checkpoint_payload(self) -> dict:
+        payload = {"model": self.trained_module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                   "steps": self.steps, "args": plain_namespace(self.args)}
+        if self.ema is not None:
+            payload["ema"] = self.ema.state_dict()
+        payload.update(self.extra_state())
+        return payload
+
+    def save_checkpoint(self) -> Optional[Path]:
+        path = None
+        if self.info.is_main:
+            path = save_checkpoint(self.folder, self.steps, self.checkpoint_payload(), overwrite=self.args.overwrite)
+        self.info.barrier()
+        return path
 
 
 def state_dict_hash(model: nn.Module, exclude: tuple[str, ...] = ()) -> str:

@@ -88,29 +88,12 @@ def prior_train_yaml(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m detailflow_ref.train_prior", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    B = argparse.BooleanOptionalAction
-    g = p.add_argument_group("output and run")
-    g.add_argument("--results-dir", required=True)
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --results-dir")
-    g.add_argument("--overwrite", action="store_true")
+    p, g = tc.trainer_parser("train_prior", __doc__, global_batch_size=256, vis_every=0, vis_what="sample grid")
     g.add_argument("--init-from", default=None,
                    help="start from the weights (and EMA) of this prior training checkpoint (.pt) or run folder "
                         "(its newest checkpoint), with a fresh optimizer, schedule and step 0; the model flags, "
                         "vocabulary and classes must match it, the token count may differ (new codes, e.g. of a "
                         "tokenizer with more tokens: the 2D rotary table is rebuilt for this run's block size)")
-    g.add_argument("--device", default="auto")
-    g.add_argument("--mixed-precision", default="bf16", choices=["none", "bf16"], help="autocast dtype on CUDA (CPU runs fp32)")
-    g.add_argument("--cpu-bf16", action="store_true", help=tc.CPU_BF16_HELP)
-    g.add_argument("--global-seed", type=int, default=0)
-    g.add_argument("--max-steps", type=int, default=1000)
-    g.add_argument("--global-batch-size", type=int, default=256)
-    g.add_argument("--log-every", type=int, default=50)
-    g.add_argument("--ckpt-every", type=int, default=0, help="0: only at the end")
-    g.add_argument("--vis-every", type=int, default=0, help="sample grid every N steps (0: only at the end)")
-    g.add_argument("--progress", action=B, default=True)
-    g.add_argument("--write-state-hash", action="store_true")
     g = p.add_argument_group("data")
     g.add_argument("--code-path", required=True, help=".npz written by detailflow_ref.extract_codes")
     g.add_argument("--num-classes", type=int, default=None, help="default: from the codes file")
@@ -128,11 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-steps", type=int, default=None)
     g.add_argument("--warmup-ratio", type=float, default=0.05)
     g.add_argument("--weight-decay", type=float, default=5e-2)
-    g.add_argument("--beta1", type=float, default=0.9)
-    g.add_argument("--beta2", type=float, default=0.95)
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--ema", action=B, default=True)
-    g.add_argument("--ema-decay", type=float, default=0.9999)
+    tc.add_adam_ema_arguments(g, ema=True)
     g = p.add_argument_group("samples")
     g.add_argument("--tokenizer", default=None, help="tokenizer folder to decode samples (default: from the codes file)")
     g.add_argument("--cfg-scale", type=float, default=2.0)
@@ -181,18 +160,11 @@ def prior_loss(model: nn.Module, z_input: torch.Tensor, z_target: torch.Tensor, 
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), z_target.reshape(-1))
 
 
-class PriorTrainer:
+class PriorTrainer(tc.CheckpointedRun):
     """Model, EMA, optimizer, scheduler and data of one prior training run."""
 
     def __init__(self, args: argparse.Namespace, info: Optional[tc.DistInfo] = None, codes: Optional[dict] = None):
-        self.args = args
-        self.info = info or tc.init_distributed(args.device)
-        self.device = self.info.device
-        if args.global_batch_size % self.info.world_size:
-            raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by "
-                             f"{self.info.world_size} processes")
-        self.local_batch = args.global_batch_size // self.info.world_size
-        self.folder = Path(args.results_dir)
+        self.init_run(args, info)
         data = codes if codes is not None else load_codes(args.code_path)
         self.codes_meta, vq_cfg = data["meta"], data["config"]
         num_classes = args.num_classes or int(data["meta"]["num_classes"])
@@ -238,17 +210,9 @@ class PriorTrainer:
 
     # -- state
 
-    def prepare_folder(self) -> None:
-        a = self.args
-        resume_from = tc.prepare_results_dir(self.folder, a.resume, a.overwrite)
-        if self.info.is_main:
-            tc.write_model_configs(self.folder, self.model_args, self.train_yaml,
-                                   overwrite=a.overwrite or resume_from is not None)
-        self.info.barrier()
-        if resume_from is not None:
-            self.load_state(resume_from)
-        elif a.init_from:
-            self.load_init_weights(Path(a.init_from))
+    @property
+    def trained_module(self) -> nn.Module:
+        return self.model
 
     def load_init_weights(self, path: Path) -> None:
         """--init-from: model and EMA weights of another run; optimizer, schedule and step start afresh."""
@@ -257,32 +221,12 @@ class PriorTrainer:
         if self.ema is not None:
             self.ema.load_state_dict(ckpt.get("ema", ckpt["model"]), strict=True)
 
-    def load_state(self, path: Path) -> None:
-        ckpt = tc.load_training_checkpoint(path)
-        self.model.load_state_dict(ckpt["model"], strict=True)
-        if self.ema is not None:
-            self.ema.load_state_dict(ckpt.get("ema", ckpt["model"]), strict=True)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+    def extra_state(self) -> dict:
+        return {"scheduler": self.scheduler.state_dict()}
+
+    def load_extra_state(self, ckpt: dict, where: str) -> None:
         if "scheduler" in ckpt:
             self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.steps = int(ckpt["steps"])
-        torch.manual_seed(self.args.global_seed * 7919 + self.steps * self.info.world_size + self.info.rank)
-
-    def checkpoint_payload(self) -> dict:
-        payload = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                   "scheduler": self.scheduler.state_dict(), "steps": self.steps,
-                   "args": tc.plain_namespace(self.args)}
-        if self.ema is not None:
-            payload["ema"] = self.ema.state_dict()
-        return payload
-
-    def save_checkpoint(self) -> Optional[Path]:
-        path = None
-        if self.info.is_main:
-            path = tc.save_checkpoint(self.folder, self.steps, self.checkpoint_payload(),
-                                      overwrite=self.args.overwrite)
-        self.info.barrier()
-        return path
 
     # -- steps
 
@@ -352,25 +296,21 @@ class PriorTrainer:
         self.prepare_folder()
         batches = tc.TensorBatches((self.codes, self.labels), self.local_batch, self.info, a.global_seed).batches(self.steps)
         bar = tc.progress(a.max_steps, self.steps, a.progress and self.info.is_main, "prior")
-        window, n_window = {}, 0
+        window = tc.StatsWindow()
         timer = tc.Timer()
         while self.steps < a.max_steps:
             codes, labels = next(batches)
             stats = self.train_step(*self.batch(codes, labels))
-            for k, v in stats.items():
-                if k != "lr":
-                    window[k] = window[k] + v if k in window else v
-            n_window += 1
+            window.add(stats)
             bar.update(1)
             last = self.steps == a.max_steps
-            if (a.log_every and self.steps % a.log_every == 0) or last:
-                avg = self.info.all_reduce_mean({k: v / n_window for k, v in window.items()})
+            if tc.due(a.log_every, self.steps, last):
+                avg = window.mean(self.info)
                 self.logger.log({"step": self.steps, **avg, "lr": stats["lr"], "elapsed_s": round(timer.elapsed(), 3)})
                 bar.set_postfix(loss=f"{avg['loss']:.4f}")
-                window, n_window = {}, 0
-            if (a.vis_every and self.steps % a.vis_every == 0) or last:
+            if tc.due(a.vis_every, self.steps, last):
                 self.save_samples(f"{self.steps:07d}")
-            if (a.ckpt_every and self.steps % a.ckpt_every == 0) or last:
+            if tc.due(a.ckpt_every, self.steps, last):
                 self.save_checkpoint()
         bar.close()
         if a.write_state_hash:
@@ -380,20 +320,10 @@ class PriorTrainer:
 
 
 def train(argv: Union[None, Sequence[str], argparse.Namespace] = None) -> PriorTrainer:
-    """Python API: parse ``argv`` (or take a Namespace), train, return the trainer (models in memory).
-
-    Under torchrun this joins the process group and leaves it at the end. To run several
-    trainers in one process, share one group instead (re-initialising gloo in a process can
-    hang): ``info = train_common.init_distributed(dev)``, then ``<Trainer>(args, info=info).fit()``
-    for each, then ``train_common.teardown_distributed(info)``.
-    """
+    """Python API: parse ``argv`` (or take a Namespace), train, return the trainer (models in
+    memory); the process group is left at the end (`train_common.fit_and_leave`)."""
     args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
-    trainer = PriorTrainer(args)
-    try:
-        trainer.fit()
-    finally:
-        tc.teardown_distributed(trainer.info)
-    return trainer
+    return tc.fit_and_leave(PriorTrainer(args))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

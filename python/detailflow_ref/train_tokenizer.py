@@ -54,7 +54,9 @@ from detailflow_engine.config import TokenizerConfig
 from . import train_common as tc
 from .losses import (PatchDiscriminator, PerceptualLoss, build_perceptual_net, entropy_loss, hinge_d_loss,
                      hinge_g_loss, reconstruction_loss, vq_losses)
-from detailflow_engine.siglip2 import patchify
+from .datasets import load_dataset_tensors
+from .datasets import synthetic_images as _synthetic_images  # noqa: F401 (the trainer tests' name)
+from .self_correction import noise_span, noise_token_index, self_correction_encode
 from .tokenizer import VQModel, resize_images
 
 # Official ModelArgs (modelling/tokenizer.py) fields in declaration order with their defaults.
@@ -111,24 +113,9 @@ def tokenizer_train_yaml(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m detailflow_ref.train_tokenizer", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p, g = tc.trainer_parser("train_tokenizer", __doc__, global_batch_size=128, vis_every=1000,
+                             vis_what="reconstruction grid")
     B = argparse.BooleanOptionalAction
-    g = p.add_argument_group("output and run")
-    g.add_argument("--results-dir", required=True, help="model folder (official layout) to write")
-    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --results-dir")
-    g.add_argument("--overwrite", action="store_true", help="allow replacing existing configs/checkpoints")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda")
-    g.add_argument("--mixed-precision", default="bf16", choices=["none", "bf16"], help="autocast dtype on CUDA (CPU runs fp32)")
-    g.add_argument("--cpu-bf16", action="store_true", help=tc.CPU_BF16_HELP)
-    g.add_argument("--global-seed", type=int, default=0)
-    g.add_argument("--max-steps", type=int, default=1000, help="total optimizer steps")
-    g.add_argument("--global-batch-size", type=int, default=128)
-    g.add_argument("--log-every", type=int, default=50)
-    g.add_argument("--vis-every", type=int, default=1000, help="reconstruction grid every N steps (0: only at the end)")
-    g.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    g.add_argument("--progress", action=B, default=True, help="tqdm progress bar on stderr")
-    g.add_argument("--write-state-hash", action="store_true", help="write state_hash_rank<R>.txt at the end (DDP checks)")
     g.add_argument("--init-from", default=None,
                    help="start from the weights of this training checkpoint (.pt) or run folder (its newest "
                         "checkpoint), with a fresh optimizer and step 0; the model flags must match it. "
@@ -190,11 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of --max-steps")
     g.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine end, as a fraction of LR (official 0.1)")
     g.add_argument("--weight-decay", type=float, default=1e-4)
-    g.add_argument("--beta1", type=float, default=0.9)
-    g.add_argument("--beta2", type=float, default=0.95)
-    g.add_argument("--max-grad-norm", type=float, default=1.0)
-    g.add_argument("--ema", action=B, default=False)
-    g.add_argument("--ema-decay", type=float, default=0.9999)
+    tc.add_adam_ema_arguments(g, ema=False)
     return p
 
 
@@ -222,25 +205,6 @@ class StepPlan:
     noise_idx: Optional[int]
 
 
-def noise_token_index(t: int, group_size: int, causal_num: int) -> Optional[int]:
-    """Official get_noise_token_idx(t, p=1): where the perturbation starts (None when t == 1)."""
-    if t == 1:
-        return None
-    if t <= causal_num:
-        hi = t
-    else:
-        if t % group_size or t < group_size + causal_num:
-            raise ValueError(f"t={t} is not a scheduled group boundary")
-        hi = t - group_size
-    idx = int(torch.randint(0, hi, (1,)).item())
-    return idx if idx < causal_num else idx // group_size * group_size
-
-
-def noise_span(noise_idx: int, group_size: int, causal_num: int) -> int:
-    """Tokens perturbed from noise_idx: one before causal_num, one group after."""
-    return 1 if noise_idx < causal_num else group_size
-
-
 def sample_plan(schedule, image_size: int, degradation_prob: float, correction_training: bool) -> StepPlan:
     """Official ResolutionDegradation.get_input_output_img + get_noise_token_idx."""
     g, c = schedule.group_size, schedule.causal_num
@@ -262,95 +226,6 @@ def degrade_target(images: torch.Tensor, plan: StepPlan) -> torch.Tensor:
     if not plan.degraded:
         return images
     return resize_images(resize_images(images, plan.tgt_res), plan.dec_res)
-
-
-# --------------------------------------------------------------------------- encode with self-correction
-
-
-@dataclass
-class CorrectionEncoding:
-    """Clean and self-corrected encodings of a batch (all (B, T[, D]); fp32 latents)."""
-
-    zn: torch.Tensor                 # normalized clean latents
-    zq: torch.Tensor                 # clean codewords
-    distances: torch.Tensor          # (B*T, K) clean distances
-    codes: torch.Tensor              # clean codes
-    quant: torch.Tensor              # straight-through clean quant
-    noise_idx: Optional[torch.Tensor] = None   # (B,) -1 = no perturbation
-    noise_end: Optional[torch.Tensor] = None   # (B,)
-    zn2: Optional[torch.Tensor] = None         # normalized latents of the re-encode
-    zq2: Optional[torch.Tensor] = None
-    distances2: Optional[torch.Tensor] = None
-    codes_new: Optional[torch.Tensor] = None   # codes of the re-encode (meaningful from noise_end on)
-    quant_noisy: Optional[torch.Tensor] = None # [perturbed prefix (detached) | re-encoded straight-through]
-    input_codes: Optional[torch.Tensor] = None
-    target_codes: Optional[torch.Tensor] = None
-
-
-def _normalized_distances(vq: VQModel, prequant: torch.Tensor):
-    """fp32 normalized latents (B, T, D) and squared distances (B*T, K) to the codebook."""
-    with torch.autocast(device_type=prequant.device.type, enabled=False):
-        zn = vq.quantize.normalize(prequant.float())
-        d = vq.quantize.distances(zn.reshape(-1, zn.shape[-1]))
-    return zn, d
-
-
-def _encode_with_latent_inputs(encoder, images: torch.Tensor, latent_inputs: torch.Tensor) -> torch.Tensor:
-    """The encoder with explicit latent inputs (B, t, D) in place of latent_tokens -> latent states."""
-    p = encoder.patch_size
-    x = encoder.visual_model.embeddings(patchify(images, p), images.shape[-2] // p, images.shape[-1] // p)
-    return encoder._run(x, latent_inputs)[1]
-
-
-def self_correction_encode(vq: VQModel, images: torch.Tensor, num_tokens: int,
-                           noise_idx: Union[None, int, torch.Tensor], top_k: int = 50) -> CorrectionEncoding:
-    """Official encode_image: the clean encode and, where ``noise_idx`` >= 0, the corrected one.
-
-    ``noise_idx``: None (clean only), an int (same for the whole batch, as in training) or a
-    (B,) tensor (per image; -1 = none). Random near-neighbour codes use the global torch RNG.
-    Returns codes with the official relation: input = clean before i, perturbed on [i, e),
-    re-encoded from e; target = clean before e, re-encoded from e.
-    """
-    b, T = images.shape[0], num_tokens
-    codebook = vq.quantize.codebook()
-    zn, d = _normalized_distances(vq, vq.quant_conv(vq.encoder(images, T)[1]))
-    if noise_idx is None:
-        codes = torch.argmin(d, dim=1).view(b, T)
-        zq = codebook[codes].float()
-        return CorrectionEncoding(zn, zq, d, codes, zn + (zq - zn).detach())
-
-    k = min(int(top_k), codebook.shape[0])
-    topk = torch.topk(d, k=k, dim=1, largest=False).indices              # (B*T, k), nearest first
-    codes = topk[:, 0].view(b, T)
-    pick = torch.randint(0, k, (b * T,), device=d.device)
-    noise_codes = topk.gather(1, pick[:, None]).view(b, T)
-    zq = codebook[codes].float()
-    quant = zn + (zq - zn).detach()
-
-    g, c = vq.config.group_size, vq.config.causal_num
-    if isinstance(noise_idx, torch.Tensor):
-        i = noise_idx.to(images.device).long().reshape(b, 1)
-    else:  # a fill on the device: no blocking host-to-device copy inside the training step
-        i = torch.full((b, 1), int(noise_idx), dtype=torch.long, device=images.device)
-    e = torch.where(i < 0, i, i + torch.where(i < c, 1, g))
-    pos = torch.arange(T, device=images.device)[None]                   # (1, T)
-    before_i, before_e = pos < i, pos < e
-    quant_noise = torch.where(before_i[..., None], quant, codebook[noise_codes].float()).detach()
-    refined = vq.encoder.refined_tokens[:, :T]
-    latent_in = torch.where(before_e[..., None], vq.refine_conv(quant_noise).to(refined.dtype), refined)
-    zn2, d2 = _normalized_distances(vq, vq.quant_conv(_encode_with_latent_inputs(vq.encoder, images, latent_in)))
-    codes_new = torch.argmin(d2, dim=1).view(b, T)
-    zq2 = codebook[codes_new].float()
-    quant2 = zn2 + (zq2 - zn2).detach()
-    noisy = (i >= 0)
-    quant_noisy = torch.where(before_e[..., None], quant_noise, quant2)
-    quant_noisy = torch.where(noisy[..., None], quant_noisy, quant)
-    input_codes = torch.where(before_i, codes, torch.where(before_e, noise_codes, codes_new))
-    target_codes = torch.where(before_e, codes, codes_new)
-    input_codes = torch.where(noisy, input_codes, codes)
-    target_codes = torch.where(noisy, target_codes, codes)
-    return CorrectionEncoding(zn, zq, d, codes, quant, i.view(b), e.view(b), zn2, zq2, d2, codes_new,
-                              quant_noisy, input_codes, target_codes)
 
 
 def _track_usage(vq: VQModel, codes: torch.Tensor) -> None:
@@ -457,26 +332,6 @@ def disc_input(images: torch.Tensor, size: int) -> torch.Tensor:
 # --------------------------------------------------------------------------- data
 
 
-def _synthetic_images(n: int, size: int, seed: int) -> torch.Tensor:
-    """Deterministic smooth random uint8 images (N, 3, S, S): low-res noise upsampled."""
-    g = torch.Generator().manual_seed(seed)
-    low = torch.rand(n, 3, max(size // 4, 1), max(size // 4, 1), generator=g)
-    x = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
-    return (x * 255).round().clamp(0, 255).to(torch.uint8)
-
-
-def load_dataset_tensors(data: str, image_size: int, root=None, split: str = "train", num_classes: int = 10):
-    """(uint8 images (N, 3, S, S), int64 labels (N,)) for 'fashion-mnist', 'synthetic[:N]' or an image folder."""
-    from .datasets import load_image_tensors
-
-    if data.startswith("synthetic"):
-        n = int(data.split(":", 1)[1]) if ":" in data else 256
-        imgs = _synthetic_images(n, image_size, seed=1234)
-        labels = torch.arange(n, dtype=torch.int64) % num_classes
-        return imgs, labels
-    return load_image_tensors(data, split=split, image_size=image_size, root=root)
-
-
 def to_float_images(u8: torch.Tensor, flip: bool) -> torch.Tensor:
     """uint8 (B, 3, S, S) -> float in [-1, 1], each image flipped horizontally with probability 1/2."""
     x = u8.float() / 127.5 - 1.0
@@ -544,7 +399,7 @@ def grow_latent_tokens(state: dict, num_tokens: int, where: str, seed: int = 0) 
     return out
 
 
-class TokenizerTrainer:
+class TokenizerTrainer(tc.CheckpointedRun):
     """Holds the model, optimizer(s) and state of one tokenizer training run.
 
     ``perceptual_net``: a feature network (nn.Module or callable) for the perceptual loss,
@@ -552,14 +407,7 @@ class TokenizerTrainer:
     """
 
     def __init__(self, args: argparse.Namespace, perceptual_net=None, info: Optional[tc.DistInfo] = None):
-        self.args = args
-        self.info = info or tc.init_distributed(args.device)
-        self.device = self.info.device
-        if args.global_batch_size % self.info.world_size:
-            raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by "
-                             f"{self.info.world_size} processes")
-        self.local_batch = args.global_batch_size // self.info.world_size
-        self.folder = Path(args.results_dir)
+        self.init_run(args, info)
         self.model_args = tokenizer_model_args(args)
         self.train_yaml = tokenizer_train_yaml(args)
         self.config = TokenizerConfig.from_dicts(self.model_args, self.train_yaml, where=str(self.folder))
@@ -600,18 +448,9 @@ class TokenizerTrainer:
 
     # -- state
 
-    def prepare_folder(self) -> None:
-        """Write the configs and resume from the newest checkpoint when --resume."""
-        a = self.args
-        resume_from = tc.prepare_results_dir(self.folder, a.resume, a.overwrite)
-        if self.info.is_main:
-            tc.write_model_configs(self.folder, self.model_args, self.train_yaml,
-                                   overwrite=a.overwrite or resume_from is not None)
-        self.info.barrier()
-        if resume_from is not None:
-            self.load_state(resume_from)
-        elif a.init_from:
-            self.load_init_weights(Path(a.init_from))
+    @property
+    def trained_module(self) -> nn.Module:
+        return self.vq
 
     def load_init_weights(self, path: Path) -> None:
         """--init-from: model weights (and EMA, from the same weights) of another run; step 0."""
@@ -625,9 +464,9 @@ class TokenizerTrainer:
         # A GAN run warm-started from a GAN run keeps the trained discriminator and its Adam
         # state: a fresh one judges poorly for hundreds of steps, and meanwhile the L2 and
         # perceptual terms pull the decoder back towards blur.
-        self.load_discriminator(ckpt, f"--init-from {ckpt_path}")
+        self.load_extra_state(ckpt, f"--init-from {ckpt_path}")
 
-    def load_discriminator(self, ckpt: dict, where: str) -> None:
+    def load_extra_state(self, ckpt: dict, where: str) -> None:
         """The discriminator and its optimizer from a training checkpoint, when both sides have one."""
         if self.disc is None or "discriminator" not in ckpt:
             return
@@ -638,33 +477,10 @@ class TokenizerTrainer:
                              f"{exc}") from None
         self.optimizer_disc.load_state_dict(ckpt["optimizer_disc"])
 
-    def load_state(self, path: Path) -> None:
-        ckpt = tc.load_training_checkpoint(path)
-        self.vq.load_state_dict(ckpt["model"], strict=True)
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if self.ema is not None:
-            self.ema.load_state_dict(ckpt.get("ema", ckpt["model"]), strict=True)
-        self.load_discriminator(ckpt, f"--resume {path}")
-        self.steps = int(ckpt["steps"])
-        torch.manual_seed(self.args.global_seed * 7919 + self.steps * self.info.world_size + self.info.rank)
-
-    def checkpoint_payload(self) -> dict:
-        payload = {"model": self.vq.state_dict(), "optimizer": self.optimizer.state_dict(),
-                   "steps": self.steps, "args": tc.plain_namespace(self.args)}
-        if self.ema is not None:
-            payload["ema"] = self.ema.state_dict()
-        if self.disc is not None:
-            payload["discriminator"] = self.disc.state_dict()
-            payload["optimizer_disc"] = self.optimizer_disc.state_dict()
-        return payload
-
-    def save_checkpoint(self) -> Optional[Path]:
-        path = None
-        if self.info.is_main:
-            path = tc.save_checkpoint(self.folder, self.steps, self.checkpoint_payload(),
-                                      overwrite=self.args.overwrite)
-        self.info.barrier()
-        return path
+    def extra_state(self) -> dict:
+        if self.disc is None:
+            return {}
+        return {"discriminator": self.disc.state_dict(), "optimizer_disc": self.optimizer_disc.state_dict()}
 
     # -- steps
 
@@ -765,30 +581,25 @@ class TokenizerTrainer:
         batches = image_batches(a, self.info, self.local_batch, self.steps)
         vis_batch = None
         bar = tc.progress(a.max_steps, self.steps, a.progress and self.info.is_main, "tokenizer")
-        window: dict = {}
-        n_window = 0
+        window = tc.StatsWindow(skip=("t", "noise_idx", "lr"))
         timer = tc.Timer()
         while self.steps < a.max_steps:
             images = next(batches)
             if vis_batch is None:
                 vis_batch = images[:8].clone()
             stats = self.train_step(images)
-            for k, v in stats.items():
-                if k not in ("t", "noise_idx", "lr"):
-                    window[k] = window[k] + v if k in window else v
-            n_window += 1
+            window.add(stats)
             bar.update(1)
             last = self.steps == a.max_steps
-            if (a.log_every and self.steps % a.log_every == 0) or last:
-                avg = self.info.all_reduce_mean({k: v / n_window for k, v in window.items()})
+            if tc.due(a.log_every, self.steps, last):
+                avg = window.mean(self.info)
                 rec = {"step": self.steps, **avg, "lr": stats["lr"], "codebook_usage": self.codebook_usage(),
                        "elapsed_s": round(timer.elapsed(), 3)}
                 self.logger.log(rec)
                 bar.set_postfix(loss=f"{avg.get('loss', float('nan')):.4f}", rec=f"{avg.get('rec_loss', 0):.4f}")
-                window, n_window = {}, 0
-            if (a.vis_every and self.steps % a.vis_every == 0) or last:
+            if tc.due(a.vis_every, self.steps, last):
                 self.save_samples(vis_batch, f"{self.steps:07d}")
-            if (a.ckpt_every and self.steps % a.ckpt_every == 0) or last:
+            if tc.due(a.ckpt_every, self.steps, last):
                 self.save_checkpoint()
         bar.close()
         if a.write_state_hash:
@@ -799,20 +610,10 @@ class TokenizerTrainer:
 
 
 def train(argv: Union[None, Sequence[str], argparse.Namespace] = None, perceptual_net=None) -> TokenizerTrainer:
-    """Python API: parse ``argv`` (or take a Namespace), train, return the trainer (models in memory).
-
-    Under torchrun this joins the process group and leaves it at the end. To run several
-    trainers in one process, share one group instead (re-initialising gloo in a process can
-    hang): ``info = train_common.init_distributed(dev)``, then ``<Trainer>(args, info=info).fit()``
-    for each, then ``train_common.teardown_distributed(info)``.
-    """
+    """Python API: parse ``argv`` (or take a Namespace), train, return the trainer (models in
+    memory); the process group is left at the end (`train_common.fit_and_leave`)."""
     args = argv if isinstance(argv, argparse.Namespace) else parse_args(argv)
-    trainer = TokenizerTrainer(args, perceptual_net=perceptual_net)
-    try:
-        trainer.fit()
-    finally:
-        tc.teardown_distributed(trainer.info)
-    return trainer
+    return tc.fit_and_leave(TokenizerTrainer(args, perceptual_net=perceptual_net))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

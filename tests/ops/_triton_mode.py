@@ -38,6 +38,9 @@ needs_cuda_triton = pytest.mark.skipif(
     reason="needs a CUDA device and triton (compiled, TRITON_INTERPRET unset)")
 # The interpreter tests need a fresh process only when triton was imported before TRITON_INTERPRET=1
 # could be set here; the test files define their subprocess rerun only then (no skip otherwise).
+# The float dtypes the Triton kernels take, and their test ids.
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = ["fp32", "bf16", "fp16"]
 NEEDS_SUBPROCESS = HAVE_TRITON and not INTERPRET and not CUDA
 
 

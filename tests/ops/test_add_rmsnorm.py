@@ -1,9 +1,7 @@
 """add_rmsnorm (residual add + RMSNorm, one pass) vs add_rmsnorm_ref.
 
 The Triton kernel runs here on CPU tensors under the Triton interpreter, and compiled on CUDA
-in the `gpu` tests. The interpreter has to be chosen before triton is first imported (triton's
-own library functions are jit'd at import): _triton_mode.py sets TRITON_INTERPRET=1 when it can;
-if something imported triton earlier, one test re-runs this file in a subprocess instead.
+in the `gpu` tests (_triton_mode.py says how the interpreter is chosen).
 """
 from __future__ import annotations
 
@@ -12,8 +10,8 @@ import warnings
 
 import pytest
 import torch
-from _triton_mode import (CUDA, HAVE_TRITON, INTERPRET, needs_cuda_triton, needs_interpreter,  # noqa: F401
-                          NEEDS_SUBPROCESS, rerun_interpreter_tests)
+from _triton_mode import (CUDA, DTYPE_IDS, DTYPES, HAVE_TRITON, INTERPRET, needs_cuda_triton,  # noqa: F401
+                          needs_interpreter, NEEDS_SUBPROCESS, rerun_interpreter_tests)
 
 from detailflow_engine.ops import _dispatch
 from detailflow_engine.ops.add_rmsnorm import add_rmsnorm, add_rmsnorm_ref, tolerance
@@ -22,8 +20,6 @@ from detailflow_engine.prior import RMSNorm
 if INTERPRET:
     from detailflow_engine.ops._triton.add_rmsnorm import add_rmsnorm_fwd
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-DTYPE_IDS = ["fp32", "bf16", "fp16"]
 # One output rounding apart: kernel and reference run the same fp32 formula and differ only in
 # the order of the fp32 sum, which can move the normalized value across one rounding boundary
 # before the weight multiply (1 ulp), then the product rounds again: <= 2 ulp of |y|.

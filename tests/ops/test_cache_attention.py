@@ -14,10 +14,10 @@ needs_cpu_kernels = pytest.mark.skipif(
     reason="the _C extension with the cache_attention CPU kernel is not built")
 
 
-def make_inputs(B, H, n_q, d, L_max, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q, k_new, v_new = (torch.randn(B, H, n_q, d, generator=g).to(dtype) for _ in range(3))
-    k_cache, v_cache = (torch.randn(B, H, L_max, d, generator=g).to(dtype) for _ in range(2))
+def make_inputs(B, H, n_q, d, L_max, dtype, seed=0, device="cpu"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    q, k_new, v_new = (torch.randn(B, H, n_q, d, generator=g, device=device).to(dtype) for _ in range(3))
+    k_cache, v_cache = (torch.randn(B, H, L_max, d, generator=g, device=device).to(dtype) for _ in range(2))
     return q, k_new, v_new, k_cache, v_cache
 
 
@@ -88,15 +88,19 @@ def test_fused_qkv_views_and_out(dtype):
     check(q, k_new, v_new, k_cache, v_cache, start_pos, out=out)
 
 
-def test_non_unit_last_stride_inputs_and_out():
+def check_non_unit_last_stride(device):
     """A q with a strided last dim (slice of a wider tensor) and a transposed out still work."""
     B, H, n_q, d, L_max, start_pos = 2, 3, 4, 33, 12, 5
-    q_wide, k_new, v_new, k_cache, v_cache = make_inputs(B, H, n_q, 2 * d, L_max, torch.float32)
+    q_wide, k_new, v_new, k_cache, v_cache = make_inputs(B, H, n_q, 2 * d, L_max, torch.float32, device=device)
     q = q_wide[..., ::2]
     k_new, v_new = k_new[..., :d], v_new[..., 1:d + 1]
     k_cache, v_cache = k_cache[..., :d].contiguous(), v_cache[..., :d].contiguous()
-    out = torch.empty(B, H, d, n_q).transpose(-1, -2)
+    out = torch.empty(B, H, d, n_q, device=device).transpose(-1, -2)
     check(q, k_new, v_new, k_cache, v_cache, start_pos, out=out)
+
+
+def test_non_unit_last_stride_inputs_and_out():
+    check_non_unit_last_stride("cpu")
 
 
 def test_scale_and_untouched_cache_rows():
@@ -106,22 +110,27 @@ def test_scale_and_untouched_cache_rows():
     assert torch.equal(k_cache[:, :, :8], before[:, :, :8]) and torch.equal(k_cache[:, :, 16:], before[:, :, 16:])
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
-def test_decode_schedule_matches_reference(dtype):
-    """The prior's step plan: class position, causal single steps, then whole groups of 8."""
-    B, H, d, L_max = 2, 2, 64, 40
-    steps = [1] * 8 + [8] * 4
-    _, _, _, k_cache, v_cache = make_inputs(B, H, 1, d, L_max, dtype, seed=3)
+def check_decode_schedule(make, B, H, d, L_max, steps, dtype) -> int:
+    """Runs the steps (n_q each) of a decode plan through the op and the reference on one cache
+    each: every output within tolerance, the caches equal at the end -> the final position."""
+    _, _, _, k_cache, v_cache = make(B, H, 1, d, L_max, dtype, seed=3)
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     pos = 0
     for i, n_q in enumerate(steps):
-        q, k_new, v_new, _, _ = make_inputs(B, H, n_q, d, 1, dtype, seed=10 + i)
+        q, k_new, v_new, _, _ = make(B, H, n_q, d, 1, dtype, seed=10 + i)
         ref = cache_attention_ref(q, k_new, v_new, k_ref, v_ref, pos)
         got = cache_attention(q, k_new, v_new, k_cache, v_cache, pos)
         err = (got.float() - ref.float()).abs().max().item()
         assert err <= tolerance(dtype)[0], f"step {i} (n_q={n_q}, start_pos={pos}): max err {err:.3g}"
         pos += n_q
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    return pos
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_decode_schedule_matches_reference(dtype):
+    """The prior's step plan: class position, causal single steps, then whole groups of 8."""
+    check_decode_schedule(make_inputs, 2, 2, 64, 40, [1] * 8 + [8] * 4, dtype)
 
 
 def test_inference_mode():
@@ -198,10 +207,7 @@ CUDA_IDS = ["fp32", "bf16", "fp16"]
 
 
 def make_cuda_inputs(B, H, n_q, d, L_max, dtype, seed=0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q, k_new, v_new = (torch.randn(B, H, n_q, d, generator=g, device="cuda").to(dtype) for _ in range(3))
-    k_cache, v_cache = (torch.randn(B, H, L_max, d, generator=g, device="cuda").to(dtype) for _ in range(2))
-    return q, k_new, v_new, k_cache, v_cache
+    return make_inputs(B, H, n_q, d, L_max, dtype, seed, device="cuda")
 
 
 def cuda_op(num_splits):
@@ -302,13 +308,7 @@ def test_cuda_misaligned_views_take_generic_path(d, num_splits):
 @gpu
 @pytest.mark.gpu
 def test_cuda_non_unit_last_stride_inputs_and_out():
-    B, H, n_q, d, L_max, start_pos = 2, 3, 4, 33, 12, 5
-    q_wide, k_new, v_new, k_cache, v_cache = make_cuda_inputs(B, H, n_q, 2 * d, L_max, torch.float32)
-    q = q_wide[..., ::2]
-    k_new, v_new = k_new[..., :d], v_new[..., 1:d + 1]
-    k_cache, v_cache = k_cache[..., :d].contiguous(), v_cache[..., :d].contiguous()
-    out = torch.empty(B, H, d, n_q, device="cuda").transpose(-1, -2)
-    check(q, k_new, v_new, k_cache, v_cache, start_pos, out=out)
+    check_non_unit_last_stride("cuda")
 
 
 @gpu
@@ -334,20 +334,7 @@ def test_cuda_k_new_already_in_cache(num_splits):
 def test_cuda_decode_schedule_matches_reference(dtype):
     """DetailFlow-16's step plan on the 129-position cache: class token + 8 causal steps, then
     15 groups of 8, with the wrapper's split heuristic (batch 1 with CFG -> splits)."""
-    B, H, d, L_max = 2, 16, 64, 129
-    steps = [1] * 9 + [8] * 15
-    _, _, _, k_cache, v_cache = make_cuda_inputs(B, H, 1, d, L_max, dtype, seed=3)
-    k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    pos = 0
-    for i, n_q in enumerate(steps):
-        q, k_new, v_new, _, _ = make_cuda_inputs(B, H, n_q, d, 1, dtype, seed=10 + i)
-        ref = cache_attention_ref(q, k_new, v_new, k_ref, v_ref, pos)
-        got = cache_attention(q, k_new, v_new, k_cache, v_cache, pos)
-        err = (got.float() - ref.float()).abs().max().item()
-        assert err <= tolerance(dtype)[0], f"step {i} (n_q={n_q}, start_pos={pos}): max err {err:.3g}"
-        pos += n_q
-    assert pos == L_max
-    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    assert check_decode_schedule(make_cuda_inputs, 2, 16, 64, 129, [1] * 9 + [8] * 15, dtype) == 129
 
 
 @gpu

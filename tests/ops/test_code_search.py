@@ -9,13 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _kernel_marks import gpu_kernel, needs_cpu_kernel
 from detailflow_engine.ops import _dispatch
 from detailflow_engine.ops.code_search import code_distances_ref, code_search, code_search_ref, tolerance
 
 F32, BF16 = torch.float32, torch.bfloat16
-needs_cpu_kernels = pytest.mark.skipif(
-    not (_dispatch.has_cpu_kernels() and hasattr(_dispatch.extension(), "code_search")),
-    reason="compiled extension (_C.code_search) not available")
+needs_cpu_kernels = needs_cpu_kernel("code_search")
 
 
 def _make(N, K, D, z_dtype=F32, cb_dtype=F32, seed=0):
@@ -151,14 +150,7 @@ def test_bad_inputs():
 # CUDA kernel (csrc/cuda/code_search.cu): run by `pytest -m gpu` on a machine with a GPU.
 
 F16 = torch.float16
-_HAS_CUDA_KERNEL = (torch.cuda.is_available() and _dispatch.has_cuda_kernels()
-                    and hasattr(_dispatch.extension(), "code_search_cuda"))
-
-
-def _gpu(fn):
-    """Marks a test `gpu` and skips it unless a CUDA device and _C.code_search_cuda exist."""
-    skip = pytest.mark.skipif(not _HAS_CUDA_KERNEL, reason="CUDA device or _C.code_search_cuda not available")
-    return pytest.mark.gpu(skip(fn))
+_gpu = gpu_kernel("code_search_cuda")
 
 
 def _cuda(*tensors):

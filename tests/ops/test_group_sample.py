@@ -150,15 +150,19 @@ def test_noncontiguous_and_fp16_match_ref():
     _check(one, _seeds(1), torch.arange(64), cfg_scale=1.5, top_k=20)
 
 
-@needs_cpu
-def test_nonfinite_rows_match_ref():
-    V = 64
-    x = _logits(2, 4, V, seed=8)
+def _nonfinite_rows():
+    """(logits (2, 4, 64) with -inf, +inf and NaN rows and entries, seeds, positions)."""
+    x = _logits(2, 4, 64, seed=8)
     x[0, 0] = float("-inf")                              # no finite logit: uniform over all
     x[0, 1, 5] = x[0, 1, 9] = float("inf")               # +inf max: only the infinite tokens
     x[1, 2] = float("nan")                               # unconditional row all NaN -> -inf
     x[0, 3, ::2] = float("nan")
-    seeds, pos = _seeds(1), torch.arange(4)
+    return x, _seeds(1), torch.arange(4)
+
+
+@needs_cpu
+def test_nonfinite_rows_match_ref():
+    x, seeds, pos = _nonfinite_rows()
     tok, *_ = _check(x, seeds, pos, cfg_scale=1.0)
     assert tok[0, 1] in (5, 9) and tok[0, 3] % 2 == 1
     _check(x[:1], seeds, pos, top_k=3, top_p=0.5)
@@ -662,13 +666,7 @@ def test_cuda_many_rows_uncached():
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_nonfinite_rows():
-    V = 64
-    x = _logits(2, 4, V, seed=8)
-    x[0, 0] = float("-inf")                              # no finite logit: uniform over all
-    x[0, 1, 5] = x[0, 1, 9] = float("inf")               # +inf max: only the infinite tokens
-    x[1, 2] = float("nan")                               # unconditional row all NaN -> -inf
-    x[0, 3, ::2] = float("nan")
-    seeds, pos = _seeds(1), torch.arange(4)
+    x, seeds, pos = _nonfinite_rows()
     for kw in (dict(cfg_scale=1.0), dict(cfg_scale=1.0, top_k=3, top_p=0.5), dict(cfg_scale=3.0, temperature=0.0)):
         tok, _ = _cuda_vs_cpu(x, seeds, pos, **kw)
     tok, _ = _cuda_vs_cpu(x[:1], seeds, pos, top_k=3, top_p=0.5)

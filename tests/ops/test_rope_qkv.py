@@ -1,9 +1,7 @@
 """rope_qkv (split the fused qkv projection, rotary on q and k, (B, H, n, d) layout) vs rope_qkv_ref.
 
 The Triton kernel runs here on CPU tensors under the Triton interpreter, and compiled on CUDA
-in the `gpu` tests. The interpreter has to be chosen before triton is first imported (triton's
-own library functions are jit'd at import): _triton_mode.py sets TRITON_INTERPRET=1 when it can;
-if something imported triton earlier, one test re-runs this file in a subprocess instead.
+in the `gpu` tests (_triton_mode.py says how the interpreter is chosen).
 """
 from __future__ import annotations
 
@@ -11,8 +9,8 @@ import warnings
 
 import pytest
 import torch
-from _triton_mode import (CUDA, HAVE_TRITON, INTERPRET, needs_cuda_triton, needs_interpreter,  # noqa: F401
-                          NEEDS_SUBPROCESS, rerun_interpreter_tests)
+from _triton_mode import (CUDA, DTYPE_IDS, DTYPES, HAVE_TRITON, INTERPRET, needs_cuda_triton,  # noqa: F401
+                          needs_interpreter, NEEDS_SUBPROCESS, rerun_interpreter_tests)
 
 from detailflow_engine.ops import _dispatch
 from detailflow_engine.ops.rope_qkv import rope_qkv, rope_qkv_ref, tolerance
@@ -21,8 +19,6 @@ from detailflow_engine.rotary import precompute_freqs_cis_2d
 if INTERPRET:
     from detailflow_engine.ops._triton.rope_qkv import launch_config, rope_qkv_fwd
 
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-DTYPE_IDS = ["fp32", "bf16", "fp16"]
 _ULP = {torch.float32: 2 ** -23, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
 
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _kernel_marks import gpu_kernel, needs_cpu_kernel
 from detailflow_engine.ops import _dispatch
 from detailflow_engine.ops.vq_lookup import tolerance, vq_lookup, vq_lookup_ref
 
 F32, BF16 = torch.float32, torch.bfloat16
-needs_cpu_kernels = pytest.mark.skipif(
-    not (_dispatch.has_cpu_kernels() and hasattr(_dispatch.extension(), "vq_lookup")),
-    reason="compiled extension (_C.vq_lookup) not available")
+needs_cpu_kernels = needs_cpu_kernel("vq_lookup")
 
 
 def _make(B, T, K, D, C, cb_dtype=F32, w_dtype=F32, bias=True, pos=True, t_max=None, seed=0):
@@ -196,14 +195,7 @@ def test_bad_inputs():
 # CUDA kernel (csrc/cuda/vq_lookup.cu): run by `pytest -m gpu` on a machine with a GPU.
 
 F16 = torch.float16
-_HAS_CUDA_KERNEL = (torch.cuda.is_available() and _dispatch.has_cuda_kernels()
-                    and hasattr(_dispatch.extension(), "vq_lookup_cuda"))
-
-
-def _gpu(fn):
-    """Marks a test `gpu` and skips it unless a CUDA device and _C.vq_lookup_cuda exist."""
-    skip = pytest.mark.skipif(not _HAS_CUDA_KERNEL, reason="CUDA device or _C.vq_lookup_cuda not available")
-    return pytest.mark.gpu(skip(fn))
+_gpu = gpu_kernel("vq_lookup_cuda")
 
 
 def _cuda(*tensors):

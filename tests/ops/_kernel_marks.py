@@ -1,0 +1,21 @@
+"""Shared by the compiled-kernel tests: skip marks for the `_C` entry points a test needs."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from detailflow_engine.ops import _dispatch
+
+
+def needs_cpu_kernel(entry: str):
+    """Skips a test unless the extension was built with CPU kernels and has `_C.<entry>`."""
+    return pytest.mark.skipif(not (_dispatch.has_cpu_kernels() and hasattr(_dispatch.extension(), entry)),
+                              reason=f"compiled extension (_C.{entry}) not available")
+
+
+def gpu_kernel(entry: str):
+    """A decorator: marks a test `gpu` and skips it unless a CUDA device and `_C.<entry>` exist."""
+    present = (torch.cuda.is_available() and _dispatch.has_cuda_kernels()
+               and hasattr(_dispatch.extension(), entry))
+    skip = pytest.mark.skipif(not present, reason=f"CUDA device or _C.{entry} not available")
+    return lambda fn: pytest.mark.gpu(skip(fn))
