@@ -56,6 +56,7 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -163,7 +164,7 @@ void portable_panel(const Wt* w, const float* xs, int64_t M, int64_t R, int64_t 
         for (int j = 0; j < kP; ++j) acc[j] += wat(w, k, j) * xv;
       }
       const float* gs = gscale ? gscale + (k0 / block) * kP : nullptr;
-      for (int j = 0; j < kP; ++j) total[j] = gs ? total[j] + acc[j] * gs[j] : total[j] + acc[j];
+      for (int j = 0; j < kP; ++j) total[j] = gs ? std::fma(acc[j], gs[j], total[j]) : total[j] + acc[j];
     }
     for (int64_t j = 0; j < ncols; ++j) from_float(scale ? total[j] * scale[j] : total[j], y + m * ldy + j);
   }
@@ -227,18 +228,19 @@ DF_AVX512 DF_INLINE void zero_tile(__m512 (&acc)[MT][NP]) {
     for (int p = 0; p < NP; ++p) acc[m][p] = _mm512_setzero_ps();
 }
 
-// A finished block into the running total (kept in L1). int4: total += s_g * block sum, the
-// group's 16 scales per panel loaded once a block.
+// A finished block into the running total (kept in L1). int4: total += s_g * block sum with one
+// explicit FMA (never left to the compiler's contraction, which may differ per tile shape and
+// would make a row's bits depend on M), the group's 16 scales per panel loaded once a block.
 template <int MT, int NP>
 DF_AVX512 DF_INLINE void add_block(const __m512 (&acc)[MT][NP], float (&total)[MT][NP][kP], bool first,
                                    const Job& j, int64_t g) {
 #pragma GCC unroll 4
   for (int p = 0; p < NP; ++p) {
-    const __m512 s = j.gscale ? _mm512_loadu_ps(j.gscale + p * j.gstride + g * kP) : _mm512_set1_ps(1.0f);
+    const __m512 s = j.gscale ? _mm512_loadu_ps(j.gscale + p * j.gstride + g * kP) : _mm512_setzero_ps();
 #pragma GCC unroll 16
     for (int m = 0; m < MT; ++m) {
-      const __m512 a = j.gscale ? _mm512_mul_ps(acc[m][p], s) : acc[m][p];
-      _mm512_store_ps(total[m][p], first ? a : _mm512_add_ps(a, _mm512_load_ps(total[m][p])));
+      const __m512 t = first ? _mm512_setzero_ps() : _mm512_load_ps(total[m][p]);
+      _mm512_store_ps(total[m][p], j.gscale ? _mm512_fmadd_ps(acc[m][p], s, t) : _mm512_add_ps(acc[m][p], t));
     }
   }
 }
@@ -513,7 +515,7 @@ void run_gemm(const X* x, int64_t M, int64_t K, int64_t ldx, const Wt* packed, c
   const int64_t block = pair_steps ? block_k / 2 : block_k;
   const float* row_scale = kIsInt4<Wt> ? nullptr : scales;
   const float* group_scale = kIsInt4<Wt> ? scales : nullptr;
-  const int64_t gstride = kIsInt4<Wt> ? K / group * kP : 0;
+  const int64_t gstride = kIsInt4<Wt> ? (K + group - 1) / group * kP : 0;  // the last group may be short
   const Tiles tiles = plan_tiles(M);
   const int64_t R = tiles.rows;
 
