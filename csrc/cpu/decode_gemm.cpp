@@ -438,6 +438,15 @@ MicroFn micro_for(Variant v, int np, int mt) {
     default: return micro_for<MicroBf16<DotStep<Int4Pairs>>, Y>(np, mt);  // Int4Dot
   }
 }
+// Several row tiles over int8 / int4 W: decode the panel group once into bf16 pairs (L2) and
+// run the bf16 dot loop on them for every tile, instead of decoding once per tile. The pairs
+// and the dot products are the same as the fused loop's, so the bits are too (row invariance).
+template <typename Dec>
+DF_AVX512 void decode_group(const Job& j, int np, uint16_t* out) {
+  for (int p = 0; p < np; ++p)
+    for (int64_t k2 = 0; k2 < j.ksteps; ++k2)
+      _mm512_storeu_si512(out + (p * j.ksteps + k2) * 2 * kP, Dec::load(j, p, k2));
+}
 #pragma GCC diagnostic pop
 #endif  // __x86_64__
 
@@ -561,20 +570,33 @@ void run_gemm(const X* x, int64_t M, int64_t K, int64_t ldx, const Wt* packed, c
       }
 #if defined(__x86_64__)
       const int64_t c0 = (item / items_n) * tiles.chunk, c1 = std::min(tiles.count, c0 + tiles.chunk);
+      const bool predecode = c1 - c0 > 1 && (variant == Variant::Int8Dot || variant == Variant::Int4Dot);
+      thread_local std::vector<uint16_t> decoded;
       for (int64_t p = p0; p < p1; p += tiles.np) {
         const int np = static_cast<int>(std::min<int64_t>(tiles.np, p1 - p));
+        Job job{packed + p * pstride, pstride, nullptr, R, ksteps, block, K / 2, nullptr, ldy, N - p * kP,
+                kPrefetchBytes, row_scale ? row_scale + p * kP : nullptr,
+                group_scale ? group_scale + p * gstride : nullptr, gstride};
+        Variant v = variant;
+        if (predecode) {
+          decoded.resize(static_cast<size_t>(np * ksteps * 2 * kP));
+          if (variant == Variant::Int8Dot) {
+            decode_group<Int8Pairs>(job, np, decoded.data());
+          } else {
+            decode_group<Int4Pairs>(job, np, decoded.data());
+          }
+          job.w = decoded.data();
+          job.pstride = ksteps * 2 * kP;
+          v = Variant::Bf16Dot;
+        }
         for (int64_t ti = c0; ti < c1; ++ti) {
           const int64_t m0 = ti * R;
           const int mt = static_cast<int>(std::min<int64_t>(R, M - m0));
-          const MicroFn fn = micro_for<X>(variant, np, mt);
-          const bool next_group = c1 - c0 > 1 && ti + 1 == c1;  // last of several passes
-          const float* tile_xs = xs + ti * R * stage_steps;
-          const Job job{packed + p * pstride, pstride, tile_xs, R, ksteps, block, K / 2,
-                        y + m0 * ldy + p * kP, ldy, N - p * kP,
-                        next_group ? np * pstride * static_cast<int64_t>(sizeof(Wt)) : kPrefetchBytes,
-                        row_scale ? row_scale + p * kP : nullptr,
-                        group_scale ? group_scale + p * gstride : nullptr, gstride};
-          fn(job);
+          const bool next_group = !predecode && c1 - c0 > 1 && ti + 1 == c1;  // last of several passes
+          job.xs = xs + ti * R * stage_steps;
+          job.y = y + m0 * ldy + p * kP;
+          job.prefetch = next_group ? np * pstride * static_cast<int64_t>(sizeof(Wt)) : kPrefetchBytes;
+          micro_for<X>(v, np, mt)(job);
         }
       }
 #endif
