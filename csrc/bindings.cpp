@@ -385,6 +385,21 @@ static void decode_gemm_cuda(uintptr_t x, int64_t M, int64_t K, int64_t ldx, int
                                      reinterpret_cast<const float*>(scales), N, reinterpret_cast<void*>(y), ldy,
                                      reinterpret_cast<float*>(scratch), used, stream);
 }
+
+// decode_gemm_int4_cuda: x (M, K) rows stride ldx, w (N, ceil(K / 2)) uint8 nibbles, group
+// scales (Np, ceil(K / group), 16) fp32, y (M, N) rows stride ldy; device pointers, on `stream`.
+static void decode_gemm_int4_cuda(uintptr_t x, int64_t M, int64_t K, int64_t ldx, int dtype, uintptr_t w,
+                                  uintptr_t scales, int64_t group, int64_t N, uintptr_t y, int64_t ldy,
+                                  uintptr_t stream) {
+  DF_CHECK_PTR(x); DF_CHECK_PTR(w); DF_CHECK_PTR(scales); DF_CHECK_PTR(y);
+  DF_CHECK_POSITIVE(M); DF_CHECK_POSITIVE(K); DF_CHECK_POSITIVE(N);
+  DF_CHECK(M == 1 || (ldx >= K && ldy >= N), "row strides must be >= the row lengths, got ldx = "
+                                                 << ldx << " (K = " << K << "), ldy = " << ldy);
+  py::gil_scoped_release release;
+  detailflow::cuda::decode_gemm_int4_cuda(reinterpret_cast<const void*>(x), M, K, ldx, dtype,
+                                          reinterpret_cast<const uint8_t*>(w), reinterpret_cast<const float*>(scales),
+                                          group, N, reinterpret_cast<void*>(y), ldy, stream);
+}
 #endif  // DETAILFLOW_HAS_CUDA
 
 PYBIND11_MODULE(_C, m) {
@@ -402,6 +417,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("group_sample", &group_sample_cpu, "CFG + temperature + top-k/top-p + Philox draw (CPU)");
 #if DETAILFLOW_HAS_CUDA
   m.def("decode_gemm_cuda", &decode_gemm_cuda, "y = x @ W^T for few rows, W row-major or int8 (CUDA)");
+  m.def("decode_gemm_int4_cuda", &decode_gemm_int4_cuda, "decode_gemm for int4 group-quantized W (CUDA)");
 #endif
 #if DETAILFLOW_HAS_CUDA
   m.def("vq_lookup_cuda", &vq_lookup_cuda, "Gather + normalize codebook rows, project, + bias + pos (CUDA)");

@@ -381,8 +381,10 @@ def decode_gemm(x: Tensor, packed: PackedWeight, *, out: Optional[Tensor] = None
         x: (..., K) float32 or bfloat16, any strides; its rows (all leading dims together) are
             the M of the GEMM, fast for M <= 64 (use F.linear beyond the measured crossover).
         packed: `pack_weight(W)` of a (N, K) float32 or bfloat16 weight on x's device, or
-            `pack_int8(W)` (int8 weight-only, per-row scales). On the CPU any mix of x and W
-            dtypes works; bf16 x with bf16 W uses the CPU's bf16 dot product. On CUDA the kernel
+            `pack_int8(W)` (int8 weight-only, per-row scales), or `pack_int4(W, group_size)`
+            (int4 weight-only, group scales). On the CPU any mix of x and W dtypes works; bf16 x
+            with bf16, int8 or int4 W uses the CPU's bf16 dot product (the int codes become
+            exact bf16 in registers; x is not rounded), fp32 x exact fp32 multiplies. On CUDA the kernel
             takes W of x's dtype or int8 (other mixes run the torch reference); float16 x too.
         out: optional (..., N) tensor of x's dtype to write into.
 
@@ -543,6 +545,27 @@ def force_portable(on: bool) -> None:
     ext.decode_gemm_force_portable(bool(on))
 
 
+def _int4_cuda_applies(x, packed, nibbles, group_scales, out, group_size) -> bool:
+    dev = x.device
+    return (dev.type == "cuda" and _dispatch.has_cuda_kernels()
+            and hasattr(_dispatch.extension(), "decode_gemm_int4_cuda") and x.dtype in _CUDA_X_DTYPES
+            and packed.device == dev and group_scales.device == dev and out.device == dev
+            and packed.is_contiguous() and group_scales.is_contiguous())
+
+
+def _int4_cuda_impl(x, packed, nibbles, group_scales, out, group_size) -> None:
+    M, K = x.shape
+    N = out.shape[1]
+    x, ldx, dst, ldy = _fix_strides(x, out)
+    with torch.cuda.device(x.device):
+        _dispatch.extension().decode_gemm_int4_cuda(
+            x.data_ptr(), M, K, ldx, _dispatch.DTYPE_CODES[x.dtype], packed.data_ptr(), group_scales.data_ptr(),
+            group_size, N, dst.data_ptr(), ldy, torch.cuda.current_stream(x.device).cuda_stream)
+    if dst is not out:
+        out.copy_(dst)
+
+
+_dispatch.register("decode_gemm_int4", "cuda", _int4_cuda_impl, applies=_int4_cuda_applies)
 _dispatch.register("decode_gemm_int4", "cpu", _int4_cpu_impl, applies=_int4_cpu_applies)
 _dispatch.register("decode_gemm_int4", "torch", _int4_torch_impl)
 _dispatch.register("decode_gemm", "cuda", _cuda_impl, applies=_cuda_applies)
