@@ -111,6 +111,15 @@ def _shape(t: Tensor) -> str:
     return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
 
 
+def _float_weight(weight) -> Tensor:
+    """A (N, K) floating weight (N, K >= 1) as detached fp32, else TypeError / ValueError."""
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"`weight` must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2 or not weight.is_floating_point() or weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"`weight` must be a floating-point (N, K) tensor with N, K >= 1, got {_shape(weight)}")
+    return weight.detach().float()
+
+
 def quantize_int8(weight: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-output-channel symmetric int8 quantization of a (N, K) float weight (gpt-fast style).
 
@@ -118,12 +127,8 @@ def quantize_int8(weight: Tensor) -> Tuple[Tensor, Tensor]:
     Q = round(W / scales) clamped to [-127, 127] (computed in fp32; an all-zero row gets
     scale 0 and Q = 0). Raises ValueError on non-finite weights.
     """
-    if not isinstance(weight, Tensor):
-        raise TypeError(f"`weight` must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dim() != 2 or not weight.is_floating_point() or weight.shape[0] == 0 or weight.shape[1] == 0:
-        raise ValueError(f"`weight` must be a floating-point (N, K) tensor with N, K >= 1, got {_shape(weight)}")
+    w = _float_weight(weight)
     with torch.no_grad():
-        w = weight.detach().float()
         amax = w.abs().amax(dim=1)
         if not bool(torch.isfinite(amax).all()):
             raise ValueError("`weight` has non-finite values: int8 quantization needs finite weights")
@@ -192,12 +197,8 @@ def quantize_int4(weight: Tensor, group_size: int = INT4_GROUP) -> Tuple[Tensor,
     Raises ValueError on non-finite weights or a bad group size.
     """
     G = _check_group(group_size)
-    if not isinstance(weight, Tensor):
-        raise TypeError(f"`weight` must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dim() != 2 or not weight.is_floating_point() or weight.shape[0] == 0 or weight.shape[1] == 0:
-        raise ValueError(f"`weight` must be a floating-point (N, K) tensor with N, K >= 1, got {_shape(weight)}")
+    w = _float_weight(weight)
     with torch.no_grad():
-        w = weight.detach().float()
         N, K = w.shape
         ng = -(-K // G)
         padded = F.pad(w, (0, ng * G - K)).view(N, ng, G)
