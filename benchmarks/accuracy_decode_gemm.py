@@ -1,4 +1,4 @@
-"""Accuracy cost of the engine's weight modes: bf16 and int8 weights against fp32.
+"""Accuracy cost of the engine's weight modes: bf16, int8 and int4 weights against fp32.
 
 For each mode (dtype bf16 + native weights, dtype fp32 + int8 weights, dtype bf16 + int8
 weights) against the fp32 engine, on
@@ -21,6 +21,7 @@ pessimistic stress number, not a model-quality number.
 
     OMP_NUM_THREADS=2 python benchmarks/accuracy_decode_gemm.py            # both
     python benchmarks/accuracy_decode_gemm.py --skip-random                # fixtures only
+    python benchmarks/accuracy_decode_gemm.py --skip-random --default-model --batch 10   # + the embedded model
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from detailflow_engine.schedule import cfg_scale_for_step  # noqa: E402
 from detailflow_engine.presets import preset_configs, randomize_  # noqa: E402
 from detailflow_engine.prior import Prior  # noqa: E402
 
-MODES = [("bf16", "native"), ("fp32", "int8"), ("bf16", "int8")]
+MODES = [("bf16", "native"), ("fp32", "int8"), ("bf16", "int8"), ("fp32", "int4"), ("bf16", "int4")]
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -92,6 +93,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--skip-random", action="store_true", help="fixtures only")
     ap.add_argument("--skip-fixtures", action="store_true")
+    ap.add_argument("--default-model", action="store_true",
+                    help="also the embedded default model (DetailFlowPipeline.from_pretrained() with no args)")
     ap.add_argument("--batch", type=int, default=2, help="images for the random-weight model")
     ap.add_argument("--cfg", type=float, default=1.5)
     ap.add_argument("--seed", type=int, default=0)
@@ -110,6 +113,13 @@ def main() -> None:
             models = {(d, w): load_prior(tiny / "prior", device="cpu", dtype=d, weights=w)
                       for d, w in [("fp32", "native")] + MODES}
             compare("tiny-a", models, labels, args.cfg)
+    if args.default_model:
+        from detailflow_engine.assets import default_model_paths
+
+        prior_path = default_model_paths()[0]
+        models = {(d, w): load_prior(prior_path, device="cpu", dtype=d, weights=w) for d, w in [("fp32", "native")] + MODES}
+        labels = torch.arange(args.batch) % models[("fp32", "native")].config.num_classes
+        compare("default model", models, labels, args.cfg)
     if not args.skip_random:
         from detailflow_engine.loading import prepare_prior
 

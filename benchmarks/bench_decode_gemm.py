@@ -11,6 +11,13 @@ read of a 512 MB tensor measured in the same run (benchmarks/_timing.read_bandwi
     python benchmarks/bench_decode_gemm.py                  # the table (fp32, bf16, int8 weights)
     python benchmarks/bench_decode_gemm.py --crossover      # ours vs F.linear over M (DecodeLinear's MAX_ROWS)
     python benchmarks/bench_decode_gemm.py --device cuda --quick   # GPU vs cuBLAS, < 20 s
+    python benchmarks/bench_decode_gemm.py --low-precision  # issue 22: bf16 vs int8 vs int4 (bf16 x)
+
+--low-precision: one DetailFlow-16 (GPT-L) block's five matrices (wqkv, wo, w1, w3, w2) per
+timed item, bf16 x, M in {2, 16, 128}, weights bf16 / int8 (per-row scales) / int4 (group 64
+and 128); GB/s counts each format's own bytes (int4: half a byte a weight + 4 bytes a group),
+"vs bf16" is the bf16 time over this format's at the same M, and the floor is the time to read
+the format's bytes at the plain read bandwidth measured in the same run (before and after).
 
 int8 (weight-only, per-row scales): x fp32 on the CPU, bf16 on CUDA; GB/s counts the int8
 bytes; the torch peer is gpt-fast's WeightOnlyInt8Linear, F.linear(x, Q.to(x.dtype)) * scales.
@@ -33,7 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._timing import bench, read_bandwidth_gbs  # noqa: E402
 from detailflow_engine.ops import _dispatch  # noqa: E402
-from detailflow_engine.ops.decode_gemm import decode_gemm, pack_int8, pack_weight  # noqa: E402
+from detailflow_engine.ops.decode_gemm import decode_gemm, pack_int4, pack_int8, pack_weight  # noqa: E402
 
 GPT_L = {"wqkv": (3072, 1024), "wo": (1024, 1024), "w1/w3": (2816, 1024), "w2": (1024, 2816),
          "output": (8192, 1024)}
@@ -109,6 +116,59 @@ def graph_time(fn, target_s: float) -> float:
     return bench(g.replay, device="cuda", target_s=target_s).median_s
 
 
+BLOCK = ("wqkv", "wo", "w1/w3", "w1/w3", "w2")  # one transformer block's matrices
+
+
+def low_precision_main(args) -> None:
+    """bf16 vs int8 vs int4 weights with bf16 x over one block's matrices (module docstring)."""
+    bw0 = read_bandwidth_gbs()
+    print(f"# threads={torch.get_num_threads()} read_bw={bw0:.1f} GB/s (plain 512 MB read, same run); "
+          f"weights >= {args.min_mb} MB per timed call; x bf16")
+    print("| weights | M | block us | GB/s | floor us | kernel/floor | vs bf16 | inner loop |")
+    print("|---|---|---|---|---|---|---|---|")
+    fmts = {"bf16": lambda w: pack_weight(w.to(torch.bfloat16)), "int8": pack_int8,
+            "int4-g64": lambda w: pack_int4(w, 64), "int4-g128": lambda w: pack_int4(w, 128)}
+    nbytes = lambda p: sum(t.numel() * t.element_size() for t in (p.packed, p.group_scales if p.is_int4 else p.scales)
+                           if t is not None)
+    ext = _dispatch.extension()
+    block_bytes = sum(N * K * 2 for N, K in (GPT_L[s] for s in BLOCK))
+    copies = max(2, -(-(args.min_mb << 20) // block_bytes))
+    for M in args.rows:
+        x = torch.randn(M, 1024).to(torch.bfloat16)
+        x2 = torch.randn(M, 2816).to(torch.bfloat16)
+        base = None
+        for name, make in fmts.items():
+            sets = [[make(torch.randn(*GPT_L[s]) * GPT_L[s][1] ** -0.5) for s in BLOCK] for _ in range(copies)]
+            outs = [torch.empty(M, p.N, dtype=torch.bfloat16) for p in sets[0]]
+            per = sum(nbytes(p) for p in sets[0])
+            t = bench(lambda: [decode_gemm(x2 if p.K == 2816 else x, p, out=o)
+                               for ps in sets for p, o in zip(ps, outs)], target_s=args.target_s).median_s / copies
+            base = t if base is None else base
+            loop = ("int4" if name.startswith("int4") else name)
+            p = sets[0][0]
+            if p.is_int4:
+                y = torch.empty(1, p.N, dtype=torch.bfloat16)
+                loop = ext.decode_gemm_int4(x.data_ptr(), 1, p.K, p.K, 1, p.packed.data_ptr(), p.packed.numel(),
+                                            p.group_scales.data_ptr(), p.group_size, p.N, y.data_ptr(), p.N, 1)
+            else:
+                loop = variant_of(torch.bfloat16, p)
+            floor = per / (bw0 * 1e9)
+            print(f"| {name} | {M} | {t * 1e6:.0f} | {per / t / 1e9:.1f} | {floor * 1e6:.0f} | {t / floor:.2f} | "
+                  f"{base / t:.2f}x | {loop} |", flush=True)
+            del sets
+    print(f"# read_bw at the end: {read_bandwidth_gbs():.1f} GB/s")
+
+
+def variant_of(xd: torch.dtype, p) -> str:
+    """The CPU inner loop for x of dtype xd on packed weight p (a 1-row call)."""
+    ext = _dispatch.extension()
+    x, y = torch.ones(1, p.K, dtype=xd), torch.empty(1, p.N, dtype=xd)
+    codes = _dispatch.DTYPE_CODES
+    return ext.decode_gemm(x.data_ptr(), 1, p.K, p.K, codes[xd], p.packed.data_ptr(), p.packed.numel(),
+                           codes[p.packed.dtype], p.scales.data_ptr() if p.scales is not None else 0, p.N,
+                           y.data_ptr(), p.N, 1)
+
+
 def cuda_main(args) -> None:
     if not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA GPU is available to torch here")
@@ -152,6 +212,8 @@ def main() -> None:
     ap.add_argument("--crossover", action="store_true",
                     help="sum over the shapes for M in 16..256: where F.linear starts to win")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--low-precision", action="store_true",
+                    help="issue 22: bf16 / int8 / int4 weights with bf16 x, one block, M = --rows (default 2 16 128)")
     ap.add_argument("--quick", action="store_true", help="--device cuda: smaller weight sets, short timings (< 20 s)")
     args = ap.parse_args()
     if args.device == "cuda":
@@ -160,6 +222,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.low_precision:
+        if args.rows == [2, 16]:
+            args.rows = [2, 16, 128]
+        low_precision_main(args)
+        return
     bw = read_bandwidth_gbs()
     print(f"# threads={torch.get_num_threads()} read_bw={bw:.1f} GB/s (plain 512 MB read, same run); "
           f"weights >= {args.min_mb} MB per timed call")

@@ -244,6 +244,33 @@ static const char* decode_gemm_cpu(uintptr_t x, int64_t M, int64_t K, int64_t ld
   return variant;
 }
 
+// decode_gemm_int4: as decode_gemm for the int4 layout of decode_gemm.h (packed_numel bytes),
+// `scales` the (Np, ceil(K / group), 16) fp32 group scales; returns the inner loop's name.
+static const char* decode_gemm_int4_cpu(uintptr_t x, int64_t M, int64_t K, int64_t ldx, int dtype,
+                                        uintptr_t packed, int64_t packed_numel, uintptr_t scales,
+                                        int64_t group, int64_t N, uintptr_t y, int64_t ldy, int num_threads) {
+  DF_CHECK_PTR(x); DF_CHECK_PTR(packed); DF_CHECK_PTR(scales); DF_CHECK_PTR(y);
+  DF_CHECK_POSITIVE(M); DF_CHECK_POSITIVE(K); DF_CHECK_POSITIVE(N);
+  DF_CHECK(group > 0 && group % 2 == 0, "group must be even and > 0, got " << group);
+  DF_CHECK(M == 1 || (ldx >= K && ldy >= N), "row strides must be >= the row lengths, got ldx = "
+                                                 << ldx << " (K = " << K << "), ldy = " << ldy
+                                                 << " (N = " << N << ")");
+  const int64_t want = detailflow::cpu::decode_gemm_int4_packed_numel(N, K);
+  DF_CHECK(packed_numel == want, "packed must hold " << want << " bytes for N = " << N << ", K = " << K
+                                                     << ", got " << packed_numel);
+  const char* variant = nullptr;
+  py::gil_scoped_release release;
+  DF_DISPATCH_FLOAT(dtype, "decode_gemm_int4 x", [&] {
+    using X = scalar_t;
+    detailflow::cpu::decode_gemm_int4<X>(reinterpret_cast<const X*>(x), M, K, ldx,
+                                         reinterpret_cast<const detailflow::cpu::int4x2*>(packed),
+                                         reinterpret_cast<const float*>(scales), group, N,
+                                         reinterpret_cast<X*>(y), ldy, num_threads);
+    variant = detailflow::cpu::decode_gemm_variant<X, detailflow::cpu::int4x2>();
+  });
+  return variant;
+}
+
 #if DETAILFLOW_HAS_CUDA  // the CUDA kernels' bindings
 
 // group_sample (CUDA): the arguments of group_sample_cpu, all device pointers on the current
@@ -361,6 +388,21 @@ static void decode_gemm_cuda(uintptr_t x, int64_t M, int64_t K, int64_t ldx, int
                                      reinterpret_cast<const float*>(scales), N, reinterpret_cast<void*>(y), ldy,
                                      reinterpret_cast<float*>(scratch), used, stream);
 }
+
+// decode_gemm_int4_cuda: x (M, K) rows stride ldx, w (N, ceil(K / 2)) uint8 nibbles, group
+// scales (Np, ceil(K / group), 16) fp32, y (M, N) rows stride ldy; device pointers, on `stream`.
+static void decode_gemm_int4_cuda(uintptr_t x, int64_t M, int64_t K, int64_t ldx, int dtype, uintptr_t w,
+                                  uintptr_t scales, int64_t group, int64_t N, uintptr_t y, int64_t ldy,
+                                  uintptr_t stream) {
+  DF_CHECK_PTR(x); DF_CHECK_PTR(w); DF_CHECK_PTR(scales); DF_CHECK_PTR(y);
+  DF_CHECK_POSITIVE(M); DF_CHECK_POSITIVE(K); DF_CHECK_POSITIVE(N);
+  DF_CHECK(M == 1 || (ldx >= K && ldy >= N), "row strides must be >= the row lengths, got ldx = "
+                                                 << ldx << " (K = " << K << "), ldy = " << ldy);
+  py::gil_scoped_release release;
+  detailflow::cuda::decode_gemm_int4_cuda(reinterpret_cast<const void*>(x), M, K, ldx, dtype,
+                                          reinterpret_cast<const uint8_t*>(w), reinterpret_cast<const float*>(scales),
+                                          group, N, reinterpret_cast<void*>(y), ldy, stream);
+}
 #endif  // DETAILFLOW_HAS_CUDA
 
 PYBIND11_MODULE(_C, m) {
@@ -372,9 +414,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("vq_lookup", &vq_lookup_cpu, "Gather + normalize codebook rows, project, + bias + pos (CPU)");
   m.def("code_search", &code_search_cpu, "Nearest normalized codeword per normalized latent (CPU)");
   m.def("decode_gemm", &decode_gemm_cpu, "y = x @ W^T for few rows, W pre-packed (CPU)");
+  m.def("decode_gemm_int4", &decode_gemm_int4_cpu, "decode_gemm for int4 group-quantized W (CPU)");
+  m.def("decode_gemm_force_portable", &detailflow::cpu::decode_gemm_force_portable,
+        "Force decode_gemm's portable CPU loops (tests)");
   m.def("group_sample", &group_sample_cpu, "CFG + temperature + top-k/top-p + Philox draw (CPU)");
 #if DETAILFLOW_HAS_CUDA
   m.def("decode_gemm_cuda", &decode_gemm_cuda, "y = x @ W^T for few rows, W row-major or int8 (CUDA)");
+  m.def("decode_gemm_int4_cuda", &decode_gemm_int4_cuda, "decode_gemm for int4 group-quantized W (CUDA)");
   m.def("vq_lookup_cuda", &vq_lookup_cuda, "Gather + normalize codebook rows, project, + bias + pos (CUDA)");
   m.def("code_search_cuda", &code_search_cuda, "Nearest normalized codeword per normalized latent (CUDA)");
   m.def("group_sample_cuda", &group_sample_cuda, "CFG + temperature + top-k/top-p + Philox draw (CUDA)");

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="default: fp32")
     m.add_argument("--no-cuda-graphs", action="store_true",
                    help="on a GPU, launch each decode step's kernels eagerly instead of replaying CUDA graphs")
-    m.add_argument("--weights", default="native", choices=["native", "int8"],
+    m.add_argument("--weights", default="native", choices=["native", "int8", "int4"],
                    help="prior weights as stored (native, in --dtype) or weight-only int8 (default: native)")
 
     w = p.add_argument_group("what to generate")

@@ -19,6 +19,10 @@ symmetric scales) and REPLACED by buffers `weight` (int8 Q, (N, K)) and `scales`
 gpt-fast style, so the state dict holds Q and the scales and the float weight is freed. The
 scales stay float32 whatever `.to(dtype)` is applied.
 
+int4 weight-only mode (weights="int4"): group-wise symmetric int4 (ops.decode_gemm.quantize_int4,
+group size `INT4_GROUP` unless given): buffers `weight` (uint8 (N, ceil(K / 2)), two 4-bit codes
+a byte) and `scales` (fp32 (N, ceil(K / G))) replace the float weight.
+
 The torch path (F.linear, on Q converted to x's dtype times the scales for int8) runs only where
 no compiled kernel serves the call: no extension, another device, fp16 on the CPU, or autograd.
 It is not batch-invariant.
@@ -32,14 +36,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from detailflow_engine.ops import _dispatch
-from detailflow_engine.ops.decode_gemm import PackedWeight, decode_gemm, pack_weight, quantize_int8
+from detailflow_engine.ops.decode_gemm import (INT4_GROUP, PackedWeight, _int4_nibbles, decode_gemm,
+                                               dequantize_int4, nibbles_int4, pack_int4_nibbles, pack_weight,
+                                               quantize_int4, quantize_int8)
 
 __all__ = ["DecodeLinear", "replace_linears", "KERNEL_DTYPES", "WEIGHT_MODES"]
 
 # Float weight dtypes that the compiled decode_gemm takes, per device type.
 KERNEL_DTYPES: Dict[str, Tuple[torch.dtype, ...]] = {"cpu": (torch.float32, torch.bfloat16),
                                                       "cuda": (torch.float32, torch.bfloat16, torch.float16)}
-WEIGHT_MODES = ("native", "int8")
+WEIGHT_MODES = ("native", "int8", "int4")
 
 
 def _weight_key(w: torch.Tensor) -> tuple:
@@ -67,7 +73,7 @@ class DecodeLinear(nn.Module):
     buffers `weight` and `scales` (see the module docstring).
     """
 
-    def __init__(self, linear: nn.Linear, weights: str = "native"):
+    def __init__(self, linear: nn.Linear, weights: str = "native", group_size: int = INT4_GROUP):
         super().__init__()
         if linear.bias is not None:
             raise ValueError("DecodeLinear replaces bias-free nn.Linear only (the prior has no biases)")
@@ -75,7 +81,12 @@ class DecodeLinear(nn.Module):
             raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weights = weights
-        if weights == "int8":
+        self.group_size = group_size if weights == "int4" else None
+        if weights == "int4":
+            q, scales = quantize_int4(linear.weight, group_size)
+            self.register_buffer("weight", _int4_nibbles(q))
+            self.register_buffer("scales", scales)
+        elif weights == "int8":
             q, scales = quantize_int8(linear.weight)
             self.register_buffer("weight", q)
             self.register_buffer("scales", scales)
@@ -96,13 +107,18 @@ class DecodeLinear(nn.Module):
 
     def repack(self) -> None:
         """(Re)build the packed copy from the current weight."""
-        if self.weight.device.type in ("cpu", "cuda"):
+        if self.weight.device.type in ("cpu", "cuda") and self.group_size is not None:
+            self._packed = pack_int4_nibbles(self.weight.detach(), self.scales, self.in_features, self.group_size)
+        elif self.weight.device.type in ("cpu", "cuda"):
             self._packed = pack_weight(self.weight.detach(), self.scales)
         else:
             self._packed = None  # e.g. meta: the torch path only
         self._packed_key = _weight_key(self.weight) + ((_weight_key(self.scales),) if self.scales is not None else ())
 
     def _torch(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group_size is not None:
+            w = dequantize_int4(nibbles_int4(self.weight, self.in_features), self.scales, self.group_size)
+            return F.linear(x.float(), w).to(x.dtype)
         if self.scales is None:
             return F.linear(x, self.weight)
         # Q is exact in any float dtype (|Q| <= 127); the scales multiply the result in fp32.
@@ -122,7 +138,7 @@ class DecodeLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias=False, "
-                f"weights={self.weights}")
+                f"weights={self.weights}" + (f", group_size={self.group_size}" if self.group_size else ""))
 
 
 def replace_linears(model: nn.Module, weights: str = "native",
@@ -133,7 +149,8 @@ def replace_linears(model: nn.Module, weights: str = "native",
 
     weights="native": only linears on a device with a compiled decode_gemm kernel (CPU, or CUDA
     with the CUDA build) are swapped; a no-op otherwise. weights="int8": every such linear is
-    quantized, on any device (without a kernel its calls run the torch path on Q and scales).
+    quantized, on any device (without a kernel its calls run the torch path on Q and scales);
+    weights="int4" likewise, group-wise int4 (group INT4_GROUP).
     """
     if weights not in WEIGHT_MODES:
         raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")

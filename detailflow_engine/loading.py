@@ -24,7 +24,7 @@ from detailflow_engine.prior import Prior
 from detailflow_engine.tokenizer import ENCODER_PREFIXES, Tokenizer
 
 def resolve_weights(weights: Optional[str]) -> str:
-    """'native' (None too) or 'int8'; anything else is a ValueError naming the allowed values."""
+    """'native' (None too), 'int8' or 'int4'; anything else is a ValueError naming the allowed values."""
     if weights is None:
         return "native"
     if not isinstance(weights, str) or weights not in WEIGHT_MODES:
@@ -37,7 +37,8 @@ _INT8_LINEARS = re.compile(r"layers\.\d+\.(attention\.(wqkv|wo)|feed_forward\.(w
 
 
 def _build(model, state: dict, device: torch.device, dtype: torch.dtype, where: str, *,
-           mapped: bool = False, int8: Callable[[str], bool] = lambda name: False) -> torch.nn.Module:
+           mapped: bool = False, int8: Callable[[str], bool] = lambda name: False,
+           quantized_mode: str = "int8") -> torch.nn.Module:
     """A meta-device model -> the inference model on `device` in `dtype`, filled from `state`.
 
     The model gets storage in `dtype` directly and is filled tensor by tensor, so no full-size
@@ -67,7 +68,7 @@ def _build(model, state: dict, device: torch.device, dtype: torch.dtype, where: 
                 module, child_name = quantized[name]
                 linear = torch.nn.Linear(src.shape[1], src.shape[0], bias=False, device="meta")
                 linear.weight = torch.nn.Parameter(src.to(device), requires_grad=False)
-                setattr(module, child_name, DecodeLinear(linear, weights="int8"))
+                setattr(module, child_name, DecodeLinear(linear, weights=quantized_mode))  # int8 or int4
             else:
                 targets[name].copy_(src)
             if mapped:
@@ -107,7 +108,7 @@ def _inference_prior(meta_prior: Prior, state: dict, device, dtype, mode: str, w
                      mapped: bool = False) -> Prior:
     """The one place the prior's linears become decode GEMMs (linear.py), whatever the mode:
 
-    - weights="int8": every Linear of the transformer blocks (wqkv, wo, w1, w2, w3) is quantized
+    - weights="int8" (or "int4", group-wise, the same linears): every Linear of the transformer blocks (wqkv, wo, w1, w2, w3) is quantized
       from the checkpoint's values (fp32 math), never cast first. Not quantized: the embeddings
       (a gather reads few rows; no bandwidth to save) and the output head (8192 x dim, under 3% of
       GPT-L's block weights but it writes the logits that sampling ranks directly).
@@ -116,7 +117,8 @@ def _inference_prior(meta_prior: Prior, state: dict, device, dtype, mode: str, w
       unchanged).
     """
     prior = _build(meta_prior, state, device, dtype, where, mapped=mapped,
-                   int8=(lambda name: bool(_INT8_LINEARS.fullmatch(name))) if mode == "int8" else (lambda name: False))
+                   int8=(lambda name: bool(_INT8_LINEARS.fullmatch(name))) if mode in ("int8", "int4") else (lambda name: False),
+                   quantized_mode=mode)
     return replace_linears(prior)
 
 

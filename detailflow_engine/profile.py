@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random weights in memory at a released size (detailflow16)")
     m.add_argument("--device", default="auto", choices=DEVICES, help="default: auto")
     m.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="default: fp32")
-    m.add_argument("--weights", default="native", choices=["native", "int8"],
+    m.add_argument("--weights", default="native", choices=["native", "int8", "int4"],
                    help="prior weight format (default: native = --dtype)")
     r = p.add_argument_group("run")
     r.add_argument("--batch-size", type=int, default=1, help="images (default: 1)")

@@ -537,7 +537,7 @@ def test_weights_flag(tiny_a, tmp_path, capsys):
 
     rc, _, err = run(tiny_a, tmp_path / "n", "--num-images", 1, "--weights", "native", capsys=capsys)
     assert rc == 0 and manifest(tmp_path / "n")[0]["weights"] == "native"
-    rc, _, err = run(tiny_a, tmp_path / "bad", "--weights", "int4", capsys=capsys)
+    rc, _, err = run(tiny_a, tmp_path / "bad", "--weights", "int3", capsys=capsys)
     assert rc == 2 and "--weights" in err and "invalid choice" in err
     rc, _, err = run(tiny_a, tmp_path / "q", "--num-images", 1, "--weights", "int8", capsys=capsys)
     if "weights" in inspect.signature(load_prior).parameters:

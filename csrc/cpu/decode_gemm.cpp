@@ -55,6 +55,8 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -72,6 +74,7 @@ constexpr int64_t kPrefetchBytes = 4096;  // see prefetch_ahead
 // Blocked summation: each block of kBlock k sums into zeroed registers, then into a total
 // kept in L1 (MT x NP x 64 bytes, touched once a block). One long fp32 chain per output over
 // K = 2816 would err ~5x more than torch's sgemm; in blocks of 64 it is ~1x (measured).
+// int4 W sums in blocks of its group size instead (one scale per block, see add_block).
 constexpr int64_t kBlock = 64;
 
 // One micro-kernel call: NP adjacent panels x MT rows of x, the whole K.
@@ -80,25 +83,38 @@ struct Job {
   int64_t pstride;   // elements from one panel to the next
   const void* xs;    // staged x (float (k, m) or uint32 pairs (k2, m)), at this tile's first row
   int64_t ldxs;      // = the tile height R: staged elements per k (or per pair of k)
-  int64_t ksteps;    // K (fp32 W), or ceil(K / 2) pairs (bf16 W)
+  int64_t ksteps;    // k steps of the loop: K (one k a step) or ceil(K / 2) (pairs)
+  int64_t block;     // k steps per summation block (kBlock k, or the int4 group)
+  int64_t kfull;     // int8 pairs: steps with both k < K (K / 2); the step past them has one k
   void* y;           // y at (first row of the tile, first column of the group)
   int64_t ldy;
   int64_t ncols;     // valid output columns from the group's first column (<= NP * 16)
   int64_t prefetch;  // bytes from each weight load to the line prefetched with it
-  const float* scale;  // int8 W: per-output-row scales at the group's first column; else null
+  const float* scale;   // int8 W: per-output-row scales at the group's first column; else null
+  const float* gscale;  // int4 W: group scales (Np, K / G, 16) at the group's first panel; else null
+  int64_t gstride;      // int4: floats of group scales per panel (K / G * 16)
 };
 using MicroFn = void (*)(const Job&);
 
-enum class Variant { Fp32, Bf16Dot, Bf16Widen, Int8, Portable };
+enum class Variant { Fp32, Bf16Dot, Bf16Widen, Int8, Int8Dot, Int4Dot, Int4Widen, Portable };
 
 template <typename T>
 constexpr bool kIsBf16 = std::is_same_v<T, bf16>;
 template <typename T>
 constexpr bool kIsInt8 = std::is_same_v<T, int8_t>;
+template <typename T>
+constexpr bool kIsInt4 = std::is_same_v<T, int4x2>;
 
-inline float wfloat(float v) { return v; }
-inline float wfloat(bf16 v) { return to_float(v); }
-inline float wfloat(int8_t v) { return static_cast<float>(v); }
+// Weight (k, j) of one panel, as float, in each packed layout (decode_gemm.h).
+inline float wat(const float* w, int64_t k, int j) { return w[k * kP + j]; }
+inline float wat(const int8_t* w, int64_t k, int j) { return static_cast<float>(w[k * kP + j]); }
+inline float wat(const bf16* w, int64_t k, int j) { return to_float(w[(k / 2) * 2 * kP + 2 * j + k % 2]); }
+inline float wat(const int4x2* w, int64_t k, int j) {
+  const uint8_t b = w[(k / 2) * kP + j].bits;
+  return static_cast<float>(((k % 2) ? b >> 4 : b & 15) - 8);
+}
+
+std::atomic<bool> g_force_portable{false};
 
 // ------------------------------------------------------------------ staging of x
 
@@ -132,23 +148,23 @@ void stage_pairs(const bf16* x, int64_t M, int64_t K, int64_t ldx, int64_t R, in
 
 // ------------------------------------------------------------------ portable loops
 
+// Blocks of `block` k as the AVX-512 loops; int4 (gscale) scales each block's sum by its group
+// scale, int8 (scale) the finished sum by the row scale.
 template <typename Wt, typename Y>
-void portable_panel(const Wt* w, const float* xs, int64_t M, int64_t R, int64_t S, int64_t K, Y* y,
-                    int64_t ldy, int64_t ncols, const float* scale) {
+void portable_panel(const Wt* w, const float* xs, int64_t M, int64_t R, int64_t S, int64_t K, int64_t block,
+                    Y* y, int64_t ldy, int64_t ncols, const float* scale, const float* gscale) {
   for (int64_t m = 0; m < M; ++m) {
     const float* xm = xs + (m / R) * S * R + m % R;  // row m of the tile-major staging
     float total[kP] = {};
-    for (int64_t k0 = 0; k0 < K; k0 += kBlock) {  // blocked sums, as the AVX-512 loops
+    for (int64_t k0 = 0; k0 < K; k0 += block) {
       float acc[kP] = {};
-      for (int64_t k = k0; k < std::min(K, k0 + kBlock); ++k) {
+      for (int64_t k = k0; k < std::min(K, k0 + block); ++k) {
         const float xv = xm[k * R];
-        // fp32: w[k * 16 + j]; bf16: pairs, w[(k / 2) * 32 + 2 j + k % 2]
-        const Wt* wk = kIsBf16<Wt> ? w + (k / 2) * 2 * kP + (k % 2) : w + k * kP;
-        const int64_t step = kIsBf16<Wt> ? 2 : 1;
 #pragma omp simd
-        for (int j = 0; j < kP; ++j) acc[j] += wfloat(wk[j * step]) * xv;
+        for (int j = 0; j < kP; ++j) acc[j] += wat(w, k, j) * xv;
       }
-      for (int j = 0; j < kP; ++j) total[j] += acc[j];
+      const float* gs = gscale ? gscale + (k0 / block) * kP : nullptr;
+      for (int j = 0; j < kP; ++j) total[j] = gs ? std::fma(acc[j], gs[j], total[j]) : total[j] + acc[j];
     }
     for (int64_t j = 0; j < ncols; ++j) from_float(scale ? total[j] * scale[j] : total[j], y + m * ldy + j);
   }
@@ -188,19 +204,21 @@ DF_AVX512 DF_INLINE void store16(bf16* y, __m512 v, __mmask16 mk) {
   _mm256_mask_storeu_epi16(y, mk, _mm512_cvtepi32_epi16(r));
 }
 
+DF_AVX512 DF_INLINE __mmask16 lane_mask(int64_t c) {
+  return c >= kP ? __mmask16(0xffff) : c <= 0 ? __mmask16(0) : __mmask16((1u << c) - 1u);
+}
+
 template <typename Y, int MT, int NP>
 DF_AVX512 DF_INLINE void store_tile(const __m512 (&acc)[MT][NP], const Job& j) {
   Y* y = static_cast<Y*>(j.y);
 #pragma GCC unroll 4
   for (int p = 0; p < NP; ++p) {
-    const int64_t c = std::min<int64_t>(kP, j.ncols - p * kP);
-    if (c <= 0) break;
-    const __mmask16 mk = c >= kP ? __mmask16(0xffff) : __mmask16((1u << c) - 1u);
+    if (j.ncols - p * kP <= 0) break;
+    const __mmask16 mk = lane_mask(j.ncols - p * kP);
 #pragma GCC unroll 16
     for (int m = 0; m < MT; ++m) store16(y + m * j.ldy + p * kP, acc[m][p], mk);
   }
 }
-
 
 template <int MT, int NP>
 DF_AVX512 DF_INLINE void zero_tile(__m512 (&acc)[MT][NP]) {
@@ -210,13 +228,21 @@ DF_AVX512 DF_INLINE void zero_tile(__m512 (&acc)[MT][NP]) {
     for (int p = 0; p < NP; ++p) acc[m][p] = _mm512_setzero_ps();
 }
 
+// A finished block into the running total (kept in L1). int4: total += s_g * block sum with one
+// explicit FMA (never left to the compiler's contraction, which may differ per tile shape and
+// would make a row's bits depend on M), the group's 16 scales per panel loaded once a block.
 template <int MT, int NP>
-DF_AVX512 DF_INLINE void add_to_total(const __m512 (&acc)[MT][NP], float (&total)[MT][NP][kP], bool first) {
-#pragma GCC unroll 16
-  for (int m = 0; m < MT; ++m)
+DF_AVX512 DF_INLINE void add_block(const __m512 (&acc)[MT][NP], float (&total)[MT][NP][kP], bool first,
+                                   const Job& j, int64_t g) {
 #pragma GCC unroll 4
-    for (int p = 0; p < NP; ++p)
-      _mm512_store_ps(total[m][p], first ? acc[m][p] : _mm512_add_ps(acc[m][p], _mm512_load_ps(total[m][p])));
+  for (int p = 0; p < NP; ++p) {
+    const __m512 s = j.gscale ? _mm512_loadu_ps(j.gscale + p * j.gstride + g * kP) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; ++m) {
+      const __m512 t = first ? _mm512_setzero_ps() : _mm512_load_ps(total[m][p]);
+      _mm512_store_ps(total[m][p], j.gscale ? _mm512_fmadd_ps(acc[m][p], s, t) : _mm512_add_ps(acc[m][p], t));
+    }
+  }
 }
 
 // int8 W: the per-row scale multiplies the finished sum (y = s_n * sum_k q[n, k] x[m, k]), one
@@ -231,9 +257,7 @@ DF_AVX512 DF_INLINE void store_total(const float (&total)[MT][NP][kP], const Job
   if (j.scale != nullptr) {
 #pragma GCC unroll 4
     for (int p = 0; p < NP; ++p) {
-      const int64_t c = std::max<int64_t>(0, std::min<int64_t>(kP, j.ncols - p * kP));
-      const __mmask16 mk = c >= kP ? __mmask16(0xffff) : __mmask16((1u << c) - 1u);
-      const __m512 sv = _mm512_maskz_loadu_ps(mk, j.scale + p * kP);
+      const __m512 sv = _mm512_maskz_loadu_ps(lane_mask(j.ncols - p * kP), j.scale + p * kP);
 #pragma GCC unroll 16
       for (int m = 0; m < MT; ++m) acc[m][p] = _mm512_mul_ps(acc[m][p], sv);
     }
@@ -241,161 +265,187 @@ DF_AVX512 DF_INLINE void store_total(const float (&total)[MT][NP][kP], const Job
   store_tile<Y, MT, NP>(acc, j);
 }
 
-struct Fp32Micro {
-  template <typename Y, int MT, int NP>
-  DF_AVX512 static void run(const Job& j) {
-    const float* w = static_cast<const float*>(j.w);
-    const float* xs = static_cast<const float*>(j.xs);
-    alignas(64) float total[MT][NP][kP];
-    for (int64_t k0 = 0; k0 < j.ksteps; k0 += kBlock) {
-      const int64_t k1 = std::min(j.ksteps, k0 + kBlock);
-      __m512 acc[MT][NP];
-      zero_tile(acc);
-      for (int64_t k = k0; k < k1; ++k) {
-        __m512 wv[NP];
-#pragma GCC unroll 4
-        for (int p = 0; p < NP; ++p) {
-          const float* wp = w + p * j.pstride + k * kP;
-          prefetch_ahead(wp, j);
-          wv[p] = _mm512_loadu_ps(wp);
-        }
-        const float* xk = xs + k * j.ldxs;
-#pragma GCC unroll 16
-        for (int m = 0; m < MT; ++m) {
-          const __m512 b = _mm512_set1_ps(xk[m]);
-#pragma GCC unroll 4
-          for (int p = 0; p < NP; ++p) acc[m][p] = _mm512_fmadd_ps(wv[p], b, acc[m][p]);
-        }
-      }
-      add_to_total(acc, total, k0 == 0);
-    }
-    store_total<Y, MT, NP>(total, j);
+// ---- weight decoders: one k step of one panel into registers.
+// Single-k decoders give 16 fp32 weights (one k of 16 outputs); pair decoders give 16 32-bit
+// lanes of bf16 pairs (low half W[n, 2 k2], high half W[n, 2 k2 + 1]), all conversions exact.
+
+struct Fp32Weights {  // (Np, K, 16) fp32: a 64-byte load
+  DF_AVX512 static DF_INLINE __m512 load(const Job& j, int p, int64_t k) {
+    const float* wp = static_cast<const float*>(j.w) + p * j.pstride + k * kP;
+    prefetch_ahead(wp, j);
+    return _mm512_loadu_ps(wp);
   }
 };
 
-// bf16 pairs widened in registers: the low half of each 32-bit lane is W[n, 2 k2], the high
-// half W[n, 2 k2 + 1]; a bf16 is the top 16 bits of the fp32 of the same value.
-struct Bf16WidenMicro {
-  template <typename Y, int MT, int NP>
-  DF_AVX512 static void run(const Job& j) {
-    const uint16_t* w = static_cast<const uint16_t*>(j.w);
-    const float* xs = static_cast<const float*>(j.xs);
+struct Int8Weights {  // (Np, K, 16) int8: 16 bytes sign-extended and converted (exact)
+  DF_AVX512 static DF_INLINE __m512 load(const Job& j, int p, int64_t k) {
+    const int8_t* wp = static_cast<const int8_t*>(j.w) + p * j.pstride + k * kP;
+    if ((k & 3) == 0) prefetch_ahead(wp, j);  // a 64-byte line holds 4 k
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp))));
+  }
+};
+
+struct Bf16Pairs {  // (Np, K2, 16, 2) bf16: already pairs, a 64-byte load
+  DF_AVX512 static DF_INLINE __m512i load(const Job& j, int p, int64_t k2) {
+    const uint16_t* wp = static_cast<const uint16_t*>(j.w) + p * j.pstride + k2 * 2 * kP;
+    prefetch_ahead(wp, j);
+    return _mm512_loadu_si512(wp);
+  }
+};
+
+// int8 (Np, K, 16): k = 2 k2 and 2 k2 + 1 are two 16-byte rows; each widened to fp32 (exact,
+// |q| <= 127 has 7 significant bits so the fp32 is a bf16 with zero low half), then the even
+// one's top half shifted down beside the odd one's. The odd row of an odd K's last step is
+// past the panel: a masked (non-faulting) zero load.
+struct Int8Pairs {
+  DF_AVX512 static DF_INLINE __m512i load(const Job& j, int p, int64_t k2) {
+    const int8_t* wp = static_cast<const int8_t*>(j.w) + p * j.pstride + k2 * 2 * kP;
+    if ((k2 & 1) == 0) prefetch_ahead(wp, j);  // a 64-byte line holds 2 pairs
+    const __m128i lo = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp));
+    const __m128i hi = _mm_maskz_loadu_epi8(k2 < j.kfull ? __mmask16(0xffff) : __mmask16(0), wp + kP);
+    const __m512i even = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(lo)));
+    const __m512i odd = _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(hi)));
+    return _mm512_or_si512(_mm512_srli_epi32(even, 16), odd);
+  }
+};
+
+// int4 (Np, K / 2, 16): 16 bytes, byte j = n_even | n_odd << 4 (nibble n = q + 8). Zero-extend
+// to 32-bit lanes, move the high nibble to bit 16 ((b | b << 12) & 0x000f000f, one vpternlogd),
+// then vpermw looks each 16-bit nibble up in a table of bf16(n - 8) (exact).
+struct Int4Pairs {
+  DF_AVX512 static DF_INLINE __m512i load(const Job& j, int p, int64_t k2) {
+    const uint8_t* wp = reinterpret_cast<const uint8_t*>(static_cast<const int4x2*>(j.w) + p * j.pstride) + k2 * kP;
+    if ((k2 & 3) == 0) prefetch_ahead(wp, j);  // a 64-byte line holds 4 pairs
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wp)));
+    // (A | B) & C: A = 0xf0, B = 0xcc, C = 0xaa -> 0xa8
+    const __m512i nib = _mm512_ternarylogic_epi32(b, _mm512_slli_epi32(b, 12), _mm512_set1_epi32(0x000f000f), 0xa8);
+    // bf16 bits of n - 8 for n = 0..15 (-8 .. 7); indices 16..31 are never formed.
+    alignas(64) static constexpr uint16_t kBits[32] = {0xc100, 0xc0e0, 0xc0c0, 0xc0a0, 0xc080, 0xc040, 0xc000, 0xbf80,
+                                                       0x0000, 0x3f80, 0x4000, 0x4040, 0x4080, 0x40a0, 0x40c0, 0x40e0};
+    const __m512i table = _mm512_load_si512(kBits);
+    return _mm512_permutexvar_epi16(nib, table);
+  }
+};
+
+// ---- one k step of the tile: NP weight loads, MT broadcasts, MT x NP multiply-adds.
+
+template <typename Dec>
+struct SingleStep {  // fp32 x, one k: vfmadd231ps
+  template <int MT, int NP>
+  DF_AVX512 static DF_INLINE void step(const Job& j, int64_t k, __m512 (&acc)[MT][NP]) {
+    __m512 wv[NP];
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) wv[p] = Dec::load(j, p, k);
+    const float* xk = static_cast<const float*>(j.xs) + k * j.ldxs;
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; ++m) {
+      const __m512 b = _mm512_set1_ps(xk[m]);
+#pragma GCC unroll 4
+      for (int p = 0; p < NP; ++p) acc[m][p] = _mm512_fmadd_ps(wv[p], b, acc[m][p]);
+    }
+  }
+};
+
+template <typename Dec>
+struct WidenStep {  // fp32 x, a pair of k: the bf16 pair widened (shift / mask, exact), 2 FMAs
+  template <int MT, int NP>
+  DF_AVX512 static DF_INLINE void step(const Job& j, int64_t k2, __m512 (&acc)[MT][NP]) {
     const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
-    alignas(64) float total[MT][NP][kP];
-    for (int64_t k0 = 0; k0 < j.ksteps; k0 += kBlock / 2) {
-      const int64_t k1 = std::min(j.ksteps, k0 + kBlock / 2);
-      __m512 acc[MT][NP];
-      zero_tile(acc);
-      for (int64_t k2 = k0; k2 < k1; ++k2) {
-        __m512 even[NP], odd[NP];
+    __m512 even[NP], odd[NP];
 #pragma GCC unroll 4
-        for (int p = 0; p < NP; ++p) {
-          const uint16_t* wp = w + p * j.pstride + k2 * 2 * kP;
-          prefetch_ahead(wp, j);
-          const __m512i raw = _mm512_loadu_si512(wp);
-          even[p] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
-          odd[p] = _mm512_castsi512_ps(_mm512_and_si512(raw, hi_mask));
-        }
-        const float* x0 = xs + 2 * k2 * j.ldxs;
-        const float* x1 = x0 + j.ldxs;
-#pragma GCC unroll 16
-        for (int m = 0; m < MT; ++m) {
-          const __m512 b0 = _mm512_set1_ps(x0[m]);
-          const __m512 b1 = _mm512_set1_ps(x1[m]);
-#pragma GCC unroll 4
-          for (int p = 0; p < NP; ++p)
-            acc[m][p] = _mm512_fmadd_ps(odd[p], b1, _mm512_fmadd_ps(even[p], b0, acc[m][p]));
-        }
-      }
-      add_to_total(acc, total, k0 == 0);
+    for (int p = 0; p < NP; ++p) {
+      const __m512i raw = Dec::load(j, p, k2);
+      even[p] = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+      odd[p] = _mm512_castsi512_ps(_mm512_and_si512(raw, hi_mask));
     }
-    store_total<Y, MT, NP>(total, j);
+    const float* x0 = static_cast<const float*>(j.xs) + 2 * k2 * j.ldxs;
+    const float* x1 = x0 + j.ldxs;
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; ++m) {
+      const __m512 b0 = _mm512_set1_ps(x0[m]);
+      const __m512 b1 = _mm512_set1_ps(x1[m]);
+#pragma GCC unroll 4
+      for (int p = 0; p < NP; ++p) acc[m][p] = _mm512_fmadd_ps(odd[p], b1, _mm512_fmadd_ps(even[p], b0, acc[m][p]));
+    }
   }
 };
 
-// vdpbf16ps: acc[i] += W[n_i, 2k2] x[m, 2k2] + W[n_i, 2k2+1] x[m, 2k2+1], x pair broadcast.
-struct Bf16DotMicro {
-  template <typename Y, int MT, int NP>
-  DF_AVX512_BF16 static void run(const Job& j) {
-    const uint16_t* w = static_cast<const uint16_t*>(j.w);
-    const uint32_t* xp = static_cast<const uint32_t*>(j.xs);
-    alignas(64) float total[MT][NP][kP];
-    for (int64_t k0 = 0; k0 < j.ksteps; k0 += kBlock / 2) {
-      const int64_t k1 = std::min(j.ksteps, k0 + kBlock / 2);
-      __m512 acc[MT][NP];
-      zero_tile(acc);
-      for (int64_t k2 = k0; k2 < k1; ++k2) {
-        __m512bh wv[NP];
+// bf16 x, a pair of k: vdpbf16ps, acc[i] += W[n_i, 2k2] x[m, 2k2] + W[n_i, 2k2+1] x[m, 2k2+1].
+template <typename Dec>
+struct DotStep {
+  template <int MT, int NP>
+  DF_AVX512_BF16 static DF_INLINE void step(const Job& j, int64_t k2, __m512 (&acc)[MT][NP]) {
+    __m512bh wv[NP];
 #pragma GCC unroll 4
-        for (int p = 0; p < NP; ++p) {
-          const uint16_t* wp = w + p * j.pstride + k2 * 2 * kP;
-          prefetch_ahead(wp, j);
-          wv[p] = (__m512bh)_mm512_loadu_si512(wp);
-        }
-        const uint32_t* xk = xp + k2 * j.ldxs;
+    for (int p = 0; p < NP; ++p) wv[p] = (__m512bh)Dec::load(j, p, k2);
+    const uint32_t* xk = static_cast<const uint32_t*>(j.xs) + k2 * j.ldxs;
 #pragma GCC unroll 16
-        for (int m = 0; m < MT; ++m) {
-          const __m512bh b = (__m512bh)_mm512_set1_epi32(static_cast<int>(xk[m]));
+    for (int m = 0; m < MT; ++m) {
+      const __m512bh b = (__m512bh)_mm512_set1_epi32(static_cast<int>(xk[m]));
 #pragma GCC unroll 4
-          for (int p = 0; p < NP; ++p) acc[m][p] = _mm512_dpbf16_ps(acc[m][p], wv[p], b);
-        }
-      }
-      add_to_total(acc, total, k0 == 0);
+      for (int p = 0; p < NP; ++p) acc[m][p] = _mm512_dpbf16_ps(acc[m][p], wv[p], b);
     }
-    store_total<Y, MT, NP>(total, j);
   }
 };
 
-// int8 W, same (Np, K, 16) layout as fp32 with 1-byte elements: one k of 16 outputs is 16
-// bytes, sign-extended to int32 and converted to fp32 in registers (both exact), then fp32
-// FMAs as Fp32Micro; the row scales are applied once in store_total. A 64-byte line holds 4 k,
-// so the software prefetch runs every 4th k.
-struct Int8Micro {
-  template <typename Y, int MT, int NP>
-  DF_AVX512 static void run(const Job& j) {
-    const int8_t* w = static_cast<const int8_t*>(j.w);
-    const float* xs = static_cast<const float*>(j.xs);
-    alignas(64) float total[MT][NP][kP];
-    for (int64_t k0 = 0; k0 < j.ksteps; k0 += kBlock) {
-      const int64_t k1 = std::min(j.ksteps, k0 + kBlock);
-      __m512 acc[MT][NP];
-      zero_tile(acc);
-      for (int64_t k = k0; k < k1; ++k) {
-        __m512 wv[NP];
-#pragma GCC unroll 4
-        for (int p = 0; p < NP; ++p) {
-          const int8_t* wp = w + p * j.pstride + k * kP;
-          if ((k & 3) == 0) prefetch_ahead(wp, j);
-          const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(wp));
-          wv[p] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
-        }
-        const float* xk = xs + k * j.ldxs;
-#pragma GCC unroll 16
-        for (int m = 0; m < MT; ++m) {
-          const __m512 b = _mm512_set1_ps(xk[m]);
-#pragma GCC unroll 4
-          for (int p = 0; p < NP; ++p) acc[m][p] = _mm512_fmadd_ps(wv[p], b, acc[m][p]);
-        }
-      }
-      add_to_total(acc, total, k0 == 0);
-    }
-    store_total<Y, MT, NP>(total, j);
-  }
-};
+// The micro-kernel: blocks of j.block steps into zeroed registers, each added to the total;
+// every output is one k-ordered chain whatever the tile. Defined once per target set (the
+// vdpbf16ps steps need avx512bf16, the others must run without it).
+#define DF_DEFINE_MICRO(NAME, TARGET)                                              \
+  template <typename Step>                                                         \
+  struct NAME {                                                                    \
+    template <typename Y, int MT, int NP>                                          \
+    TARGET static void run(const Job& j) {                                         \
+      alignas(64) float total[MT][NP][kP];                                         \
+      for (int64_t k0 = 0; k0 < j.ksteps; k0 += j.block) {                         \
+        const int64_t k1 = std::min(j.ksteps, k0 + j.block);                       \
+        __m512 acc[MT][NP];                                                        \
+        zero_tile(acc);                                                            \
+        for (int64_t k = k0; k < k1; ++k) Step::template step<MT, NP>(j, k, acc);  \
+        add_block(acc, total, k0 == 0, j, k0 / j.block);                           \
+      }                                                                            \
+      store_total<Y, MT, NP>(total, j);                                            \
+    }                                                                              \
+  };
+DF_DEFINE_MICRO(Micro, DF_AVX512)
+DF_DEFINE_MICRO(MicroBf16, DF_AVX512_BF16)
+#undef DF_DEFINE_MICRO
 
 // Rows of x per tile: 2 x 12 accumulators + the weight and broadcast registers fit in 32 zmm.
 constexpr int kMaxRows = 12;
 
-template <typename Micro, typename Y, int NP, size_t... I>
+template <typename M, typename Y, int NP, size_t... I>
 constexpr std::array<MicroFn, sizeof...(I)> micro_row(std::index_sequence<I...>) {
-  return {{&Micro::template run<Y, static_cast<int>(I) + 1, NP>...}};
+  return {{&M::template run<Y, static_cast<int>(I) + 1, NP>...}};
 }
 
-template <typename Micro, typename Y>
+template <typename M, typename Y>
 MicroFn micro_for(int np, int mt) {
-  static constexpr auto r1 = micro_row<Micro, Y, 1>(std::make_index_sequence<kMaxRows>());
-  static constexpr auto r2 = micro_row<Micro, Y, 2>(std::make_index_sequence<kMaxRows>());
+  static constexpr auto r1 = micro_row<M, Y, 1>(std::make_index_sequence<kMaxRows>());
+  static constexpr auto r2 = micro_row<M, Y, 2>(std::make_index_sequence<kMaxRows>());
   return np == 2 ? r2[mt - 1] : r1[mt - 1];
+}
+
+template <typename Y>
+MicroFn micro_for(Variant v, int np, int mt) {
+  switch (v) {
+    case Variant::Fp32: return micro_for<Micro<SingleStep<Fp32Weights>>, Y>(np, mt);
+    case Variant::Int8: return micro_for<Micro<SingleStep<Int8Weights>>, Y>(np, mt);
+    case Variant::Bf16Widen: return micro_for<Micro<WidenStep<Bf16Pairs>>, Y>(np, mt);
+    case Variant::Int4Widen: return micro_for<Micro<WidenStep<Int4Pairs>>, Y>(np, mt);
+    case Variant::Bf16Dot: return micro_for<MicroBf16<DotStep<Bf16Pairs>>, Y>(np, mt);
+    case Variant::Int8Dot: return micro_for<MicroBf16<DotStep<Int8Pairs>>, Y>(np, mt);
+    default: return micro_for<MicroBf16<DotStep<Int4Pairs>>, Y>(np, mt);  // Int4Dot
+  }
+}
+// Several row tiles over int8 / int4 W: decode the panel group once into bf16 pairs (L2) and
+// run the bf16 dot loop on them for every tile, instead of decoding once per tile. The pairs
+// and the dot products are the same as the fused loop's, so the bits are too (row invariance).
+template <typename Dec>
+DF_AVX512 void decode_group(const Job& j, int np, uint16_t* out) {
+  for (int p = 0; p < np; ++p)
+    for (int64_t k2 = 0; k2 < j.ksteps; ++k2)
+      _mm512_storeu_si512(out + (p * j.ksteps + k2) * 2 * kP, Dec::load(j, p, k2));
 }
 #pragma GCC diagnostic pop
 #endif  // __x86_64__
@@ -418,14 +468,17 @@ bool cpu_has_avx512_bf16() {
 #endif
 }
 
+// The dot variants need bf16 x (nothing is rounded: x is already bf16, products of two bf16
+// are exact in fp32) and avx512_bf16; fp32 x keeps exact fp32 multiplies.
 template <typename X, typename Wt>
 Variant pick_variant() {
   static const bool avx512 = cpu_has_avx512();
-  static const bool dot = cpu_has_avx512_bf16();
-  if (!avx512) return Variant::Portable;
-  if constexpr (kIsInt8<Wt>) return Variant::Int8;
+  static const bool dot = cpu_has_avx512_bf16() && kIsBf16<X>;
+  if (!avx512 || g_force_portable.load(std::memory_order_relaxed)) return Variant::Portable;
+  if constexpr (kIsInt8<Wt>) return dot ? Variant::Int8Dot : Variant::Int8;
+  if constexpr (kIsInt4<Wt>) return dot ? Variant::Int4Dot : Variant::Int4Widen;
   if constexpr (!kIsBf16<Wt>) return Variant::Fp32;
-  return kIsBf16<X> && dot ? Variant::Bf16Dot : Variant::Bf16Widen;
+  return dot ? Variant::Bf16Dot : Variant::Bf16Widen;
 }
 
 // The tile plan for M rows: NP panels per micro-call, and M split into equal-ish row tiles.
@@ -454,29 +507,24 @@ Tiles plan_tiles(int64_t M) {
   return {2, count, rows, std::max<int64_t>(1, kChunkRows / rows)};
 }
 
-}  // namespace
-
+// The shared driver; `group` > 0 only for int4 (then `scales` are its group scales).
 template <typename X, typename Wt>
-const char* decode_gemm_variant() {
-  switch (pick_variant<X, Wt>()) {
-    case Variant::Fp32: return "avx512-fp32";
-    case Variant::Bf16Dot: return "avx512-bf16-dot";
-    case Variant::Bf16Widen: return "avx512-bf16-widen";
-    case Variant::Int8: return "avx512-int8";
-    default: return "portable";
-  }
-}
-
-template <typename X, typename Wt>
-void decode_gemm(const X* x, int64_t M, int64_t K, int64_t ldx, const Wt* packed,
-                 const float* scales, int64_t N, X* y, int64_t ldy, int num_threads) {
+void run_gemm(const X* x, int64_t M, int64_t K, int64_t ldx, const Wt* packed, const float* scales,
+              int64_t group, int64_t N, X* y, int64_t ldy, int num_threads) {
   const Variant variant = pick_variant<X, Wt>();
-  const bool pairs = variant == Variant::Bf16Dot;
-  const int64_t Kp = kIsBf16<Wt> ? (K + 1) / 2 * 2 : K;  // packed k extent (bf16: even)
-  const int64_t pstride = Kp * kP;
+  const bool dot = variant == Variant::Bf16Dot || variant == Variant::Int8Dot || variant == Variant::Int4Dot;
+  const bool paired = kIsBf16<Wt> || kIsInt4<Wt>;      // packed in k pairs (K padded to even)
+  const int64_t Kp = paired ? (K + 1) / 2 * 2 : K;     // packed k extent
+  const int64_t pstride = kIsInt4<Wt> ? Kp / 2 * kP : Kp * kP;  // elements per panel
   const int64_t panels = (N + kP - 1) / kP;
-  const int64_t stage_steps = pairs ? Kp / 2 : Kp;  // staged k steps (pairs or single k)
-  const int64_t ksteps = kIsBf16<Wt> ? Kp / 2 : Kp;
+  const int64_t stage_steps = dot ? (K + 1) / 2 : Kp;  // staged k steps (pairs or single k)
+  const bool pair_steps = dot || paired;               // micro-kernel steps over pairs of k
+  const int64_t ksteps = pair_steps ? (K + 1) / 2 : K;
+  const int64_t block_k = kIsInt4<Wt> ? group : kBlock;  // k per summation block
+  const int64_t block = pair_steps ? block_k / 2 : block_k;
+  const float* row_scale = kIsInt4<Wt> ? nullptr : scales;
+  const float* group_scale = kIsInt4<Wt> ? scales : nullptr;
+  const int64_t gstride = kIsInt4<Wt> ? (K + group - 1) / group * kP : 0;  // the last group may be short
   const Tiles tiles = plan_tiles(M);
   const int64_t R = tiles.rows;
 
@@ -494,7 +542,7 @@ void decode_gemm(const X* x, int64_t M, int64_t K, int64_t ldx, const Wt* packed
     {
       const int64_t k0 = stage_steps * t / T, k1 = stage_steps * (t + 1) / T;
       if constexpr (kIsBf16<X>) {
-        if (pairs) {
+        if (dot) {
           stage_pairs(x, M, K, ldx, R, stage_steps, reinterpret_cast<uint32_t*>(xs), k0, k1);
         } else {
           stage_float(x, M, K, ldx, R, stage_steps, xs, k0, k1);
@@ -515,39 +563,76 @@ void decode_gemm(const X* x, int64_t M, int64_t K, int64_t ldx, const Wt* packed
       const int64_t p0 = (item % items_n) * kItemPanels, p1 = std::min(panels, p0 + kItemPanels);
       if (variant == Variant::Portable) {
         for (int64_t p = p0; p < p1; ++p)
-          portable_panel(packed + p * pstride, xs, M, R, stage_steps, K, y + p * kP, ldy,
-                         std::min<int64_t>(kP, N - p * kP), scales ? scales + p * kP : nullptr);
+          portable_panel(packed + p * pstride, xs, M, R, stage_steps, K, block_k, y + p * kP, ldy,
+                         std::min<int64_t>(kP, N - p * kP), row_scale ? row_scale + p * kP : nullptr,
+                         group_scale ? group_scale + p * gstride : nullptr);
         continue;
       }
 #if defined(__x86_64__)
       const int64_t c0 = (item / items_n) * tiles.chunk, c1 = std::min(tiles.count, c0 + tiles.chunk);
+      const bool predecode = c1 - c0 > 1 && (variant == Variant::Int8Dot || variant == Variant::Int4Dot);
+      thread_local std::vector<uint16_t> decoded;
       for (int64_t p = p0; p < p1; p += tiles.np) {
         const int np = static_cast<int>(std::min<int64_t>(tiles.np, p1 - p));
+        Job job{packed + p * pstride, pstride, nullptr, R, ksteps, block, K / 2, nullptr, ldy, N - p * kP,
+                kPrefetchBytes, row_scale ? row_scale + p * kP : nullptr,
+                group_scale ? group_scale + p * gstride : nullptr, gstride};
+        Variant v = variant;
+        if (predecode) {
+          decoded.resize(static_cast<size_t>(np * ksteps * 2 * kP));
+          if (variant == Variant::Int8Dot) {
+            decode_group<Int8Pairs>(job, np, decoded.data());
+          } else {
+            decode_group<Int4Pairs>(job, np, decoded.data());
+          }
+          job.w = decoded.data();
+          job.pstride = ksteps * 2 * kP;
+          v = Variant::Bf16Dot;
+        }
         for (int64_t ti = c0; ti < c1; ++ti) {
           const int64_t m0 = ti * R;
           const int mt = static_cast<int>(std::min<int64_t>(R, M - m0));
-          MicroFn fn;
-          if (variant == Variant::Fp32) {
-            fn = micro_for<Fp32Micro, X>(np, mt);
-          } else if (variant == Variant::Int8) {
-            fn = micro_for<Int8Micro, X>(np, mt);
-          } else if (variant == Variant::Bf16Dot) {
-            fn = micro_for<Bf16DotMicro, X>(np, mt);
-          } else {
-            fn = micro_for<Bf16WidenMicro, X>(np, mt);
-          }
-          const bool next_group = c1 - c0 > 1 && ti + 1 == c1;  // last of several passes
-          const float* tile_xs = xs + ti * R * stage_steps;
-          const Job job{packed + p * pstride, pstride, tile_xs, R, ksteps, y + m0 * ldy + p * kP, ldy,
-                        N - p * kP,
-                        next_group ? np * pstride * static_cast<int64_t>(sizeof(Wt)) : kPrefetchBytes,
-                        scales ? scales + p * kP : nullptr};
-          fn(job);
+          const bool next_group = !predecode && c1 - c0 > 1 && ti + 1 == c1;  // last of several passes
+          job.xs = xs + ti * R * stage_steps;
+          job.y = y + m0 * ldy + p * kP;
+          job.prefetch = next_group ? np * pstride * static_cast<int64_t>(sizeof(Wt)) : kPrefetchBytes;
+          micro_for<X>(v, np, mt)(job);
         }
       }
 #endif
     }
   }
+}
+
+}  // namespace
+
+void decode_gemm_force_portable(bool on) { g_force_portable.store(on, std::memory_order_relaxed); }
+
+template <typename X, typename Wt>
+const char* decode_gemm_variant() {
+  switch (pick_variant<X, Wt>()) {
+    case Variant::Fp32: return "avx512-fp32";
+    case Variant::Bf16Dot: return "avx512-bf16-dot";
+    case Variant::Bf16Widen: return "avx512-bf16-widen";
+    case Variant::Int8: return "avx512-int8";
+    case Variant::Int8Dot: return "avx512-int8-bf16-dot";
+    case Variant::Int4Dot: return "avx512-int4-bf16-dot";
+    case Variant::Int4Widen: return "avx512-int4-widen";
+    default: return "portable";
+  }
+}
+
+template <typename X, typename Wt>
+void decode_gemm(const X* x, int64_t M, int64_t K, int64_t ldx, const Wt* packed,
+                 const float* scales, int64_t N, X* y, int64_t ldy, int num_threads) {
+  run_gemm<X, Wt>(x, M, K, ldx, packed, scales, 0, N, y, ldy, num_threads);
+}
+
+template <typename X>
+void decode_gemm_int4(const X* x, int64_t M, int64_t K, int64_t ldx, const int4x2* packed,
+                      const float* group_scales, int64_t group, int64_t N, X* y, int64_t ldy,
+                      int num_threads) {
+  run_gemm<X, int4x2>(x, M, K, ldx, packed, group_scales, group, N, y, ldy, num_threads);
 }
 
 #define DF_DECODE_GEMM_INST(X, Wt)                                                          \
@@ -561,5 +646,11 @@ DF_DECODE_GEMM_INST(bf16, float)
 DF_DECODE_GEMM_INST(bf16, bf16)
 DF_DECODE_GEMM_INST(bf16, int8_t)
 #undef DF_DECODE_GEMM_INST
+template void decode_gemm_int4<float>(const float*, int64_t, int64_t, int64_t, const int4x2*, const float*,
+                                      int64_t, int64_t, float*, int64_t, int);
+template void decode_gemm_int4<bf16>(const bf16*, int64_t, int64_t, int64_t, const int4x2*, const float*,
+                                     int64_t, int64_t, bf16*, int64_t, int);
+template const char* decode_gemm_variant<float, int4x2>();
+template const char* decode_gemm_variant<bf16, int4x2>();
 
 }  // namespace detailflow::cpu

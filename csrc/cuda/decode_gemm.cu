@@ -283,4 +283,68 @@ void decode_gemm_cuda(const void* x, int64_t M, int64_t K, int64_t ldx, int x_dt
   });
 }
 
+// ------------------------------------------------------------------ int4 weight-only
+
+namespace {
+
+constexpr int kInt4Rows = 8;  // x rows per block (gridDim.y covers M)
+
+// Warp w of block b owns output row n = 8 b + w; lane l reads bytes l, l + 32, ... of its row
+// (2 k each), dequantizes q * s[n, k / G] (one fp32 rounding, as the torch reference) and keeps
+// one explicit-FMA sum per x row; the 32 lanes' sums meet in a fixed xor-shuffle tree.
+template <typename X>
+__global__ void decode_gemm_int4_kernel(const X* __restrict__ x, int64_t M, int64_t K, int64_t ldx,
+                                        const uint8_t* __restrict__ w, const float* __restrict__ gs,
+                                        int64_t group, int64_t N, X* __restrict__ y, int64_t ldy) {
+  const int lane = threadIdx.x % 32;
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
+  if (n >= N) return;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kInt4Rows;
+  const int64_t kb = (K + 1) / 2, ng = (K + group - 1) / group;
+  const float* srow = gs + (n / 16) * ng * 16 + n % 16;
+  const uint8_t* wrow = w + n * kb;
+  float acc[kInt4Rows];
+#pragma unroll
+  for (int r = 0; r < kInt4Rows; ++r) acc[r] = 0.0f;
+  for (int64_t b = lane; b < kb; b += 32) {
+    const unsigned byte = wrow[b];
+    const int64_t k = 2 * b;
+    const float w0 = static_cast<float>(static_cast<int>(byte & 15u) - 8) * srow[(k / group) * 16];
+    const bool two = k + 1 < K;
+    const float w1 = two ? static_cast<float>(static_cast<int>(byte >> 4) - 8) * srow[((k + 1) / group) * 16] : 0.0f;
+#pragma unroll
+    for (int r = 0; r < kInt4Rows; ++r) {
+      if (m0 + r < M) {
+        const X* xr = x + (m0 + r) * ldx + k;
+        acc[r] = fmaf(wf(xr[0]), w0, acc[r]);
+        if (two) acc[r] = fmaf(wf(xr[1]), w1, acc[r]);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < kInt4Rows; ++r) {
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], off);
+    if (lane == 0 && m0 + r < M) y[(m0 + r) * ldy + n] = from_f<X>(acc[r]);
+  }
+}
+
+}  // namespace
+
+void decode_gemm_int4_cuda(const void* x, int64_t M, int64_t K, int64_t ldx, int x_dtype, const uint8_t* w,
+                           const float* group_scales, int64_t group, int64_t N, void* y, int64_t ldy,
+                           uintptr_t stream) {
+  DF_CHECK(M > 0 && N > 0 && K > 0, "M, N, K must be > 0, got " << M << ", " << N << ", " << K);
+  DF_CHECK(group > 0 && group % 2 == 0, "decode_gemm_int4_cuda: group must be even and > 0, got " << group);
+  DF_CHECK(ceil_div(M, kInt4Rows) < 65536, "M = " << M << " is too large");
+  const dim3 grid(static_cast<unsigned>(ceil_div(N, kWarps)), static_cast<unsigned>(ceil_div(M, kInt4Rows)));
+  const cudaStream_t s = as_stream(stream);
+  DF_CUDA_DISPATCH_FLOAT(x_dtype, "decode_gemm_int4_cuda x", [&] {
+    decode_gemm_int4_kernel<scalar_t><<<grid, kThreads, 0, s>>>(static_cast<const scalar_t*>(x), M, K, ldx, w,
+                                                                group_scales, group, N,
+                                                                static_cast<scalar_t*>(y), ldy);
+    DF_CUDA_CHECK_LAUNCH("decode_gemm_int4_cuda");
+  });
+}
+
 }  // namespace detailflow::cuda

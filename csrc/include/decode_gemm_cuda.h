@@ -33,4 +33,12 @@ void decode_gemm_cuda(const void* x, int64_t M, int64_t K, int64_t ldx, int x_dt
                       int w_dtype, const float* scales, int64_t N, void* y, int64_t ldy, float* scratch,
                       int64_t splits, uintptr_t stream);
 
+// int4 weight-only twin of the CPU's decode_gemm_int4: w the (N, ceil(K / 2)) row-major nibbles
+// (low nibble k = 2 i, high 2 i + 1, code q + 8), `group_scales` the CPU's (Np, ceil(K / G), 16)
+// fp32 layout (G = group, even). One warp per output row, lanes over k, a fixed xor-shuffle
+// reduction: a row's bits never depend on M. No split-K (a first version: correct, not tuned).
+void decode_gemm_int4_cuda(const void* x, int64_t M, int64_t K, int64_t ldx, int x_dtype, const uint8_t* w,
+                           const float* group_scales, int64_t group, int64_t N, void* y, int64_t ldy,
+                           uintptr_t stream);
+
 }  // namespace detailflow::cuda

@@ -8,6 +8,16 @@ Per element |W - scale Q| <= scale / 2, hence |y_int8 - x @ W^T| <= scale[n] / 2
 (`int8_error_bound`); for Gaussian weights the RMS error is ~0.5-0.9% of the RMS of y (K = 19..2816,
 measured), under the 1.5% the tests assert.
 
+int4 weight-only (`quantize_int4`, `pack_int4`): symmetric per output row and group of
+`group_size` consecutive k (default INT4_GROUP, even; a short last group when it does not divide
+K): scale[n, g] = max |W[n, group g]| / 7, Q = round(W / scale) clamped to [-7, 7], stored as
+nibbles Q + 8, two k per byte (low nibble = even k). Symmetric (no zero point): one fp32 per
+group, and the kernels turn a nibble into an exact bf16 with one table lookup. Layouts:
+
+    int4      packed[p, k2, j]    = (Q[16 p + j, 2 k2] + 8) | (Q[16 p + j, 2 k2 + 1] + 8) << 4   uint8 (Np, ceil(K / 2), 16)
+              group scales        S[p, g, j] = scale[16 p + j, g]                              fp32 (Np, ceil(K / G), 16)
+    PackedWeight.weight = the (N, ceil(K / 2)) uint8 nibbles row-major, .scales = (N, ceil(K / G)).
+
 A decode step of the prior multiplies 2 (batch 1 with CFG) or 16 (a group of 8 with CFG)
 activation rows by each weight matrix, so its time is the time to read the weights once.
 torch's matmul streams them at 9-28 GB/s there on our CPU; this kernel packs each weight
@@ -39,10 +49,12 @@ from torch import Tensor
 
 from detailflow_engine.ops import _dispatch
 
-__all__ = ["PackedWeight", "pack_weight", "pack_int8", "quantize_int8", "decode_gemm", "decode_gemm_ref",
-           "int8_error_bound", "tolerance", "PANEL"]
+__all__ = ["PackedWeight", "pack_weight", "pack_int8", "quantize_int8", "quantize_int4", "pack_int4",
+           "pack_int4_nibbles", "nibbles_int4", "dequantize_int4", "force_portable", "decode_gemm",
+           "decode_gemm_ref", "int8_error_bound", "tolerance", "PANEL", "INT4_GROUP"]
 
 PANEL = 16  # output rows per packed panel; must match csrc/include/decode_gemm.h kDecodePanel
+INT4_GROUP = 64  # default int4 group size (k per scale): measured choice, benchmarks/README.md (issue 22)
 _DTYPES = (torch.float32, torch.bfloat16)  # x and float W on the CPU
 _CUDA_X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _W_DTYPES = _DTYPES + (torch.float16, torch.int8)
@@ -58,7 +70,10 @@ class PackedWeight:
     packed: Tensor  # CPU: the panel layout in the module docstring; CUDA: the row-major weight
     weight: Tensor  # the original float (N, K), detached (shares storage with the parameter),
     #                 or the int8 codes Q (N, K) of an int8 weight
-    scales: Optional[Tensor] = None  # int8 only: (N,) float32, W ~ scales[:, None] * Q
+    scales: Optional[Tensor] = None  # int8: (N,) float32, W ~ scales[:, None] * Q; int4: (N, ceil(K / G))
+    group_size: Optional[int] = None  # int4 only: k per group scale (then `weight` is the nibbles)
+    group_scales: Optional[Tensor] = None  # int4 only: the scales in the kernel's (Np, ceil(K / G), 16) layout
+    in_features: Optional[int] = None  # int4 only: K (the nibbles hold ceil(K / 2) bytes a row)
 
     @property
     def N(self) -> int:
@@ -66,7 +81,11 @@ class PackedWeight:
 
     @property
     def K(self) -> int:
-        return self.weight.shape[1]
+        return self.in_features if self.is_int4 else self.weight.shape[1]
+
+    @property
+    def is_int4(self) -> bool:
+        return self.group_size is not None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -78,16 +97,27 @@ class PackedWeight:
 
     @property
     def is_int8(self) -> bool:
-        return self.scales is not None
+        return self.scales is not None and not self.is_int4
 
     def dequantized(self) -> Tensor:
-        """The weight as float32 (N, K): W itself, or scales[:, None] * Q for int8."""
+        """The weight as float32 (N, K): W itself, scales[:, None] * Q for int8, group-wise for int4."""
+        if self.is_int4:
+            return dequantize_int4(nibbles_int4(self.weight, self.K), self.scales, self.group_size)
         w = self.weight.float()
         return w * self.scales[:, None] if self.is_int8 else w
 
 
 def _shape(t: Tensor) -> str:
     return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
+
+
+def _float_weight(weight) -> Tensor:
+    """A (N, K) floating weight (N, K >= 1) as detached fp32, else TypeError / ValueError."""
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"`weight` must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2 or not weight.is_floating_point() or weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"`weight` must be a floating-point (N, K) tensor with N, K >= 1, got {_shape(weight)}")
+    return weight.detach().float()
 
 
 def quantize_int8(weight: Tensor) -> Tuple[Tensor, Tensor]:
@@ -97,12 +127,8 @@ def quantize_int8(weight: Tensor) -> Tuple[Tensor, Tensor]:
     Q = round(W / scales) clamped to [-127, 127] (computed in fp32; an all-zero row gets
     scale 0 and Q = 0). Raises ValueError on non-finite weights.
     """
-    if not isinstance(weight, Tensor):
-        raise TypeError(f"`weight` must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dim() != 2 or not weight.is_floating_point() or weight.shape[0] == 0 or weight.shape[1] == 0:
-        raise ValueError(f"`weight` must be a floating-point (N, K) tensor with N, K >= 1, got {_shape(weight)}")
+    w = _float_weight(weight)
     with torch.no_grad():
-        w = weight.detach().float()
         amax = w.abs().amax(dim=1)
         if not bool(torch.isfinite(amax).all()):
             raise ValueError("`weight` has non-finite values: int8 quantization needs finite weights")
@@ -156,6 +182,90 @@ def pack_weight(weight: Tensor, scales: Optional[Tensor] = None) -> PackedWeight
     return PackedWeight(packed, w, scales)
 
 
+def _check_group(group_size) -> int:
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2 or group_size % 2:
+        raise ValueError(f"`group_size` must be an even int >= 2, got {group_size!r}")
+    return group_size
+
+
+def quantize_int4(weight: Tensor, group_size: int = INT4_GROUP) -> Tuple[Tensor, Tensor]:
+    """Group-wise symmetric int4 quantization of a (N, K) float weight.
+
+    Returns (Q int8 (N, K) in [-7, 7], scales float32 (N, ceil(K / group_size))) with
+    scales[n, g] = max |W[n, g G:(g + 1) G]| / 7 and Q = round(W / scale) clamped (fp32 math; an
+    all-zero group gets scale 0 and Q = 0). The last group is short when G does not divide K.
+    Raises ValueError on non-finite weights or a bad group size.
+    """
+    G = _check_group(group_size)
+    w = _float_weight(weight)
+    with torch.no_grad():
+        N, K = w.shape
+        ng = -(-K // G)
+        padded = F.pad(w, (0, ng * G - K)).view(N, ng, G)
+        amax = padded.abs().amax(dim=2)
+        if not bool(torch.isfinite(amax).all()):
+            raise ValueError("`weight` has non-finite values: int4 quantization needs finite weights")
+        scales = amax / 7.0
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+        q = torch.round(padded / safe[:, :, None]).clamp_(-7, 7).to(torch.int8).view(N, ng * G)[:, :K]
+    return q.contiguous(), scales.contiguous()
+
+
+def _int4_nibbles(q: Tensor) -> Tensor:
+    """Q int8 (N, K) in [-8, 7] -> uint8 (N, ceil(K / 2)): (Q[:, 2i] + 8) | (Q[:, 2i + 1] + 8) << 4."""
+    u = F.pad(q.to(torch.int16) + 8, (0, q.shape[1] % 2), value=8).to(torch.uint8)
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+
+
+def nibbles_int4(nibbles: Tensor, K: int) -> Tensor:
+    """The inverse of the nibble packing: uint8 (N, ceil(K / 2)) -> Q int8 (N, K)."""
+    lo = (nibbles & 15).to(torch.int8) - 8
+    hi = (nibbles >> 4).to(torch.int8) - 8
+    return torch.stack((lo, hi), dim=-1).view(nibbles.shape[0], -1)[:, :K]
+
+
+def dequantize_int4(q: Tensor, scales: Tensor, group_size: int) -> Tensor:
+    """scales (N, ceil(K / G)) and Q (N, K) -> the float32 weight (N, K), W = scale[n, k // G] Q[n, k]."""
+    K = q.shape[1]
+    return q.float() * scales.float().repeat_interleave(group_size, dim=1)[:, :K]
+
+
+def pack_int4_nibbles(nibbles: Tensor, scales: Tensor, K: int, group_size: int) -> PackedWeight:
+    """An int4 PackedWeight from stored nibbles (N, ceil(K / 2)) uint8 and scales (N, ceil(K / G))
+    fp32 (what DecodeLinear keeps): the panel copies of both are made here."""
+    G = _check_group(group_size)
+    N = nibbles.shape[0] if isinstance(nibbles, Tensor) and nibbles.dim() == 2 else -1
+    if (not isinstance(nibbles, Tensor) or nibbles.dtype != torch.uint8 or nibbles.dim() != 2 or N == 0
+            or isinstance(K, bool) or not isinstance(K, int) or nibbles.shape[1] != -(-K // 2)):
+        raise ValueError(f"`nibbles` must be uint8 of shape (N, ceil(K / 2)) with N >= 1 for K = {K}, got "
+                         f"{_shape(nibbles) if isinstance(nibbles, Tensor) else type(nibbles).__name__}")
+    ng = -(-K // G)
+    if (not isinstance(scales, Tensor) or scales.dtype != torch.float32 or tuple(scales.shape) != (N, ng)
+            or scales.device != nibbles.device):
+        raise ValueError(f"`scales` must be float32 of shape ({N}, {ng}) on {nibbles.device}, got "
+                         f"{_shape(scales) if isinstance(scales, Tensor) else type(scales).__name__}")
+    nibbles, scales = nibbles.detach().contiguous(), scales.detach().contiguous()
+    if nibbles.device.type == "cuda":  # the kernel reads the row-major nibbles
+        packed = nibbles
+    else:
+        np_ = -(-N // PANEL)
+        with torch.no_grad():
+            padded = nibbles.new_full((np_ * PANEL, nibbles.shape[1]), 0x88)  # pad rows: Q = 0
+            padded[:N] = nibbles
+            packed = padded.view(np_, PANEL, -1).transpose(1, 2).contiguous()
+    np_ = -(-N // PANEL)
+    gs = scales.new_zeros(np_ * PANEL, ng)
+    gs[:N] = scales
+    gs = gs.view(np_, PANEL, ng).transpose(1, 2).contiguous()
+    return PackedWeight(packed, nibbles, scales, G, gs, K)
+
+
+def pack_int4(weight: Tensor, group_size: int = INT4_GROUP) -> PackedWeight:
+    """`quantize_int4` then pack: an int4 weight-only PackedWeight of a float weight."""
+    q, scales = quantize_int4(weight, group_size)
+    return pack_int4_nibbles(_int4_nibbles(q), scales, weight.shape[1], group_size)
+
+
 def pack_int8(weight: Tensor) -> PackedWeight:
     """`quantize_int8` then `pack_weight`: an int8 weight-only PackedWeight of a float weight."""
     q, scales = quantize_int8(weight)
@@ -171,10 +281,18 @@ def int8_error_bound(x: Tensor, packed: PackedWeight) -> Tensor:
     return x.float().abs().sum(-1, keepdim=True) * (packed.scales / 2)
 
 
+def _int4_ref_weight(nibbles: Tensor, group_scales: Tensor, K: int, group_size: int) -> Tensor:
+    """fp32 (N, K) weight of int4 nibbles and group scales in the kernel layout (Np, ng, 16)."""
+    np_, ng, _ = group_scales.shape
+    scales = group_scales.transpose(1, 2).reshape(np_ * PANEL, ng)[:nibbles.shape[0]]
+    return dequantize_int4(nibbles_int4(nibbles, K), scales, group_size)
+
+
 def decode_gemm_ref(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, *,
                     out: Optional[Tensor] = None) -> Tensor:
     """Plain-torch reference (fallback and test oracle): fp32 x @ W^T, cast to x's dtype.
-    With `scales` (int8 W): W = scales[:, None] * Q, dequantized in fp32."""
+    With `scales` (int8 W): W = scales[:, None] * Q, dequantized in fp32. int4: pass
+    `packed.dequantized()` as `weight` (or see `_int4_torch_impl`)."""
     w = weight.float() if scales is None else weight.float() * scales.float()[:, None]
     result = F.linear(x.float(), w).to(x.dtype)
     if out is None:
@@ -218,6 +336,31 @@ def _validate(x, packed, out) -> None:
                              f"on {x.device}, got {_shape(out)}")
 
 
+def _run_int4(x2, packed, y2) -> None:
+    args = (x2, packed.packed, packed.weight, packed.group_scales, y2)
+    if _dispatch.plain_eager(*args):
+        _run4(*args, packed.group_size)
+        torch.autograd.graph.increment_version(y2)
+    else:
+        torch.ops.detailflow.decode_gemm_int4.default(*args[:4], packed.group_size, y2)
+
+
+def _run4(x, packed, nibbles, group_scales, y, group_size) -> None:
+    _dispatch.pick("decode_gemm_int4", x, packed, nibbles, group_scales, y, group_size).fn(
+        x, packed, nibbles, group_scales, y, group_size)
+
+
+@torch.library.custom_op("detailflow::decode_gemm_int4", mutates_args=("out",))
+def _decode_gemm_int4_op(x: Tensor, packed: Tensor, nibbles: Tensor, group_scales: Tensor, group_size: int,
+                         out: Tensor) -> None:
+    _run4(x, packed, nibbles, group_scales, out, group_size)
+
+
+@_decode_gemm_int4_op.register_fake
+def _decode_gemm_int4_fake(x, packed, nibbles, group_scales, group_size, out) -> None:
+    return None
+
+
 def _run(x2, packed, weight, scales, y2) -> None:
     _dispatch.pick("decode_gemm", x2, packed, weight, scales, y2).fn(x2, packed, weight, scales, y2)
 
@@ -239,8 +382,10 @@ def decode_gemm(x: Tensor, packed: PackedWeight, *, out: Optional[Tensor] = None
         x: (..., K) float32 or bfloat16, any strides; its rows (all leading dims together) are
             the M of the GEMM, fast for M <= 64 (use F.linear beyond the measured crossover).
         packed: `pack_weight(W)` of a (N, K) float32 or bfloat16 weight on x's device, or
-            `pack_int8(W)` (int8 weight-only, per-row scales). On the CPU any mix of x and W
-            dtypes works; bf16 x with bf16 W uses the CPU's bf16 dot product. On CUDA the kernel
+            `pack_int8(W)` (int8 weight-only, per-row scales), or `pack_int4(W, group_size)`
+            (int4 weight-only, group scales). On the CPU any mix of x and W dtypes works; bf16 x
+            with bf16, int8 or int4 W uses the CPU's bf16 dot product (the int codes become
+            exact bf16 in registers; x is not rounded), fp32 x exact fp32 multiplies. On CUDA the kernel
             takes W of x's dtype or int8 (other mixes run the torch reference); float16 x too.
         out: optional (..., N) tensor of x's dtype to write into.
 
@@ -258,7 +403,9 @@ def decode_gemm(x: Tensor, packed: PackedWeight, *, out: Optional[Tensor] = None
     direct = out.is_contiguous()
     y2 = (out if flat else out.view(-1, N)) if direct else torch.empty((x2.shape[0], N), dtype=x.dtype,
                                                                        device=x.device)
-    if _dispatch.plain_eager(x2, packed.packed, packed.weight, packed.scales, y2):
+    if packed.is_int4:
+        _run_int4(x2, packed, y2)
+    elif _dispatch.plain_eager(x2, packed.packed, packed.weight, packed.scales, y2):
         # The backend call of the op's body, minus the custom op's ~17 us Python layers (a
         # quarter of a whole 1024 x 1024 bf16 product at M = 2).
         _run(x2, packed.packed, packed.weight, packed.scales, y2)
@@ -368,6 +515,60 @@ def _torch_impl(x, packed, weight, scales, out) -> None:
     decode_gemm_ref(x, weight, scales, out=out)
 
 
+def _int4_cpu_applies(x, packed, nibbles, group_scales, out, group_size) -> bool:
+    return (_dispatch.has_cpu_kernels() and hasattr(_dispatch.extension(), "decode_gemm_int4")
+            and x.device.type == "cpu" and x.dtype in _DTYPES and packed.device.type == "cpu"
+            and packed.is_contiguous() and group_scales.is_contiguous() and group_scales.device.type == "cpu")
+
+
+def _int4_cpu_impl(x, packed, nibbles, group_scales, out, group_size) -> None:
+    M, K = x.shape
+    N = out.shape[1]
+    x, ldx, dst, ldy = _fix_strides(x, out)
+    _dispatch.extension().decode_gemm_int4(
+        x.data_ptr(), M, K, ldx, _dispatch.DTYPE_CODES[x.dtype], packed.data_ptr(), packed.numel(),
+        group_scales.data_ptr(), group_size, N, dst.data_ptr(), ldy, _dispatch.num_threads())
+    if dst is not out:
+        out.copy_(dst)
+
+
+def _int4_torch_impl(x, packed, nibbles, group_scales, out, group_size) -> None:
+    w = _int4_ref_weight(nibbles, group_scales, x.shape[-1], group_size)
+    out.copy_(F.linear(x.float(), w.to(x.device)).to(x.dtype))
+
+
+def force_portable(on: bool) -> None:
+    """Make the CPU kernels use their portable loops (True) or the best for this CPU (False,
+    the default), process-wide; for tests and benchmarks of the fallback."""
+    ext = _dispatch.extension()
+    if ext is None or not hasattr(ext, "decode_gemm_force_portable"):
+        raise RuntimeError("force_portable needs the _C extension with the decode_gemm CPU kernel")
+    ext.decode_gemm_force_portable(bool(on))
+
+
+def _int4_cuda_applies(x, packed, nibbles, group_scales, out, group_size) -> bool:
+    dev = x.device
+    return (dev.type == "cuda" and _dispatch.has_cuda_kernels()
+            and hasattr(_dispatch.extension(), "decode_gemm_int4_cuda") and x.dtype in _CUDA_X_DTYPES
+            and packed.device == dev and group_scales.device == dev and out.device == dev
+            and packed.is_contiguous() and group_scales.is_contiguous())
+
+
+def _int4_cuda_impl(x, packed, nibbles, group_scales, out, group_size) -> None:
+    M, K = x.shape
+    N = out.shape[1]
+    x, ldx, dst, ldy = _fix_strides(x, out)
+    with torch.cuda.device(x.device):
+        _dispatch.extension().decode_gemm_int4_cuda(
+            x.data_ptr(), M, K, ldx, _dispatch.DTYPE_CODES[x.dtype], packed.data_ptr(), group_scales.data_ptr(),
+            group_size, N, dst.data_ptr(), ldy, torch.cuda.current_stream(x.device).cuda_stream)
+    if dst is not out:
+        out.copy_(dst)
+
+
+_dispatch.register("decode_gemm_int4", "cuda", _int4_cuda_impl, applies=_int4_cuda_applies)
+_dispatch.register("decode_gemm_int4", "cpu", _int4_cpu_impl, applies=_int4_cpu_applies)
+_dispatch.register("decode_gemm_int4", "torch", _int4_torch_impl)
 _dispatch.register("decode_gemm", "cuda", _cuda_impl, applies=_cuda_applies)
 _dispatch.register("decode_gemm", "cpu", _cpu_impl, applies=_cpu_applies)
 _dispatch.register("decode_gemm", "torch", _torch_impl)

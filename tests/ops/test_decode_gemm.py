@@ -325,8 +325,8 @@ def test_decode_linear_int8(dtype):
             ref = decode_gemm_ref(x.float(), q, s)
             tol = 2 ** -7 * ref.abs() + 1e-5 if dtype == BF16 else 1e-5 + 1e-6 * ref.abs().max()
             assert y.dtype == dtype and ((y.float() - ref).abs() <= tol).all()
-    with pytest.raises(ValueError, match=r"weights must be one of \('native', 'int8'\)"):
-        DecodeLinear(nn.Linear(3, 4, bias=False), weights="int4")
+    with pytest.raises(ValueError, match=r"weights must be one of \('native', 'int8', 'int4'\)"):
+        DecodeLinear(nn.Linear(3, 4, bias=False), weights="int3")
 
 
 # ---------------------------------------------------------------------------- CUDA
