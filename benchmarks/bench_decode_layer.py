@@ -26,9 +26,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import detailflow_engine  # noqa: E402,F401 - first: its OpenMP wait policy must precede torch's libgomp
+import torch  # noqa: E402
+
 from benchmarks._timing import bench  # noqa: E402
 from detailflow_engine.linear import DecodeLinear  # noqa: E402
 from detailflow_engine.ops import _dispatch, decode_layer as dl  # noqa: E402
@@ -129,7 +130,6 @@ def bench_model(repeats: int, cfg_scale: float) -> None:
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
-    print({k: [round(x * 1e3, 1) for x in v] for k, v in times.items()})
     fused = statistics.median(times["engine (fused layer)"])
     want = tokens["engine (fused layer)"]
     print(f"# embedded default model, batch 1, CFG {cfg_scale}, greedy, generation + decode, fp32, "

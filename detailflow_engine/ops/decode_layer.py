@@ -48,6 +48,7 @@ __all__ = ["LayerWeights", "decode_layer", "decode_layer_ref", "tolerance"]
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # any backend (float16: CUDA)
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
 _PACKED_DTYPES = (torch.float32, torch.bfloat16, torch.int8)  # packed formats the CPU kernel streams
+_HAS_KERNEL = _dispatch.has_cpu_kernels() and hasattr(_dispatch.extension(), "decode_layer")
 
 
 @dataclass(frozen=True)
@@ -227,14 +228,17 @@ def _packed_all(y: Tensor, w: LayerWeights):
 
 
 def _cpu_applies(h, y, w, k_cache, v_cache, freqs) -> bool:
-    return (y.device.type == "cpu" and y.dtype in _CPU_DTYPES and _dispatch.has_cpu_kernels()
-            and hasattr(_dispatch.extension(), "decode_layer")
-            and _dispatch.plain_eager(h, y, k_cache, v_cache, freqs)
-            and _packed_all(y, w) is not None)
+    """CPU tensors of a kernel dtype, untraced, and every linear a DecodeLinear. Whether each has
+    a packed weight for y is settled in _cpu_impl (one lookup a linear and call, ~3 us each)."""
+    return (y.device.type == "cpu" and y.dtype in _CPU_DTYPES and _HAS_KERNEL
+            and all(hasattr(lin, "packed_for") for lin in w.linears())
+            and _dispatch.plain_eager(h, y, k_cache, v_cache, freqs))
 
 
 def _cpu_impl(h, y, w, k_cache, v_cache, freqs, start, eps):
     packs = _packed_all(y, w)
+    if packs is None:  # a linear takes its torch path (e.g. autograd on its weight): the composition
+        return decode_layer_ref(h, y, w, k_cache, v_cache, freqs, start, eps)
     B, n, dim = y.shape
     ldh, ldy = _row_stride(h), _row_stride(y)
     if ldh is None:
