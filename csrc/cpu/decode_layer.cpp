@@ -48,16 +48,9 @@ namespace {
 inline float widen(float v) { return v; }
 inline float widen(bf16 v) { return to_float(v); }
 
-// fp32 -> T; bf16 round-to-nearest-even with integer ops (torch's rounding, NaN kept quiet),
-// branch-free so the loops vectorise.
-inline void narrow(float v, float* out) { *out = v; }
-inline void narrow(float v, bf16* out) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const uint32_t quiet_nan = (u >> 16) | 0x40u;
-  out->bits = static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
-}
+// fp32 -> T: torch's rounding, branch-free so the loops vectorise (dispatch.h).
+template <typename T>
+inline void narrow(float v, T* out) { store_float(v, out); }
 template <typename T>
 inline float round_trip(float v) {  // v rounded to T and back (exact for float)
   T t;
