@@ -3,6 +3,7 @@
     python benchmarks/bench_decode_layer.py                 # per layer, both model sizes
     python benchmarks/bench_decode_layer.py --model         # + the embedded model end to end
     python benchmarks/bench_decode_layer.py --model --skip-layers --repeats 7
+    python benchmarks/bench_decode_layer.py --detailflow16 --skip-layers   # must not get slower
 
 Per layer: one line per (size, rows, dtype, weights): the fused call and the composition
 (`decode_layer_ref`, the prior's per-op path: the same decode_gemm / cache_attention kernels
@@ -123,6 +124,34 @@ def bench_model(repeats: int, cfg_scale: float) -> None:
 
     sides = {"engine (fused layer)": engine, "engine (per-op)": engine_per_op, "plain-torch KV cache": peer_run,
              "official semantics": official}
+    interleaved(sides, repeats, f"embedded default model, batch 1, CFG {cfg_scale}, greedy, generation + decode, fp32")
+
+
+def bench_detailflow16(repeats: int, cfg_scale: float) -> None:
+    """DetailFlow-16 size (random weights), batch 1, prior tokens only: fused vs per-op."""
+    from detailflow_engine.loading import prepare_prior
+    from detailflow_engine.pipeline import DetailFlowPipeline
+    from detailflow_engine.presets import preset_configs, randomize_
+    from detailflow_engine.prior import Prior
+    from detailflow_engine.tokenizer import Tokenizer
+
+    pcfg, tcfg = preset_configs("detailflow16")
+    pipe = DetailFlowPipeline(prepare_prior(randomize_(Prior(pcfg), 0), torch.float32), Tokenizer(tcfg).eval())
+
+    def fused():
+        return pipe.generate_tokens([3], cfg_scale=cfg_scale, top_k=1)[0]
+
+    def per_op():
+        with per_op_path():
+            return fused()
+
+    sides = {"engine (fused layer)": fused, "engine (per-op)": per_op}
+    interleaved(sides, repeats, f"DetailFlow-16 size (random weights), batch 1, CFG {cfg_scale}, greedy, "
+                                f"prior tokens only, fp32")
+
+
+def interleaved(sides: dict, repeats: int, what: str) -> None:
+    """Warm each side up, run them in turn `repeats` times, print the medians as a table."""
     times = {k: [] for k in sides}
     tokens = {k: fn() for k, fn in sides.items()}  # warm-up
     for _ in range(repeats):
@@ -130,21 +159,22 @@ def bench_model(repeats: int, cfg_scale: float) -> None:
             t0 = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t0)
-    fused = statistics.median(times["engine (fused layer)"])
-    want = tokens["engine (fused layer)"]
-    print(f"# embedded default model, batch 1, CFG {cfg_scale}, greedy, generation + decode, fp32, "
-          f"{torch.get_num_threads()} threads, median of {repeats} interleaved runs")
-    print("| side | ms | side / engine (fused) | tokens equal to the fused engine's |")
+    first = next(iter(sides))
+    base, want = statistics.median(times[first]), tokens[first]
+    print(f"# {what}, {torch.get_num_threads()} threads, median of {repeats} interleaved runs")
+    print(f"| side | ms | side / {first} | tokens equal to its |")
     print("|---|---|---|---|")
     for k in sides:
         t = statistics.median(times[k])
         same = (tokens[k].cpu() == want.cpu()).float().mean().item() * 100
-        print(f"| {k} | {t * 1e3:.1f} | {t / fused:.2f}x | {same:.1f}% |", flush=True)
+        print(f"| {k} | {t * 1e3:.1f} | {t / base:.2f}x | {same:.1f}% |", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", action="store_true", help="also time the embedded model end to end")
+    ap.add_argument("--detailflow16", action="store_true",
+                    help="also time DetailFlow-16 size prior tokens (random weights), fused vs per-op")
     ap.add_argument("--skip-layers", action="store_true")
     ap.add_argument("--repeats", type=int, default=5, help="--model: interleaved runs per side")
     ap.add_argument("--cfg-scale", type=float, default=1.45)
@@ -156,6 +186,8 @@ def main() -> None:
         bench_layers(args.target_s)
     if args.model:
         bench_model(args.repeats, args.cfg_scale)
+    if args.detailflow16:
+        bench_detailflow16(args.repeats, args.cfg_scale)
 
 
 if __name__ == "__main__":
