@@ -9,12 +9,14 @@
 
 #include <array>
 #include <string>
+#include <tuple>
 
 #include "checks.h"
 #include "dispatch.h"
 #include "cache_attention.h"
 #include "code_search.h"
 #include "decode_gemm.h"
+#include "decode_layer.h"
 #include "group_sample.h"
 #include "vq_lookup.h"
 #if DETAILFLOW_HAS_CUDA
@@ -209,37 +211,21 @@ static const char* decode_gemm_cpu(uintptr_t x, int64_t M, int64_t K, int64_t ld
                                    uintptr_t packed, int64_t packed_numel, int w_dtype,
                                    uintptr_t scales, int64_t N, uintptr_t y, int64_t ldy,
                                    int num_threads) {
-  DF_CHECK_PTR(x); DF_CHECK_PTR(packed); DF_CHECK_PTR(y);
-  DF_CHECK_POSITIVE(M); DF_CHECK_POSITIVE(K); DF_CHECK_POSITIVE(N);
+  DF_CHECK_PTR(x); DF_CHECK_PTR(y);
+  DF_CHECK_POSITIVE(M);
   DF_CHECK(M == 1 || (ldx >= K && ldy >= N), "row strides must be >= the row lengths, got ldx = "
                                                  << ldx << " (K = " << K << "), ldy = " << ldy
                                                  << " (N = " << N << ")");
-  const auto wt = static_cast<detailflow::DType>(w_dtype);
-  const bool int8_w = wt == detailflow::DType::Int8;
-  DF_CHECK(int8_w == (scales != 0), "scales must be given exactly for int8 weights (w_dtype "
-                                        << w_dtype << ", scales " << (scales ? "given" : "null") << ")");
-  const bool bf16_w = wt == detailflow::DType::BFloat16;
-  DF_CHECK(packed_numel == detailflow::cpu::decode_gemm_packed_numel(N, K, bf16_w),
-           "packed must hold " << detailflow::cpu::decode_gemm_packed_numel(N, K, bf16_w)
-                               << " elements for N = " << N << ", K = " << K << ", got " << packed_numel);
+  const detailflow::cpu::PackedWeightView w{reinterpret_cast<const void*>(packed), packed_numel,
+                                            static_cast<detailflow::DType>(w_dtype),
+                                            reinterpret_cast<const float*>(scales), N, K};
+  detailflow::cpu::check_packed_weight(w, "decode_gemm");
   const char* variant = nullptr;
-  const float* sc = reinterpret_cast<const float*>(scales);
   py::gil_scoped_release release;
   DF_DISPATCH_FLOAT(dtype, "decode_gemm x", [&] {
     using X = scalar_t;
-    if (int8_w) {
-      detailflow::cpu::decode_gemm<X, int8_t>(reinterpret_cast<const X*>(x), M, K, ldx,
-                                              reinterpret_cast<const int8_t*>(packed), sc, N,
-                                              reinterpret_cast<X*>(y), ldy, num_threads);
-      variant = detailflow::cpu::decode_gemm_variant<X, int8_t>();
-      return;
-    }
-    DF_DISPATCH_FLOAT(w_dtype, "decode_gemm packed", [&] {
-      detailflow::cpu::decode_gemm<X, scalar_t>(reinterpret_cast<const X*>(x), M, K, ldx,
-                                                 reinterpret_cast<const scalar_t*>(packed), nullptr, N,
-                                                 reinterpret_cast<X*>(y), ldy, num_threads);
-      variant = detailflow::cpu::decode_gemm_variant<X, scalar_t>();
-    });
+    variant = detailflow::cpu::decode_gemm_packed<X>(reinterpret_cast<const X*>(x), M, ldx, w,
+                                                     reinterpret_cast<X*>(y), ldy, num_threads);
   });
   return variant;
 }
@@ -269,6 +255,59 @@ static const char* decode_gemm_int4_cpu(uintptr_t x, int64_t M, int64_t K, int64
     variant = detailflow::cpu::decode_gemm_variant<X, detailflow::cpu::int4x2>();
   });
   return variant;
+}
+
+// A packed weight from Python: (packed address, numel, dtype code, scales address or 0, N, K).
+using PackedArg = std::tuple<uintptr_t, int64_t, int, uintptr_t, int64_t, int64_t>;
+
+static detailflow::cpu::PackedWeightView packed_view(const PackedArg& p, int64_t N, int64_t K,
+                                                     const char* what) {
+  const detailflow::cpu::PackedWeightView w{
+      reinterpret_cast<const void*>(std::get<0>(p)), std::get<1>(p),
+      static_cast<detailflow::DType>(std::get<2>(p)), reinterpret_cast<const float*>(std::get<3>(p)),
+      std::get<4>(p), std::get<5>(p)};
+  detailflow::cpu::check_packed_weight(w, what);
+  DF_CHECK(w.N == N && w.K == K, what << " must be (" << N << ", " << K << "), got (" << w.N << ", "
+                                      << w.K << ")");
+  return w;
+}
+
+// decode_layer: h, y (M = B * n rows, dim = H * d) with row strides ldh, ldy (unit last
+// stride); h_out, y_out contiguous (M, dim); weights = (wqkv, wo, w1, w3, w2) packed; norms
+// (dim,); freqs (n, d / 2, 2) fp32 contiguous; caches contiguous (B, H, L_max, d); all float
+// tensors of `dtype`; see cpu/decode_layer.cpp.
+static void decode_layer_cpu(uintptr_t h, int64_t ldh, uintptr_t y, int64_t ldy, uintptr_t h_out,
+                             uintptr_t y_out, std::array<PackedArg, 5> weights, uintptr_t ffn_norm,
+                             uintptr_t next_norm, uintptr_t freqs, uintptr_t k_cache, uintptr_t v_cache,
+                             int64_t B, int64_t n, int64_t H, int64_t d, int64_t L_max, int64_t start,
+                             double eps, double scale, int sum_lanes, int dtype, int num_threads) {
+  DF_CHECK_PTR(h); DF_CHECK_PTR(y); DF_CHECK_PTR(h_out); DF_CHECK_PTR(y_out); DF_CHECK_PTR(ffn_norm);
+  DF_CHECK_PTR(next_norm); DF_CHECK_PTR(freqs); DF_CHECK_PTR(k_cache); DF_CHECK_PTR(v_cache);
+  DF_CHECK_POSITIVE(B); DF_CHECK_POSITIVE(n); DF_CHECK_POSITIVE(H); DF_CHECK_POSITIVE(d);
+  DF_CHECK_NONNEG(start);
+  DF_CHECK(d % 2 == 0, "head dim d must be even (rotary pairs), got " << d);
+  DF_CHECK(start + n <= L_max, "start + n must be <= L_max, got " << start << " + " << n << " > " << L_max);
+  DF_CHECK(sum_lanes >= 1 && sum_lanes <= 16, "sum_lanes must be in [1, 16], got " << sum_lanes);
+  const int64_t dim = H * d, F = std::get<4>(weights[2]);
+  DF_CHECK(ldh >= dim && ldy >= dim, "row strides must be >= dim = " << dim << ", got ldh = " << ldh
+                                                                      << ", ldy = " << ldy);
+  using detailflow::cpu::DecodeLayerArgs;
+  const auto wqkv = packed_view(weights[0], 3 * dim, dim, "wqkv");
+  const auto wo = packed_view(weights[1], dim, dim, "wo");
+  const auto w1 = packed_view(weights[2], F, dim, "w1");
+  const auto w3 = packed_view(weights[3], F, dim, "w3");
+  const auto w2 = packed_view(weights[4], dim, F, "w2");
+  py::gil_scoped_release release;
+  DF_DISPATCH_FLOAT(dtype, "decode_layer", [&] {
+    using T = scalar_t;
+    const DecodeLayerArgs<T> args{
+        reinterpret_cast<const T*>(h), ldh, reinterpret_cast<const T*>(y), ldy, reinterpret_cast<T*>(h_out),
+        reinterpret_cast<T*>(y_out), wqkv, wo, w1, w3, w2, reinterpret_cast<const T*>(ffn_norm),
+        reinterpret_cast<const T*>(next_norm), reinterpret_cast<const float*>(freqs),
+        reinterpret_cast<T*>(k_cache), reinterpret_cast<T*>(v_cache), B, n, H, d, L_max, start,
+        static_cast<float>(eps), static_cast<float>(scale), sum_lanes};
+    detailflow::cpu::decode_layer<T>(args, num_threads);
+  });
 }
 
 #if DETAILFLOW_HAS_CUDA  // the CUDA kernels' bindings
@@ -417,6 +456,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("decode_gemm_int4", &decode_gemm_int4_cpu, "decode_gemm for int4 group-quantized W (CPU)");
   m.def("decode_gemm_force_portable", &detailflow::cpu::decode_gemm_force_portable,
         "Force decode_gemm's portable CPU loops (tests)");
+  m.def("decode_layer", &decode_layer_cpu, "One prior layer for one decode step (CPU)");
   m.def("group_sample", &group_sample_cpu, "CFG + temperature + top-k/top-p + Philox draw (CPU)");
 #if DETAILFLOW_HAS_CUDA
   m.def("decode_gemm_cuda", &decode_gemm_cuda, "y = x @ W^T for few rows, W row-major or int8 (CUDA)");

@@ -124,17 +124,23 @@ class DecodeLinear(nn.Module):
         # Q is exact in any float dtype (|Q| <= 127); the scales multiply the result in fp32.
         return (F.linear(x, self.weight.to(x.dtype)).float() * self.scales).to(x.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def packed_for(self, x: torch.Tensor) -> Optional[PackedWeight]:
+        """The up-to-date packed weight that `forward(x)` multiplies by, or None where forward
+        takes the torch path (fused kernels such as ops.decode_layer read it too)."""
         w = self.weight
         same_dtype = x.dtype == w.dtype if self.scales is None else x.is_floating_point()
         if (not same_dtype or x.device != w.device
                 or not _kernel_for(x.device) or (x.device.type == "cpu" and x.dtype == torch.float16)
                 or (w.requires_grad and torch.is_grad_enabled())):
-            return self._torch(x)
+            return None
         key = _weight_key(w) + ((_weight_key(self.scales),) if self.scales is not None else ())
         if key != self._packed_key or self._packed is None:
             self.repack()
-        return decode_gemm(x, self._packed)
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self.packed_for(x)
+        return self._torch(x) if packed is None else decode_gemm(x, packed)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias=False, "

@@ -24,12 +24,10 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from detailflow_engine.config import PriorConfig
 from detailflow_engine.ops.add_rmsnorm import add_rmsnorm
-from detailflow_engine.ops.cache_attention import cache_attention
-from detailflow_engine.ops.rope_qkv import rope_qkv
+from detailflow_engine.ops.decode_layer import LayerWeights, decode_layer
 from detailflow_engine.schedule import Step
 from detailflow_engine.rotary import precompute_freqs_cis_2d
 
@@ -69,12 +67,6 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.kv_cache: Optional[KVCache] = None
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor, start_pos: int) -> torch.Tensor:
-        b, n, _ = x.shape  # x: (B, n, dim), n = the step's new positions
-        q, k, v = rope_qkv(self.wqkv(x), freqs, self.n_head)  # (B, H, n, d) each, q and k rotated
-        out = cache_attention(q, k, v, self.kv_cache.k_cache, self.kv_cache.v_cache, start_pos)
-        return self.wo(out.transpose(1, 2).reshape(b, n, self.dim))
-
 
 class FeedForward(nn.Module):
     def __init__(self, cfg: PriorConfig):
@@ -82,9 +74,6 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
         self.w3 = nn.Linear(cfg.dim, cfg.ffn_hidden, bias=False)
         self.w2 = nn.Linear(cfg.ffn_hidden, cfg.dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class TransformerBlock(nn.Module):
@@ -95,6 +84,12 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
+    def decode_weights(self, next_norm: RMSNorm) -> LayerWeights:
+        """What ops.decode_layer reads; `next_norm` follows this block (the next block's
+        attention_norm, or the prior's final norm)."""
+        attn, ffn = self.attention, self.feed_forward
+        return LayerWeights(attn.wqkv, attn.wo, ffn.w1, ffn.w3, ffn.w2, self.ffn_norm.weight,
+                            next_norm.weight, attn.n_head)
 
 
 class LabelEmbedder(nn.Module):
@@ -179,12 +174,13 @@ class Prior(nn.Module):
         """Run new positions [start, start + n) through the model; x: (B, n, dim) -> logits (B, n, V) fp32."""
         n = x.shape[1]
         freqs = self.freqs_cis[start:start + n]
-        # Carry (residual h, its norm y) between layers: each residual add is fused with the norm
-        # that follows it (ffn_norm, the next layer's attention_norm, the final norm).
+        # Carry (residual h, its norm y) between layers: one decode_layer call a layer runs its
+        # attention and FFN, each residual add fused with the norm that follows it (ffn_norm,
+        # the next layer's attention_norm, the final norm).
         eps = self.config.norm_eps
         h, y = add_rmsnorm(x, None, self.layers[0].attention_norm.weight, eps)
         for i, layer in enumerate(self.layers):
-            h, y = add_rmsnorm(h, layer.attention(y, freqs, start), layer.ffn_norm.weight, eps)
             nxt = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm
-            h, y = add_rmsnorm(h, layer.feed_forward(y), nxt.weight, eps)
+            cache = layer.attention.kv_cache
+            h, y = decode_layer(h, y, layer.decode_weights(nxt), cache.k_cache, cache.v_cache, freqs, start, eps)
         return self.output(y).float()

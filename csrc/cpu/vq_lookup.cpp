@@ -39,16 +39,9 @@ namespace {
 
 #define DF_INLINE inline __attribute__((always_inline))
 
-// fp32 -> output dtype. The bf16 one is branch-free (round to nearest even, NaN stays NaN) so
-// the store loop vectorizes; it matches dispatch.h's from_float bit for bit.
-DF_INLINE void store(float v, float* o) { *o = v; }
-DF_INLINE void store(float v, bf16* o) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const uint32_t quiet_nan = (u >> 16) | 0x40u;
-  o->bits = static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
-}
+// fp32 -> output dtype, branch-free so the store loop vectorizes (dispatch.h).
+template <typename T>
+DF_INLINE void store(float v, T* o) { store_float(v, o); }
 
 // y = x / max(|x|, 1e-12) in fp32, as F.normalize.
 template <typename E>

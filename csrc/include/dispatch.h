@@ -35,6 +35,16 @@ inline void from_float(float x, bf16* out) {
   out->bits = static_cast<uint16_t>(u >> 16);
 }
 
+// The same rounding without a branch, so that store loops vectorise (bit for bit from_float).
+inline void store_float(float x, float* out) { *out = x; }
+inline void store_float(float x, bf16* out) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (u >> 16) | 0x40u;
+  out->bits = static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
+}
+
 }  // namespace detailflow
 
 // Applies M(A, B) to every pair of CPU float types: the instantiations of two-dtype kernels.

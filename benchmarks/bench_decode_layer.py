@@ -1,0 +1,194 @@
+"""decode_layer (CPU): the fused layer vs the per-op composition, per layer and end to end.
+
+    python benchmarks/bench_decode_layer.py                 # per layer, both model sizes
+    python benchmarks/bench_decode_layer.py --model         # + the embedded model end to end
+    python benchmarks/bench_decode_layer.py --model --skip-layers --repeats 7
+    python benchmarks/bench_decode_layer.py --detailflow16 --skip-layers   # must not get slower
+
+Per layer: one line per (size, rows, dtype, weights): the fused call and the composition
+(`decode_layer_ref`, the prior's per-op path: the same decode_gemm / cache_attention kernels
+with Python between them) on the same inputs, a step at position 25 of the cache, and the
+ratio. Rows = B * n: 2 = batch 1 with CFG and one position, 8 / 16 = one group of 4 / 8 with CFG.
+
+--model: the embedded default model (`DetailFlowPipeline.from_pretrained()`), batch 1, CFG
+1.45, greedy, generation + decode, in one process, the sides interleaved `--repeats` times
+(median): the engine with the fused layer, the engine with the per-op composition in its
+place (the one table entry swapped, all other ops unchanged), the plain-torch KV-cache peer
+(detailflow_ref.kv_generate) and the official-semantics reference (detailflow_ref.generate),
+both on the same weights in the engine's dtype, and the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import detailflow_engine  # noqa: E402,F401 - first: its OpenMP wait policy must precede torch's libgomp
+import torch  # noqa: E402
+
+from benchmarks._timing import bench  # noqa: E402
+from detailflow_engine.linear import DecodeLinear  # noqa: E402
+from detailflow_engine.ops import _dispatch, decode_layer as dl  # noqa: E402
+
+# (name, dim, n_head, ffn hidden, group size)
+SIZES = (("default", 256, 8, 768, 4), ("detailflow16", 1024, 16, 2816, 8))
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@contextlib.contextmanager
+def per_op_path():
+    """decode_layer's CPU entry swapped for the composition (what the prior ran before the op)."""
+    _dispatch.register("decode_layer", "cpu", dl.decode_layer_ref, applies=dl._cpu_applies)
+    try:
+        yield
+    finally:
+        _dispatch.register("decode_layer", "cpu", dl._cpu_impl, applies=dl._cpu_applies)
+
+
+def layer_inputs(dim, H, F, rows, dtype, weights, L=64, start=25, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def linear(k_in, k_out):
+        lin = torch.nn.Linear(k_in, k_out, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(k_out, k_in, generator=g) / math.sqrt(k_in))
+        return DecodeLinear(lin if weights == "int8" else lin.to(dtype), weights).requires_grad_(False)
+
+    B, n = (2, rows // 2)
+    d = dim // H
+    w = dl.LayerWeights(linear(dim, 3 * dim), linear(dim, dim), linear(dim, F), linear(dim, F), linear(F, dim),
+                        torch.ones(dim, dtype=dtype), torch.ones(dim, dtype=dtype), H)
+    h, y = (torch.randn(B, n, dim, generator=g).to(dtype) for _ in range(2))
+    kc, vc = (torch.randn(B, H, L, d, generator=g).to(dtype) for _ in range(2))
+    freqs = torch.randn(n, d // 2, 2, generator=g)
+    return h, y, w, kc, vc, freqs, start
+
+
+def bench_layers(target_s: float) -> None:
+    print("| size | rows | dtype | weights | fused us | per-op us | per-op/fused |")
+    print("|---|---|---|---|---|---|---|")
+    for name, dim, H, F, group in SIZES:
+        for rows in (2, 2 * group):
+            for dname, dtype in DTYPES.items():
+                for weights in ("native", "int8"):
+                    args = layer_inputs(dim, H, F, rows, dtype, weights)
+                    with torch.inference_mode():
+                        fused = bench(lambda: dl.decode_layer(*args), target_s=target_s).median_s
+                        with per_op_path():
+                            comp = bench(lambda: dl.decode_layer(*args), target_s=target_s).median_s
+                    print(f"| {name} | {rows} | {dname} | {weights} | {fused * 1e6:.1f} | {comp * 1e6:.1f} "
+                          f"| {comp / fused:.2f}x |", flush=True)
+
+
+def bench_model(repeats: int, cfg_scale: float) -> None:
+    from detailflow_engine.pipeline import DetailFlowPipeline
+    from detailflow_ref.generate import generate as ref_generate
+    from detailflow_ref.gpt import Transformer
+    from detailflow_ref.kv_generate import KVCachePeer, kv_cache_generate
+    from detailflow_ref.tokenizer import VQModel
+
+    pipe = DetailFlowPipeline.from_pretrained()
+    ref_prior = Transformer(pipe.prior.config)
+    ref_prior.load_state_dict(pipe.prior.state_dict())
+    ref_prior = ref_prior.eval().requires_grad_(False)
+    ref_tok = VQModel(pipe.tokenizer.config)
+    ref_tok.load_state_dict(pipe.tokenizer.state_dict(), strict=False)
+    ref_tok = ref_tok.eval().requires_grad_(False)
+    labels = [3]
+    lab = torch.tensor(labels)
+    peer = KVCachePeer(ref_prior, 2)
+
+    def engine():
+        return pipe.generate(labels, cfg_scale=cfg_scale, top_k=1).tokens
+
+    def engine_per_op():
+        with per_op_path():
+            return engine()
+
+    def peer_run():
+        with torch.inference_mode():
+            toks = kv_cache_generate(ref_prior, lab, cfg_scale=cfg_scale, top_k=1, peer=peer)
+            ref_tok.decode_code(toks)
+        return toks
+
+    def official():
+        with torch.inference_mode():
+            toks = ref_generate(ref_prior, lab, cfg_scale=cfg_scale, top_k=1)
+            ref_tok.decode_code(toks)
+        return toks
+
+    sides = {"engine (fused layer)": engine, "engine (per-op)": engine_per_op, "plain-torch KV cache": peer_run,
+             "official semantics": official}
+    interleaved(sides, repeats, f"embedded default model, batch 1, CFG {cfg_scale}, greedy, generation + decode, fp32")
+
+
+def bench_detailflow16(repeats: int, cfg_scale: float) -> None:
+    """DetailFlow-16 size (random weights), batch 1, prior tokens only: fused vs per-op."""
+    from detailflow_engine.loading import prepare_prior
+    from detailflow_engine.pipeline import DetailFlowPipeline
+    from detailflow_engine.presets import preset_configs, randomize_
+    from detailflow_engine.prior import Prior
+    from detailflow_engine.tokenizer import Tokenizer
+
+    pcfg, tcfg = preset_configs("detailflow16")
+    pipe = DetailFlowPipeline(prepare_prior(randomize_(Prior(pcfg), 0), torch.float32), Tokenizer(tcfg).eval())
+
+    def fused():
+        return pipe.generate_tokens([3], cfg_scale=cfg_scale, top_k=1)[0]
+
+    def per_op():
+        with per_op_path():
+            return fused()
+
+    sides = {"engine (fused layer)": fused, "engine (per-op)": per_op}
+    interleaved(sides, repeats, f"DetailFlow-16 size (random weights), batch 1, CFG {cfg_scale}, greedy, "
+                                f"prior tokens only, fp32")
+
+
+def interleaved(sides: dict, repeats: int, what: str) -> None:
+    """Warm each side up, run them in turn `repeats` times, print the medians as a table."""
+    times = {k: [] for k in sides}
+    tokens = {k: fn() for k, fn in sides.items()}  # warm-up
+    for _ in range(repeats):
+        for k, fn in sides.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    first = next(iter(sides))
+    base, want = statistics.median(times[first]), tokens[first]
+    print(f"# {what}, {torch.get_num_threads()} threads, median of {repeats} interleaved runs")
+    print(f"| side | ms | side / {first} | tokens equal to its |")
+    print("|---|---|---|---|")
+    for k in sides:
+        t = statistics.median(times[k])
+        same = (tokens[k].cpu() == want.cpu()).float().mean().item() * 100
+        print(f"| {k} | {t * 1e3:.1f} | {t / base:.2f}x | {same:.1f}% |", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", action="store_true", help="also time the embedded model end to end")
+    ap.add_argument("--detailflow16", action="store_true",
+                    help="also time DetailFlow-16 size prior tokens (random weights), fused vs per-op")
+    ap.add_argument("--skip-layers", action="store_true")
+    ap.add_argument("--repeats", type=int, default=5, help="--model: interleaved runs per side")
+    ap.add_argument("--cfg-scale", type=float, default=1.45)
+    ap.add_argument("--target-s", type=float, default=0.3, help="per-layer timing: seconds per measurement")
+    args = ap.parse_args()
+    print(f"# cpu x{torch.get_num_threads()}, decode_layer CPU kernel: "
+          f"{'yes' if hasattr(_dispatch.extension(), 'decode_layer') else 'NO (composition only)'}")
+    if not args.skip_layers:
+        bench_layers(args.target_s)
+    if args.model:
+        bench_model(args.repeats, args.cfg_scale)
+    if args.detailflow16:
+        bench_detailflow16(args.repeats, args.cfg_scale)
+
+
+if __name__ == "__main__":
+    main()

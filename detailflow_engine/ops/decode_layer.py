@@ -1,0 +1,306 @@
+"""decode_layer: one transformer layer of the prior for one decode step, in one call.
+
+The prior's decode step carries (h, y) = (residual stream, its attention_norm) through its
+layers. Per layer the per-op path is
+
+    q, k, v = rope_qkv(wqkv(y), freqs, n_head)
+    out = cache_attention(q, k, v, k_cache, v_cache, start)        # appends k, v at [start, start + n)
+    h, y = add_rmsnorm(h, wo(out as (B, n, dim)), ffn_norm, eps)
+    h, y = add_rmsnorm(h, w2(silu(w1(y)) * w3(y)), next_norm, eps)  # next: the next layer's
+                                                                    # attention_norm, or the final norm
+
+which is `decode_layer_ref`, the torch entry of the table and the test oracle (it calls the
+per-op wrappers, so on CUDA it runs their CUDA/Triton kernels). On the embedded default model
+each of those ops is a few microseconds of work and the Python between them cost as much again.
+
+Backends (see `_dispatch`): CPU `_C` (csrc/cpu/decode_layer.cpp: the whole layer in one
+extension call, reusing the decode_gemm and cache_attention kernels as C++ functions) where
+every linear is a DecodeLinear with a packed weight for y (float32, bfloat16 or int8), y is
+float32 or bfloat16 and nobody traces the call; on CUDA the composition (the per-op wrappers
+pick the CUDA kernels); then the torch entry, the composition again (with
+DETAILFLOW_BACKEND=torch its ops take their torch references).
+
+Numerics of the CPU kernel: the GEMMs and the attention are the per-op path's own kernels
+(same bits); rotary, residual adds and RMSNorms round as the torch ops do (the RMSNorm's sum
+in torch's order); only the SiLU's exp is another fp32 implementation (an ulp apart at most),
+so the layer is within the ops' tolerances of the per-op path, and bit-identical to it when
+the FFN's SiLU does not come into play (tests/ops/test_decode_layer.py checks both).
+"""
+from __future__ import annotations
+
+import functools
+import math
+import operator
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from detailflow_engine.ops import _dispatch
+from detailflow_engine.ops.add_rmsnorm import add_rmsnorm
+from detailflow_engine.ops.add_rmsnorm import tolerance as add_rmsnorm_tolerance
+from detailflow_engine.ops.cache_attention import cache_attention
+from detailflow_engine.ops.rope_qkv import rope_qkv
+
+__all__ = ["LayerWeights", "decode_layer", "decode_layer_ref", "tolerance"]
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # any backend (float16: CUDA)
+_CPU_DTYPES = (torch.float32, torch.bfloat16)
+_PACKED_DTYPES = (torch.float32, torch.bfloat16, torch.int8)  # packed formats the CPU kernel streams
+_HAS_KERNEL = _dispatch.has_cpu_kernels() and hasattr(_dispatch.extension(), "decode_layer")
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """One prior layer's parameters as decode_layer reads them.
+
+    The linears are callables (..., K) -> (..., N) (bias-free nn.Linear or linear.DecodeLinear);
+    the CPU kernel needs DecodeLinears (their `packed_for`). Norm weights are (dim,) in the
+    activation dtype; next_norm is the next layer's attention_norm (the final norm after the last).
+    """
+
+    wqkv: Callable[[Tensor], Tensor]  # dim -> 3 dim, [q | k | v] each (H, d)
+    wo: Callable[[Tensor], Tensor]    # dim -> dim
+    w1: Callable[[Tensor], Tensor]    # dim -> F
+    w3: Callable[[Tensor], Tensor]    # dim -> F
+    w2: Callable[[Tensor], Tensor]    # F -> dim
+    ffn_norm: Tensor
+    next_norm: Tensor
+    n_head: int
+
+    def linears(self):
+        return self.wqkv, self.wo, self.w1, self.w3, self.w2
+
+
+def decode_layer_ref(h: Tensor, y: Tensor, w: LayerWeights, k_cache: Tensor, v_cache: Tensor,
+                     freqs: Tensor, start: int, eps: float) -> Tuple[Tensor, Tensor]:
+    """The per-op composition (fallback and test oracle): exactly the prior's path before this op."""
+    b, n, dim = y.shape
+    q, k, v = rope_qkv(w.wqkv(y), freqs, w.n_head)  # (B, H, n, d) each, q and k rotated
+    out = cache_attention(q, k, v, k_cache, v_cache, start)
+    h, y = add_rmsnorm(h, w.wo(out.transpose(1, 2).reshape(b, n, dim)), w.ffn_norm, eps)
+    return add_rmsnorm(h, w.w2(F.silu(w.w1(y)) * w.w3(y)), w.next_norm, eps)
+
+
+def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
+    """(atol, rtol) of the STYLE practice-5 rule for h and y:
+    max|kernel - ref32| <= 2 * max|torch_lowp - ref32| + atol + rtol * max|ref32|.
+    The layer ends in add_rmsnorm, whose numbers these are (the same as its other ops')."""
+    return add_rmsnorm_tolerance(dtype)
+
+
+def _index(value, name: str) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"`{name}` must be an int, got bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}") from None
+
+
+def _validate(h, y, w, k_cache, v_cache, freqs, start, eps) -> Tuple[int, float]:
+    """-> (start, eps); raises naming the first bad argument."""
+    for name, t in (("h", h), ("y", y), ("k_cache", k_cache), ("v_cache", v_cache), ("freqs", freqs)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
+    if not isinstance(w, LayerWeights):
+        raise TypeError(f"`w` must be a LayerWeights, got {type(w).__name__}")
+    if y.dim() != 3 or y.dtype not in _DTYPES or y.shape[-1] == 0:
+        raise ValueError(f"`y` must be float32, bfloat16 or float16 of shape (B, n, dim), got {_dispatch.describe(y)}")
+    B, n, dim = y.shape
+    if h.shape != y.shape or h.dtype != y.dtype or h.device != y.device:
+        raise ValueError(f"`h` must have the shape, dtype and device of `y` ({_dispatch.describe(y)}), "
+                         f"got {_dispatch.describe(h)}")
+    H = _index(w.n_head, "w.n_head")
+    if H < 1 or dim % H or (dim // H) % 2:
+        raise ValueError(f"`y`'s dim must be n_head * head_dim with an even head_dim (n_head={H}), "
+                         f"got {_dispatch.describe(y)}")
+    d = dim // H
+    for name, t in (("w.ffn_norm", w.ffn_norm), ("w.next_norm", w.next_norm)):
+        if not isinstance(t, Tensor) or tuple(t.shape) != (dim,) or t.dtype != y.dtype or t.device != y.device:
+            got = _dispatch.describe(t) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"`{name}` must be ({dim},) with the dtype and device of `y` "
+                             f"({_dispatch.describe(y)}), got {got}")
+    L_max = k_cache.shape[2] if k_cache.dim() == 4 else -1
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (B, H, d) or t.shape[2] != L_max:
+            raise ValueError(f"`{name}` must be (B, n_head, L_max, head_dim) = {(B, H, 'L_max', d)} with the "
+                             f"L_max of `k_cache`, got {_dispatch.describe(t)}")
+        if t.dtype != y.dtype or t.device != y.device or not t.is_contiguous():
+            raise ValueError(f"`{name}` must be contiguous with the dtype and device of `y` "
+                             f"({_dispatch.describe(y)}), got {_dispatch.describe(t)}")
+    if tuple(freqs.shape) != (n, d // 2, 2) or freqs.dtype != torch.float32 or freqs.device != y.device:
+        raise ValueError(f"`freqs` must be float32 of shape (n, head_dim/2, 2) = {(n, d // 2, 2)} on {y.device} "
+                         f"(rows start:start+n of the prior's freqs_cis), got {_dispatch.describe(freqs)}")
+    start = _index(start, "start")
+    if start < 0:
+        raise ValueError(f"`start` must be >= 0, got {start}")
+    if start + n > L_max:
+        raise ValueError(f"`start` + n must be <= L_max (the cache length), got start={start} + n={n} "
+                         f"> L_max={L_max}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"`eps` must be a finite float >= 0, got {eps!r}")
+    return start, float(eps)
+
+
+def decode_layer(h: Tensor, y: Tensor, w: LayerWeights, k_cache: Tensor, v_cache: Tensor,
+                 freqs: Tensor, start: int, eps: float = 1e-5) -> Tuple[Tensor, Tensor]:
+    """One prior layer on a decode step's n new positions: (h, y) in -> (h, y) out.
+
+    Args:
+        h: (B, n, dim) residual stream (float32 or bfloat16; float16 on CUDA), any strides.
+        y: (B, n, dim) its attention_norm (what the previous layer, or the first norm, returned).
+        w: the layer's LayerWeights.
+        k_cache, v_cache: contiguous (B, n_head, L_max, head_dim) of y's dtype. Mutated:
+            positions [start, start + n) receive the step's keys and values.
+        freqs: (n, head_dim/2, 2) float32 rotary rows of the step (prior.freqs_cis[start:start + n]).
+        start: first cache position of the step; start + n <= L_max.
+        eps: RMSNorm epsilon.
+
+    Returns:
+        New (B, n, dim) tensors h (after the attention and FFN residuals) and y = the next
+        norm of h, in y's dtype.
+    """
+    start, eps = _validate(h, y, w, k_cache, v_cache, freqs, start, eps)
+    return _dispatch.pick("decode_layer", h, y, w, k_cache, v_cache, freqs).fn(
+        h, y, w, k_cache, v_cache, freqs, start, eps)
+
+
+def _sum_in_order(v: Tensor, lanes: int) -> float:
+    """Sum of a short fp32 row in the order csrc/cpu/decode_layer.cpp's torch_sum uses with
+    `lanes` (its cascade does not start below 64 vectors): 4 vector accumulators side by side,
+    leftover vectors into the first, the 4 combined, then the tail scalars and the lanes."""
+    vecs = v.numel() // lanes
+    acc = torch.zeros(4, lanes)
+    for r in range(vecs // 4 * 4):
+        acc[r % 4] += v[r * lanes:(r + 1) * lanes]
+    for r in range(vecs // 4 * 4, vecs):
+        acc[0] += v[r * lanes:(r + 1) * lanes]
+    for k in range(1, 4):
+        acc[0] += acc[k]
+    total = torch.zeros((), dtype=torch.float32)
+    for x in torch.cat([v[vecs * lanes:], acc[0]]):
+        total += x
+    return total.item()
+
+
+@functools.lru_cache(maxsize=None)
+def _torch_sum_lanes() -> int:
+    """Lanes of torch's fp32 row sum, found by trying (8 on torch 2.13 even with an AVX-512
+    capability): the RMSNorm's sum order the kernel reproduces. Neither order matching torch
+    (another torch) leaves the norm within its tolerance, one rounding of the sum apart."""
+    probe = torch.randn(203, generator=torch.Generator().manual_seed(0)) ** 2
+    want = probe.sum().item()
+    return next((lanes for lanes in (8, 16) if _sum_in_order(probe, lanes) == want), 8)
+
+
+def _row_stride(t: Tensor) -> Optional[int]:
+    """Element stride between the rows of t (B, n, dim) seen as (B * n, dim), or None."""
+    B, n, dim = t.shape
+    s0, s1, s2 = t.stride()
+    if s2 != 1 and dim > 1:
+        return None
+    if n == 1:
+        ld = s0
+    elif B == 1 or s0 == n * s1:
+        ld = s1
+    else:
+        return None
+    return ld if ld >= dim or B * n == 1 else None
+
+
+def _packed_all(y: Tensor, w: LayerWeights):
+    """The five packed weights for y, or None when any linear would not run decode_gemm on them."""
+    packs = []
+    for lin in w.linears():
+        packed_for = getattr(lin, "packed_for", None)
+        p = packed_for(y) if packed_for is not None else None
+        if p is None or p.packed.dtype not in _PACKED_DTYPES or not p.packed.is_contiguous():
+            return None
+        packs.append(p)
+    return packs
+
+
+def _cpu_applies(h, y, w, k_cache, v_cache, freqs) -> bool:
+    """CPU tensors of a kernel dtype, untraced, and every linear a DecodeLinear. Whether each has
+    a packed weight for y is settled in _cpu_impl (one lookup a linear and call, ~3 us each)."""
+    return (y.device.type == "cpu" and y.dtype in _CPU_DTYPES and _HAS_KERNEL
+            and all(hasattr(lin, "packed_for") for lin in w.linears())
+            and _dispatch.plain_eager(h, y, k_cache, v_cache, freqs))
+
+
+def _cpu_impl(h, y, w, k_cache, v_cache, freqs, start, eps):
+    packs = _packed_all(y, w)
+    if packs is None:  # a linear takes its torch path (e.g. autograd on its weight): the composition
+        return decode_layer_ref(h, y, w, k_cache, v_cache, freqs, start, eps)
+    B, n, dim = y.shape
+    ldh, ldy = _row_stride(h), _row_stride(y)
+    if ldh is None:
+        h, ldh = h.contiguous(), dim
+    if ldy is None:
+        y, ldy = y.contiguous(), dim
+    freqs = freqs.contiguous()
+    ffn_norm, next_norm = w.ffn_norm.contiguous(), w.next_norm.contiguous()
+    h_out = torch.empty((B, n, dim), dtype=y.dtype)
+    y_out = torch.empty((B, n, dim), dtype=y.dtype)
+    codes = _dispatch.DTYPE_CODES
+    weights = [(p.packed.data_ptr(), p.packed.numel(), codes[p.packed.dtype],
+                p.scales.data_ptr() if p.scales is not None else 0, p.N, p.K) for p in packs]
+    H = w.n_head
+    _dispatch.extension().decode_layer(
+        h.data_ptr(), ldh, y.data_ptr(), ldy, h_out.data_ptr(), y_out.data_ptr(), weights,
+        ffn_norm.data_ptr(), next_norm.data_ptr(), freqs.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+        B, n, H, dim // H, k_cache.shape[2], start, eps, 1.0 / math.sqrt(dim // H), _torch_sum_lanes(),
+        codes[y.dtype], _dispatch.num_threads())
+    torch.autograd.graph.increment_version((k_cache, v_cache))
+    return h_out, y_out
+
+
+_dispatch.register("decode_layer", "cpu", _cpu_impl, applies=_cpu_applies)
+# CUDA: the composition, whose ops pick their CUDA/Triton kernels (registered as the cuda entry
+# so that a CUDA prior does not warn of a torch fallback).
+_dispatch.register("decode_layer", "cuda", decode_layer_ref, applies=lambda h, y, *rest: y.is_cuda)
+_dispatch.register("decode_layer", "torch", decode_layer_ref)
+
+
+def _selfcheck(backend, reference, device) -> None:
+    """A group step (4 positions) of 2 rows mid-cache: 3 heads of 16, FFN 40, every packed format."""
+    from detailflow_engine.linear import DecodeLinear  # engine layer above ops: imported on use only
+
+    g = torch.Generator().manual_seed(0)
+    B, n, H, d, F_, L = 2, 4, 3, 16, 40, 12
+    dim = H * d
+    for dtype, mode in ((torch.float32, "native"), (torch.bfloat16, "native"), (torch.float32, "int8")):
+        def linear(k_in, k_out):
+            lin = torch.nn.Linear(k_in, k_out, bias=False)
+            with torch.no_grad():
+                lin.weight.copy_(torch.randn(k_out, k_in, generator=g) / math.sqrt(k_in))
+            lin = lin.to(device)
+            if mode == "native":
+                lin = lin.to(dtype)
+            return DecodeLinear(lin.requires_grad_(False), mode)
+
+        def rand(*shape):
+            return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+        w = LayerWeights(linear(dim, 3 * dim), linear(dim, dim), linear(dim, F_), linear(dim, F_),
+                         linear(F_, dim), 1 + 0.1 * rand(dim), 1 + 0.1 * rand(dim), H)
+        h, y = rand(B, n, dim), rand(B, n, dim)
+        cache = rand(B, H, L, d)
+        freqs = torch.randn(n, d // 2, 2, generator=g).to(device)
+        kc, vc, kr, vr = cache.clone(), cache.clone(), cache.clone(), cache.clone()
+        if not backend.applies(h, y, w, kc, vc, freqs):
+            continue
+        got = backend.fn(h, y, w, kc, vc, freqs, 5, 1e-5)
+        want = reference(h, y, w, kr, vr, freqs, 5, 1e-5)
+        if not (torch.equal(kc, kr) and torch.equal(vc, vr)):
+            raise AssertionError(f"decode_layer {dtype} {mode}: the cache write differs")
+        atol, _ = tolerance(dtype)
+        for name, a, b in zip("hy", got, want):
+            _dispatch.expect_close(f"decode_layer {dtype} {mode} {name}", a, b, atol,
+                                   1e-4 if dtype == torch.float32 else 2e-2)
+
+
+_dispatch.register_selfcheck("decode_layer", _selfcheck)
