@@ -217,7 +217,8 @@ def _packed_all(y: Tensor, w: LayerWeights):
     for lin in w.linears():
         packed_for = getattr(lin, "packed_for", None)
         p = packed_for(y) if packed_for is not None else None
-        if p is None or p.packed.dtype not in _PACKED_DTYPES or not p.packed.is_contiguous():
+        if (p is None or p.packed.dtype not in _PACKED_DTYPES or not p.packed.is_contiguous()
+                or p.group_size is not None):  # int4 (group scales): the composition streams it
             return None
         packs.append(p)
     return packs
