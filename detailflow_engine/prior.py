@@ -178,7 +178,9 @@ class Prior(nn.Module):
         # attention and FFN, each residual add fused with the norm that follows it (ffn_norm,
         # the next layer's attention_norm, the final norm).
         eps = self.config.norm_eps
-        h, y = add_rmsnorm(x, None, self.layers[0].attention_norm.weight, eps)
+        # .detach(): a plain tensor, not a Parameter, so that outside tracing add_rmsnorm calls its
+        # backend directly instead of its custom op (~20 us of Python layers a call)
+        h, y = add_rmsnorm(x, None, self.layers[0].attention_norm.weight.detach(), eps)
         for i, layer in enumerate(self.layers):
             nxt = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm
             cache = layer.attention.kv_cache
