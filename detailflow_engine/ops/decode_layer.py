@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
 
@@ -92,15 +91,6 @@ def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
     return add_rmsnorm_tolerance(dtype)
 
 
-def _index(value, name: str) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"`{name}` must be an int, got bool")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"`{name}` must be an int, got {type(value).__name__}") from None
-
-
 def _validate(h, y, w, k_cache, v_cache, freqs, start, eps) -> Tuple[int, float]:
     """-> (start, eps); raises naming the first bad argument."""
     for name, t in (("h", h), ("y", y), ("k_cache", k_cache), ("v_cache", v_cache), ("freqs", freqs)):
@@ -114,7 +104,7 @@ def _validate(h, y, w, k_cache, v_cache, freqs, start, eps) -> Tuple[int, float]
     if h.shape != y.shape or h.dtype != y.dtype or h.device != y.device:
         raise ValueError(f"`h` must have the shape, dtype and device of `y` ({_dispatch.describe(y)}), "
                          f"got {_dispatch.describe(h)}")
-    H = _index(w.n_head, "w.n_head")
+    H = _dispatch.as_index("w.n_head", w.n_head)
     if H < 1 or dim % H or (dim // H) % 2:
         raise ValueError(f"`y`'s dim must be n_head * head_dim with an even head_dim (n_head={H}), "
                          f"got {_dispatch.describe(y)}")
@@ -135,7 +125,7 @@ def _validate(h, y, w, k_cache, v_cache, freqs, start, eps) -> Tuple[int, float]
     if tuple(freqs.shape) != (n, d // 2, 2) or freqs.dtype != torch.float32 or freqs.device != y.device:
         raise ValueError(f"`freqs` must be float32 of shape (n, head_dim/2, 2) = {(n, d // 2, 2)} on {y.device} "
                          f"(rows start:start+n of the prior's freqs_cis), got {_dispatch.describe(freqs)}")
-    start = _index(start, "start")
+    start = _dispatch.as_index("start", start)
     if start < 0:
         raise ValueError(f"`start` must be >= 0, got {start}")
     if start + n > L_max:
