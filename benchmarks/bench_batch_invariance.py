@@ -50,7 +50,7 @@ def old_paths():
     forward, decode = DecodeLinear.forward, Tokenizer.decode
 
     def switched(self, x):
-        if x.numel() // self.in_features > OLD_MAX_ROWS.get(self.weight.dtype, 0):
+        if x.numel() // self.in_features > OLD_MAX_ROWS.get(self.dtype, 0):
             return self._torch(x)
         return forward(self, x)
 

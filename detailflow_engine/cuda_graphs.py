@@ -29,7 +29,7 @@ class StepGraphs:
 
     def __init__(self, prior):
         cfg = prior.config
-        dev = prior.output.weight.device
+        dev = prior.device
         self.prior = prior
         self.rows = prior.cache_batch
         self.cache_epoch = prior.cache_epoch

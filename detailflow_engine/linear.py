@@ -1,31 +1,29 @@
 """Decode-step linears: nn.Linear swapped for pre-packed `decode_gemm`, in one place.
 
-gpt-fast's quantize.py shape: `DecodeLinear` holds the same weight Parameter (state-dict keys and
-values unchanged) plus a packed copy for the decode GEMM, and `replace_linears(model)` swaps every
-bias-free nn.Linear of a model for one. Every call runs `decode_gemm`, whatever its row count:
-the kernel sums each output in one fixed k order, so a row's result never depends on how many
-rows ride with it (batch invariance: an image is the same bits at batch 1 and batch 200). An
-earlier version switched to F.linear above a measured crossover (192 rows in bf16), and torch's
-GEMMs pick their kernel by M, so images changed with the batch size. Cost of staying on our
-kernel at large M: benchmarks/README.md ("Batch invariance").
+gpt-fast's quantize.py shape: `replace_linears(model)` swaps every bias-free nn.Linear of a model
+for a `DecodeLinear`, whose calls run `decode_gemm` whatever their row count: the kernel sums each
+output in one fixed k order, so a row's result never depends on how many rows ride with it
+(batch invariance: an image is the same bits at batch 1 and batch 200). An earlier version
+switched to F.linear above a measured crossover (192 rows in bf16), and torch's GEMMs pick their
+kernel by M, so images changed with the batch size. Cost of staying on our kernel at large M:
+benchmarks/README.md ("Batch invariance").
 
-The packed copy costs one more copy of each swapped weight in memory (the original stays for
-the state dict and the torch fallback). It is rebuilt lazily when the weight's storage, dtype or
-version changes (load_state_dict, .to(), in-place edits), so packing can never go stale.
+Weights held once: a DecodeLinear keeps ONLY the kernel's packed layout (PackedWeight without
+its source). Its state-dict entries (`weight`, and `scales` for int8/int4, the official names and
+values) are rebuilt from the panels on demand: `state_dict()`, `.weight` and `.scales` return new
+tensors, `load_state_dict` repacks, `.to()` unpacks, converts and repacks. So edits go through
+`load_state_dict`: an in-place edit of the tensor `.weight` returned changes nothing.
 
-int8 weight-only mode (`DecodeLinear(linear, weights="int8")`, `replace_linears(...,
-weights="int8")`): the float weight is quantized once (ops.decode_gemm.quantize_int8, per-row
-symmetric scales) and REPLACED by buffers `weight` (int8 Q, (N, K)) and `scales` (fp32, (N,)),
-gpt-fast style, so the state dict holds Q and the scales and the float weight is freed. The
-scales stay float32 whatever `.to(dtype)` is applied.
-
+int8 weight-only mode (weights="int8"): the float weight is quantized once
+(ops.decode_gemm.quantize_int8, per-row symmetric scales): state dict `weight` = int8 Q (N, K),
+`scales` = fp32 (N,), gpt-fast style; the scales stay float32 whatever `.to(dtype)` is applied.
 int4 weight-only mode (weights="int4"): group-wise symmetric int4 (ops.decode_gemm.quantize_int4,
-group size `INT4_GROUP` unless given): buffers `weight` (uint8 (N, ceil(K / 2)), two 4-bit codes
-a byte) and `scales` (fp32 (N, ceil(K / G))) replace the float weight.
+group size `INT4_GROUP` unless given): `weight` = uint8 (N, ceil(K / 2)), two 4-bit codes a
+byte, `scales` = fp32 (N, ceil(K / G)).
 
-The torch path (F.linear, on Q converted to x's dtype times the scales for int8) runs only where
-no compiled kernel serves the call: no extension, another device, fp16 on the CPU, or autograd.
-It is not batch-invariant.
+The torch path (F.linear on the unpacked weight, or on Q converted to x's dtype times the scales
+for int8) runs only where no compiled kernel serves the call: no extension, another device,
+fp16 on the CPU. It is not batch-invariant.
 """
 from __future__ import annotations
 
@@ -40,20 +38,12 @@ from detailflow_engine.ops.decode_gemm import (INT4_GROUP, PackedWeight, _int4_n
                                                dequantize_int4, nibbles_int4, pack_int4_nibbles, pack_weight,
                                                quantize_int4, quantize_int8)
 
-__all__ = ["DecodeLinear", "replace_linears", "KERNEL_DTYPES", "WEIGHT_MODES"]
+__all__ = ["DecodeLinear", "replace_linears", "packs_natively", "KERNEL_DTYPES", "WEIGHT_MODES"]
 
 # Float weight dtypes that the compiled decode_gemm takes, per device type.
 KERNEL_DTYPES: Dict[str, Tuple[torch.dtype, ...]] = {"cpu": (torch.float32, torch.bfloat16),
                                                       "cuda": (torch.float32, torch.bfloat16, torch.float16)}
 WEIGHT_MODES = ("native", "int8", "int4")
-
-
-def _weight_key(w: torch.Tensor) -> tuple:
-    try:
-        version = w._version
-    except RuntimeError:  # inference tensors have no version counter
-        version = None
-    return (w.data_ptr(), w.dtype, w.device, version)
 
 
 def _kernel_for(device: torch.device) -> bool:
@@ -66,11 +56,17 @@ def _kernel_for(device: torch.device) -> bool:
     return False
 
 
-class DecodeLinear(nn.Module):
-    """A bias-free nn.Linear whose calls run `decode_gemm` on a packed weight copy.
+def packs_natively(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a float weight of `dtype` on `device` gets a native DecodeLinear (a compiled
+    decode_gemm takes it); otherwise replace_linears leaves the nn.Linear alone."""
+    return _kernel_for(device) and dtype in KERNEL_DTYPES.get(device.type, ())
 
-    weights="native" keeps the Linear's weight Parameter; weights="int8" replaces it with int8
-    buffers `weight` and `scales` (see the module docstring).
+
+class DecodeLinear(nn.Module):
+    """A bias-free nn.Linear whose calls run `decode_gemm`; it holds only the packed weight.
+
+    weights="native" packs the Linear's weight in its dtype; "int8" / "int4" quantize it (see
+    the module docstring). The Linear itself is not kept.
     """
 
     def __init__(self, linear: nn.Linear, weights: str = "native", group_size: int = INT4_GROUP):
@@ -82,38 +78,83 @@ class DecodeLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weights = weights
         self.group_size = group_size if weights == "int4" else None
+        w = linear.weight.detach()
         if weights == "int4":
-            q, scales = quantize_int4(linear.weight, group_size)
-            self.register_buffer("weight", _int4_nibbles(q))
-            self.register_buffer("scales", scales)
+            q, scales = quantize_int4(w, group_size)
+            self._pack(_int4_nibbles(q), scales)
         elif weights == "int8":
-            q, scales = quantize_int8(linear.weight)
-            self.register_buffer("weight", q)
-            self.register_buffer("scales", scales)
+            self._pack(*quantize_int8(w))
         else:
-            self.weight = linear.weight  # the same Parameter: state dict unchanged
-            self.scales = None
-        self._packed: Optional[PackedWeight] = None
-        self._packed_key: Optional[tuple] = None
-        self.repack()
+            self._pack(w, None)
+
+    def _pack(self, weight: torch.Tensor, scales: Optional[torch.Tensor]) -> None:
+        """Hold (weight, scales) in the state dict's format as the packed layout only."""
+        if self.group_size is not None:
+            self._packed = pack_int4_nibbles(weight, scales, self.in_features, self.group_size, keep_source=False)
+        elif scales is None and weight.dtype not in KERNEL_DTYPES.get(weight.device.type, (torch.float32,
+                                                                                             torch.bfloat16)):
+            # a format no kernel packs (float16 on the CPU): held row-major for the torch path
+            self._packed = PackedWeight(weight.contiguous(), self.out_features, self.in_features)
+        else:
+            self._packed = pack_weight(weight, scales, keep_source=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The state dict's `weight` (float, int8 Q or int4 nibbles), unpacked: a new tensor."""
+        return self._packed.weight
+
+    @property
+    def scales(self) -> Optional[torch.Tensor]:
+        """int8 (N,) / int4 (N, ceil(K / G)) float32 scales (int8: the kernel's own), None for native."""
+        return self._packed.scales if self.weights != "native" else None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The stored weight format (float dtype, int8, or uint8 nibbles), without unpacking."""
+        return self._packed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self._packed.device
+
+    def _names(self) -> Tuple[str, ...]:
+        return ("weight",) if self.weights == "native" else ("weight", "scales")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight"] = self.weight
+        if self.weights != "native":
+            destination[prefix + "scales"] = self.scales
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        names = self._names()
+        got = {n: state_dict[prefix + n] for n in names if prefix + n in state_dict}
+        if strict:
+            unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and "." not in k[len(prefix):]
+                                   and k[len(prefix):] not in names)
+            missing_keys.extend(prefix + n for n in names if n not in got)
+        if len(got) != len(names):
+            return
+        old_w, old_s = self.weight, self.scales
+        w, s = got["weight"], got.get("scales")
+        if not isinstance(w, torch.Tensor) or w.shape != old_w.shape or (s is not None and s.shape != old_s.shape):
+            error_msgs.append(f"size mismatch for {prefix}weight: copying {tuple(getattr(w, 'shape', ()))} "
+                              f"into {tuple(old_w.shape)} ({self.weights} weights)")
+            return
+        if self.weights != "native" and (w.dtype != old_w.dtype or s.dtype != torch.float32):
+            error_msgs.append(f"{prefix}weight: {self.weights} weights need {old_w.dtype} codes and float32 "
+                              f"scales, got {w.dtype} and {s.dtype}")
+            return
+        with torch.no_grad():
+            w = w.detach().to(device=old_w.device, dtype=old_w.dtype)
+            self._pack(w, s.detach().to(old_s.device) if s is not None else None)
 
     def _apply(self, fn, recurse=True):
-        # .to(dtype) casts floating buffers: the int8 scales must keep their float32 values.
-        scales = self.scales
-        super()._apply(fn, recurse)
-        if scales is not None:
-            self.scales = fn(scales).float() if scales.is_meta else scales.to(device=self.weight.device)
-        return self
-
-    def repack(self) -> None:
-        """(Re)build the packed copy from the current weight."""
-        if self.weight.device.type in ("cpu", "cuda") and self.group_size is not None:
-            self._packed = pack_int4_nibbles(self.weight.detach(), self.scales, self.in_features, self.group_size)
-        elif self.weight.device.type in ("cpu", "cuda"):
-            self._packed = pack_weight(self.weight.detach(), self.scales)
-        else:
-            self._packed = None  # e.g. meta: the torch path only
-        self._packed_key = _weight_key(self.weight) + ((_weight_key(self.scales),) if self.scales is not None else ())
+        # Unpack, convert as a Linear's tensors would be, repack (the bf16 panels differ from
+        # fp32's); the int8/int4 scales keep float32 and follow the weight's device.
+        w, s = fn(self.weight), self.scales
+        self._pack(w, s.to(device=w.device) if s is not None else None)
+        return super()._apply(fn, recurse)
 
     def _torch(self, x: torch.Tensor) -> torch.Tensor:
         if self.group_size is not None:
@@ -125,18 +166,15 @@ class DecodeLinear(nn.Module):
         return (F.linear(x, self.weight.to(x.dtype)).float() * self.scales).to(x.dtype)
 
     def packed_for(self, x: torch.Tensor) -> Optional[PackedWeight]:
-        """The up-to-date packed weight that `forward(x)` multiplies by, or None where forward
-        takes the torch path (fused kernels such as ops.decode_layer read it too)."""
-        w = self.weight
-        same_dtype = x.dtype == w.dtype if self.scales is None else x.is_floating_point()
-        if (not same_dtype or x.device != w.device
-                or not _kernel_for(x.device) or (x.device.type == "cpu" and x.dtype == torch.float16)
-                or (w.requires_grad and torch.is_grad_enabled())):
+        """The packed weight that `forward(x)` multiplies by, or None where forward takes the
+        torch path (fused kernels such as ops.decode_layer read it too). The object changes only
+        when the module is reloaded or moved."""
+        p = self._packed
+        same_dtype = x.dtype == p.packed.dtype if self.weights == "native" else x.is_floating_point()
+        if (not same_dtype or x.device != p.packed.device or not _kernel_for(x.device)
+                or (x.device.type == "cpu" and x.dtype == torch.float16)):
             return None
-        key = _weight_key(w) + ((_weight_key(self.scales),) if self.scales is not None else ())
-        if key != self._packed_key or self._packed is None:
-            self.repack()
-        return self._packed
+        return p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self.packed_for(x)
@@ -167,9 +205,7 @@ def replace_linears(model: nn.Module, weights: str = "native",
                 continue
             if skip is not None and skip(qual):
                 continue
-            dev = child.weight.device
-            if weights == "native" and not (_kernel_for(dev) and child.weight.dtype in
-                                            KERNEL_DTYPES.get(dev.type, ())):
+            if weights == "native" and not packs_natively(child.weight.device, child.weight.dtype):
                 continue
             setattr(parent, name, DecodeLinear(child, weights))
     return model

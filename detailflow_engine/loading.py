@@ -10,6 +10,8 @@ are refused by name as they are copied.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 import re
 from typing import Callable, Optional
@@ -19,7 +21,7 @@ import torch
 from detailflow_engine.checkpoint import (TOKENIZER_TRAINING_PREFIXES, CheckpointError, check_state_dict,
                                           load_checkpoint, release_pages)
 from detailflow_engine.device_dtype import DTYPES, resolve_device, resolve_dtype  # noqa: F401 - re-exported
-from detailflow_engine.linear import WEIGHT_MODES, DecodeLinear, replace_linears
+from detailflow_engine.linear import WEIGHT_MODES, DecodeLinear, packs_natively
 from detailflow_engine.prior import Prior
 from detailflow_engine.tokenizer import ENCODER_PREFIXES, Tokenizer
 
@@ -37,24 +39,26 @@ _INT8_LINEARS = re.compile(r"layers\.\d+\.(attention\.(wqkv|wo)|feed_forward\.(w
 
 
 def _build(model, state: dict, device: torch.device, dtype: torch.dtype, where: str, *,
-           mapped: bool = False, int8: Callable[[str], bool] = lambda name: False,
-           quantized_mode: str = "int8") -> torch.nn.Module:
+           mapped: bool = False,
+           decode_mode: Callable[[str], Optional[str]] = lambda name: None) -> torch.nn.Module:
     """A meta-device model -> the inference model on `device` in `dtype`, filled from `state`.
 
     The model gets storage in `dtype` directly and is filled tensor by tensor, so no full-size
     fp32 copy ever exists beside it; with a `mapped` checkpoint each source tensor's file pages
     are handed back after its copy, so the checkpoint's pages never add up in resident memory.
-    Linears whose name `int8` accepts are never allocated in `dtype`: each becomes an int8
-    DecodeLinear quantized from its source values (fp32 math), right there.
-    Non-finite source values are refused by key, before anything is cast.
+    Bias-free linears for which `decode_mode(name)` gives a weights mode are never allocated as
+    nn.Linear: each becomes a DecodeLinear of that mode made from its source values right there
+    ("native": packed in `dtype`; "int8"/"int4": quantized in fp32 math), holding only the packed
+    layout. Non-finite source values are refused by key, before anything is cast.
     """
     check_state_dict(model.state_dict(), state, where=where)
-    quantized = {}
+    swapped = {}  # weight key -> (parent module, child name, mode)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             qual = f"{name}.{child_name}" if name else child_name
-            if isinstance(child, torch.nn.Linear) and int8(qual):
-                quantized[qual + ".weight"] = (module, child_name)
+            mode = decode_mode(qual) if isinstance(child, torch.nn.Linear) and child.bias is None else None
+            if mode is not None:
+                swapped[qual + ".weight"] = (module, child_name, mode)
                 setattr(module, child_name, torch.nn.Identity())  # out of the tree until it is filled
     model = model.to(dtype=dtype).to_empty(device=device)  # meta cast: free; storage in dtype only
     targets = model.state_dict(keep_vars=True)
@@ -64,11 +68,14 @@ def _build(model, state: dict, device: torch.device, dtype: torch.dtype, where: 
             what = _non_finite(src)
             if what or bad:  # once one is bad, only look for the rest (the error counts them)
                 bad += [(name, what)] if what else []
-            elif name in quantized:
-                module, child_name = quantized[name]
+            elif name in swapped:
+                module, child_name, mode = swapped[name]
                 linear = torch.nn.Linear(src.shape[1], src.shape[0], bias=False, device="meta")
-                linear.weight = torch.nn.Parameter(src.to(device), requires_grad=False)
-                setattr(module, child_name, DecodeLinear(linear, weights=quantized_mode))  # int8 or int4
+                value = src.to(device=device, dtype=dtype if mode == "native" else None)
+                linear.weight = torch.nn.Parameter(value, requires_grad=False)
+                setattr(module, child_name, DecodeLinear(linear, weights=mode))
+                del linear, value  # the packed layout is all that stays
+                _trim_heap()
             else:
                 targets[name].copy_(src)
             if mapped:
@@ -78,6 +85,24 @@ def _build(model, state: dict, device: torch.device, dtype: torch.dtype, where: 
                               + (f" ({len(bad)} tensors do)" if len(bad) > 1 else "")
                               + "; the checkpoint is corrupt or its training diverged")
     return model.eval().requires_grad_(False)
+
+
+@functools.lru_cache(maxsize=None)
+def _malloc_trim() -> Optional[Callable[[int], int]]:
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc; absent elsewhere
+    except (OSError, AttributeError):
+        return None
+
+
+def _trim_heap() -> None:
+    """Hand the heap's free pages back to the OS (glibc malloc_trim). Each swapped linear frees
+    its dtype copy and the packing scratch; glibc keeps such mid-size blocks in its heap after
+    its mmap threshold has grown, and they would add up to ~0.5 GB of resident garbage over a
+    GPT-L load (measured with /proc/self/status RssAnon)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _non_finite(t: torch.Tensor) -> Optional[str]:
@@ -101,7 +126,7 @@ def prepare_prior(prior: Prior, dtype=None, weights: Optional[str] = "native") -
     state = prior.state_dict()
     with torch.device("meta"):
         fresh = Prior(prior.config)
-    return _inference_prior(fresh, state, prior.output.weight.device, dtype, mode, "prior")
+    return _inference_prior(fresh, state, prior.device, dtype, mode, "prior")
 
 
 def _inference_prior(meta_prior: Prior, state: dict, device, dtype, mode: str, where: str,
@@ -113,13 +138,18 @@ def _inference_prior(meta_prior: Prior, state: dict, device, dtype, mode: str, w
       (a gather reads few rows; no bandwidth to save) and the output head (8192 x dim, under 3% of
       GPT-L's block weights but it writes the logits that sampling ranks directly).
     - every float Linear left (all of them for "native", the output head for "int8") is packed
-      in `dtype` where a compiled decode_gemm serves its device (state-dict names and values
-      unchanged).
+      in `dtype` where a compiled decode_gemm serves its device (`packs_natively`; state-dict
+      names and values unchanged), else stays an nn.Linear.
+
+    Each DecodeLinear is made from its checkpoint tensor as it is read and holds only the
+    packed layout, so the prior's weights exist once (benchmarks/bench_memory.py).
     """
-    prior = _build(meta_prior, state, device, dtype, where, mapped=mapped,
-                   int8=(lambda name: bool(_INT8_LINEARS.fullmatch(name))) if mode in ("int8", "int4") else (lambda name: False),
-                   quantized_mode=mode)
-    return replace_linears(prior)
+    native = "native" if packs_natively(torch.device(device), dtype) else None
+
+    def decode_mode(name: str) -> Optional[str]:
+        return mode if mode != "native" and _INT8_LINEARS.fullmatch(name) else native
+
+    return _build(meta_prior, state, device, dtype, where, mapped=mapped, decode_mode=decode_mode)
 
 
 def load_prior(path, ema: Optional[bool] = True, device=None, dtype=None, weights: Optional[str] = "native") -> Prior:

@@ -110,7 +110,7 @@ class DetailFlowPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.prior.output.weight.device
+        return self.prior.device
 
     def held_by_current_thread(self) -> bool:
         """True while this thread runs a generation of this pipeline (e.g. inside its callback)."""
@@ -152,7 +152,7 @@ class DetailFlowPipeline:
     def _cache_bytes(self, use_cfg: bool) -> int:
         """Memory one image needs during generation: its KV-cache rows and one step's fp32 logits."""
         c = self.prior.config
-        elt = self.prior.output.weight.element_size() if self.prior.output.weight.is_floating_point() else 4
+        elt = self.prior.dtype.itemsize
         per_row = c.n_layer * 2 * c.block_size * c.dim * elt + c.group_size * c.vocab_size * 4 * 2
         return per_row * (2 if use_cfg else 1)
 

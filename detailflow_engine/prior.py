@@ -128,15 +128,24 @@ class Prior(nn.Module):
     def null_class(self) -> int:
         return self.config.num_classes
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation, KV-cache and float-weight dtype (the final norm's; a linear's weight may
+        be int8 codes or packed, so it is not asked)."""
+        return self.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
     def setup_caches(self, batch: int) -> None:
         """Allocate the KV cache for `batch` rows (CFG doubles the rows) once; reused while it fits."""
         if self.cache_batch == batch:
             return
-        w = self.output.weight
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch, self.config.n_kv_head, self.config.block_size,
-                                               self.config.head_dim, w.dtype, w.device)
-        self.freqs_cis = self.freqs_cis.to(w.device)
+                                               self.config.head_dim, self.dtype, self.device)
+        self.freqs_cis = self.freqs_cis.to(self.device)
         self.cache_batch = batch
         self.cache_epoch += 1
 

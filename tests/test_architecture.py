@@ -138,6 +138,23 @@ def test_prior_has_no_fused_ops_switch():
 # ------------------------------------------------------------------ memory: one copy of the weights
 
 
+@pytest.mark.parametrize("weights", ["native", "int8", "int4"])
+def test_the_loaded_prior_holds_its_linears_once(tiny_a, weights):
+    """Every linear of a loaded prior holds only its packed layout: no parameter, buffer or kept
+    source beside the panels, and the tensors it holds add up to the panels' bytes (+ scales)."""
+    from detailflow_engine.linear import DecodeLinear
+    from detailflow_engine.loading import load_prior
+
+    prior = load_prior(tiny_a / "prior", device="cpu", dtype="bf16", weights=weights)
+    held = {t.data_ptr() for t in list(prior.parameters()) + list(prior.buffers())}
+    linears = [(name, m) for name, m in prior.named_modules() if isinstance(m, DecodeLinear)]
+    assert len(linears) == 5 * prior.config.n_layer + 1
+    for name, m in linears:
+        assert list(m.parameters()) == [] and list(m.buffers()) == [], name
+        p = m.packed_for(torch.zeros(1, m.in_features, dtype=torch.bfloat16))
+        assert p is not None and p.source is None and p.packed.data_ptr() not in held, name
+
+
 def test_decode_only_tokenizer(tiny_a):
     from detailflow_engine.loading import load_tokenizer
 

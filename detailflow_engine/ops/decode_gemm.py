@@ -16,7 +16,8 @@ group, and the kernels turn a nibble into an exact bf16 with one table lookup. L
 
     int4      packed[p, k2, j]    = (Q[16 p + j, 2 k2] + 8) | (Q[16 p + j, 2 k2 + 1] + 8) << 4   uint8 (Np, ceil(K / 2), 16)
               group scales        S[p, g, j] = scale[16 p + j, g]                              fp32 (Np, ceil(K / G), 16)
-    PackedWeight.weight = the (N, ceil(K / 2)) uint8 nibbles row-major, .scales = (N, ceil(K / G)).
+    PackedWeight.weight = the (N, ceil(K / 2)) uint8 nibbles row-major, .scales = (N, ceil(K / G)),
+    both kept or unpacked on demand.
 
 A decode step of the prior multiplies 2 (batch 1 with CFG) or 16 (a group of 8 with CFG)
 activation rows by each weight matrix, so its time is the time to read the weights once.
@@ -34,13 +35,13 @@ fine; csrc/cuda/decode_gemm.cu), with split-K over a scratch buffer when N alone
 the SMs (the split count is chosen here, `_cuda_splits`).
 
 Backends (see `_dispatch`): CUDA `_C`, CPU `_C`, then the torch reference `decode_gemm_ref`
-(also the test oracle), which uses the original weight (or Q and the scales) kept in the
-`PackedWeight`.
+(also the test oracle). The ops take only the packed layout; their torch entries unpack the
+weight from it (`unpack_panels`), so nothing but the packed copy need be held.
 """
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Optional, Tuple
 
 import torch
@@ -50,7 +51,7 @@ from torch import Tensor
 from detailflow_engine.ops import _dispatch
 
 __all__ = ["PackedWeight", "pack_weight", "pack_int8", "quantize_int8", "quantize_int4", "pack_int4",
-           "pack_int4_nibbles", "nibbles_int4", "dequantize_int4", "force_portable", "decode_gemm",
+           "pack_int4_nibbles", "nibbles_int4", "unpack_panels", "unpack_group_scales", "dequantize_int4", "force_portable", "decode_gemm",
            "decode_gemm_ref", "int8_error_bound", "tolerance", "PANEL", "INT4_GROUP"]
 
 PANEL = 16  # output rows per packed panel; must match csrc/include/decode_gemm.h kDecodePanel
@@ -65,39 +66,60 @@ _CUDA_KTILE = 256
 
 @dataclass(frozen=True)
 class PackedWeight:
-    """A (N, K) weight prepared for `decode_gemm`, with the original kept for the torch paths."""
+    """A (N, K) weight prepared for `decode_gemm`: the kernel's layout, and what it was made from.
+
+    `packed` (+ `kernel_scales`) is all the kernels read. `source` is the (weight, scales) that
+    `pack_*` was given, kept for the torch paths and tests by reference (no copy); with
+    `keep_source=False` (what linear.DecodeLinear does) only the packed layout is held and
+    `weight` / `scales` are rebuilt from it on demand (`unpack_*`), so a model holds its
+    weights once."""
 
     packed: Tensor  # CPU: the panel layout in the module docstring; CUDA: the row-major weight
-    weight: Tensor  # the original float (N, K), detached (shares storage with the parameter),
-    #                 or the int8 codes Q (N, K) of an int8 weight
-    scales: Optional[Tensor] = None  # int8: (N,) float32, W ~ scales[:, None] * Q; int4: (N, ceil(K / G))
-    group_size: Optional[int] = None  # int4 only: k per group scale (then `weight` is the nibbles)
-    group_scales: Optional[Tensor] = None  # int4 only: the scales in the kernel's (Np, ceil(K / G), 16) layout
-    in_features: Optional[int] = None  # int4 only: K (the nibbles hold ceil(K / 2) bytes a row)
-
-    @property
-    def N(self) -> int:
-        return self.weight.shape[0]
-
-    @property
-    def K(self) -> int:
-        return self.in_features if self.is_int4 else self.weight.shape[1]
+    N: int
+    K: int
+    kernel_scales: Optional[Tensor] = None  # int8: (N,) float32; int4: the (Np, ceil(K / G), 16) panel layout
+    group_size: Optional[int] = None  # int4 only: k per group scale
+    source: Optional[Tuple[Tensor, Optional[Tensor]]] = field(default=None, repr=False, compare=False)
 
     @property
     def is_int4(self) -> bool:
         return self.group_size is not None
 
     @property
+    def is_int8(self) -> bool:
+        return self.kernel_scales is not None and not self.is_int4
+
+    @property
     def dtype(self) -> torch.dtype:
-        return self.weight.dtype
+        """The stored format: float32 / bfloat16 (float16 on CUDA), int8 codes, uint8 int4 nibbles."""
+        return self.packed.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.weight.device
+        return self.packed.device
 
     @property
-    def is_int8(self) -> bool:
-        return self.scales is not None and not self.is_int4
+    def group_scales(self) -> Optional[Tensor]:
+        return self.kernel_scales if self.is_int4 else None
+
+    @property
+    def weight(self) -> Tensor:
+        """The (N, K) float weight, the int8 codes Q (N, K), or the int4 nibbles (N, ceil(K / 2))
+        row-major: the source itself, or unpacked from the panels (a new tensor)."""
+        if self.source is not None:
+            return self.source[0]
+        return unpack_panels(self.packed, self.N, -(-self.K // 2) if self.is_int4 else self.K)
+
+    @property
+    def scales(self) -> Optional[Tensor]:
+        """int8: (N,) float32; int4: (N, ceil(K / G)) float32; float weights: None."""
+        if self.source is not None or not self.is_int4:
+            return self.source[1] if self.source is not None else self.kernel_scales
+        return unpack_group_scales(self.kernel_scales, self.N)
+
+    def without_source(self) -> "PackedWeight":
+        """The same packed weight, holding only the kernel layout."""
+        return replace(self, source=None)
 
     def dequantized(self) -> Tensor:
         """The weight as float32 (N, K): W itself, scales[:, None] * Q for int8, group-wise for int4."""
@@ -105,6 +127,26 @@ class PackedWeight:
             return dequantize_int4(nibbles_int4(self.weight, self.K), self.scales, self.group_size)
         w = self.weight.float()
         return w * self.scales[:, None] if self.is_int8 else w
+
+
+def unpack_panels(packed: Tensor, N: int, row_len: int) -> Tensor:
+    """The row-major (N, row_len) matrix that `packed` holds: a CUDA weight is already row-major;
+    CPU panels (Np, row_len, 16) (float32, int8, int4 nibbles) or bf16 pairs (Np, row_len / 2, 16, 2)
+    are transposed back and their padding dropped."""
+    if packed.dim() == 2:
+        return packed
+    np_ = packed.shape[0]
+    if packed.dim() == 4:  # bf16 k pairs
+        rows = packed.permute(0, 2, 1, 3).reshape(np_ * PANEL, -1)
+    else:
+        rows = packed.transpose(1, 2).reshape(np_ * PANEL, -1)
+    return rows[:N, :row_len].contiguous()
+
+
+def unpack_group_scales(group_scales: Tensor, N: int) -> Tensor:
+    """int4 group scales in the kernel layout (Np, ng, 16) -> (N, ng)."""
+    np_, ng, _ = group_scales.shape
+    return group_scales.transpose(1, 2).reshape(np_ * PANEL, ng)[:N].contiguous()
 
 
 def _shape(t: Tensor) -> str:
@@ -138,14 +180,14 @@ def quantize_int8(weight: Tensor) -> Tuple[Tensor, Tensor]:
     return q, scales.contiguous()
 
 
-def pack_weight(weight: Tensor, scales: Optional[Tensor] = None) -> PackedWeight:
+def pack_weight(weight: Tensor, scales: Optional[Tensor] = None, *, keep_source: bool = True) -> PackedWeight:
     """Prepare a (N, K) weight (an nn.Linear's, y = x @ W^T) for `decode_gemm`.
 
     `weight`: float32 or bfloat16 (also float16 on CUDA), or int8 codes with `scales` ((N,)
     float32 on the same device; see `quantize_int8`, or use `pack_int8`). On the CPU the values
     are copied bit-exactly into panels (zero padding to whole panels; bf16 K padded to even):
-    one extra copy of the weight in memory, the original is kept (not copied). On CUDA the
-    weight itself is used (made contiguous if it is not).
+    one extra copy of the weight in memory, the original is kept (not copied) unless
+    `keep_source=False`. On CUDA the weight itself is used (made contiguous if it is not).
     """
     if not isinstance(weight, Tensor):
         raise TypeError(f"`weight` must be a torch.Tensor, got {type(weight).__name__}")
@@ -166,8 +208,9 @@ def pack_weight(weight: Tensor, scales: Optional[Tensor] = None) -> PackedWeight
             raise ValueError(f"`scales` must be float32 of shape ({N},) on {w.device}, got "
                              f"{_shape(scales) if isinstance(scales, Tensor) else type(scales).__name__}")
         scales = scales.detach().contiguous()
+    source = (w, scales) if keep_source else None
     if cuda:
-        return PackedWeight(w.contiguous(), w, scales)
+        return PackedWeight(w.contiguous(), N, K, scales, source=source)
     np_ = -(-N // PANEL)
     with torch.no_grad():
         if w.dtype != torch.bfloat16:  # float32 and int8: (Np, K, 16)
@@ -179,7 +222,7 @@ def pack_weight(weight: Tensor, scales: Optional[Tensor] = None) -> PackedWeight
             padded = w.new_zeros(np_ * PANEL, kp)
             padded[:N, :K] = w
             packed = padded.view(np_, PANEL, kp // 2, 2).permute(0, 2, 1, 3).contiguous()
-    return PackedWeight(packed, w, scales)
+    return PackedWeight(packed, N, K, scales, source=source)
 
 
 def _check_group(group_size) -> int:
@@ -230,9 +273,11 @@ def dequantize_int4(q: Tensor, scales: Tensor, group_size: int) -> Tensor:
     return q.float() * scales.float().repeat_interleave(group_size, dim=1)[:, :K]
 
 
-def pack_int4_nibbles(nibbles: Tensor, scales: Tensor, K: int, group_size: int) -> PackedWeight:
-    """An int4 PackedWeight from stored nibbles (N, ceil(K / 2)) uint8 and scales (N, ceil(K / G))
-    fp32 (what DecodeLinear keeps): the panel copies of both are made here."""
+def pack_int4_nibbles(nibbles: Tensor, scales: Tensor, K: int, group_size: int, *,
+                      keep_source: bool = True) -> PackedWeight:
+    """An int4 PackedWeight from nibbles (N, ceil(K / 2)) uint8 and scales (N, ceil(K / G)) fp32
+    (a state dict's int4 tensors): the panel copies of both are made here; the originals are
+    kept unless `keep_source=False`."""
     G = _check_group(group_size)
     N = nibbles.shape[0] if isinstance(nibbles, Tensor) and nibbles.dim() == 2 else -1
     if (not isinstance(nibbles, Tensor) or nibbles.dtype != torch.uint8 or nibbles.dim() != 2 or N == 0
@@ -257,19 +302,20 @@ def pack_int4_nibbles(nibbles: Tensor, scales: Tensor, K: int, group_size: int) 
     gs = scales.new_zeros(np_ * PANEL, ng)
     gs[:N] = scales
     gs = gs.view(np_, PANEL, ng).transpose(1, 2).contiguous()
-    return PackedWeight(packed, nibbles, scales, G, gs, K)
+    return PackedWeight(packed, N, K, gs, G, source=(nibbles, scales) if keep_source else None)
 
 
-def pack_int4(weight: Tensor, group_size: int = INT4_GROUP) -> PackedWeight:
-    """`quantize_int4` then pack: an int4 weight-only PackedWeight of a float weight."""
+def pack_int4(weight: Tensor, group_size: int = INT4_GROUP, *, keep_source: bool = True) -> PackedWeight:
+    """`quantize_int4` then pack: an int4 weight-only PackedWeight of a float weight (the source
+    kept is the nibbles and scales)."""
     q, scales = quantize_int4(weight, group_size)
-    return pack_int4_nibbles(_int4_nibbles(q), scales, weight.shape[1], group_size)
+    return pack_int4_nibbles(_int4_nibbles(q), scales, weight.shape[1], group_size, keep_source=keep_source)
 
 
-def pack_int8(weight: Tensor) -> PackedWeight:
+def pack_int8(weight: Tensor, *, keep_source: bool = True) -> PackedWeight:
     """`quantize_int8` then `pack_weight`: an int8 weight-only PackedWeight of a float weight."""
     q, scales = quantize_int8(weight)
-    return pack_weight(q, scales)
+    return pack_weight(q, scales, keep_source=keep_source)
 
 
 def int8_error_bound(x: Tensor, packed: PackedWeight) -> Tensor:
@@ -281,11 +327,10 @@ def int8_error_bound(x: Tensor, packed: PackedWeight) -> Tensor:
     return x.float().abs().sum(-1, keepdim=True) * (packed.scales / 2)
 
 
-def _int4_ref_weight(nibbles: Tensor, group_scales: Tensor, K: int, group_size: int) -> Tensor:
-    """fp32 (N, K) weight of int4 nibbles and group scales in the kernel layout (Np, ng, 16)."""
-    np_, ng, _ = group_scales.shape
-    scales = group_scales.transpose(1, 2).reshape(np_ * PANEL, ng)[:nibbles.shape[0]]
-    return dequantize_int4(nibbles_int4(nibbles, K), scales, group_size)
+def _int4_ref_weight(packed: Tensor, group_scales: Tensor, N: int, K: int, group_size: int) -> Tensor:
+    """fp32 (N, K) weight of int4 nibbles and group scales in the kernel layouts."""
+    nibbles = unpack_panels(packed, N, -(-K // 2))
+    return dequantize_int4(nibbles_int4(nibbles, K), unpack_group_scales(group_scales, N), group_size)
 
 
 def decode_gemm_ref(x: Tensor, weight: Tensor, scales: Optional[Tensor] = None, *,
@@ -337,41 +382,43 @@ def _validate(x, packed, out) -> None:
 
 
 def _run_int4(x2, packed, y2) -> None:
-    args = (x2, packed.packed, packed.weight, packed.group_scales, y2)
+    args = (x2, packed.packed, packed.group_scales, y2)
     if _dispatch.plain_eager(*args):
         _run4(*args, packed.group_size)
         torch.autograd.graph.increment_version(y2)
     else:
-        torch.ops.detailflow.decode_gemm_int4.default(*args[:4], packed.group_size, y2)
+        torch.ops.detailflow.decode_gemm_int4.default(*args[:3], packed.group_size, y2)
 
 
-def _run4(x, packed, nibbles, group_scales, y, group_size) -> None:
-    _dispatch.pick("decode_gemm_int4", x, packed, nibbles, group_scales, y, group_size).fn(
-        x, packed, nibbles, group_scales, y, group_size)
+def _run4(x, packed, group_scales, y, group_size) -> None:
+    _dispatch.pick("decode_gemm_int4", x, packed, group_scales, y, group_size).fn(
+        x, packed, group_scales, y, group_size)
 
 
+# The ops take the packed layout only: the torch entries unpack it (N from `out`, K from `x`),
+# so a model need not keep its weights a second time for them.
 @torch.library.custom_op("detailflow::decode_gemm_int4", mutates_args=("out",))
-def _decode_gemm_int4_op(x: Tensor, packed: Tensor, nibbles: Tensor, group_scales: Tensor, group_size: int,
+def _decode_gemm_int4_op(x: Tensor, packed: Tensor, group_scales: Tensor, group_size: int,
                          out: Tensor) -> None:
-    _run4(x, packed, nibbles, group_scales, out, group_size)
+    _run4(x, packed, group_scales, out, group_size)
 
 
 @_decode_gemm_int4_op.register_fake
-def _decode_gemm_int4_fake(x, packed, nibbles, group_scales, group_size, out) -> None:
+def _decode_gemm_int4_fake(x, packed, group_scales, group_size, out) -> None:
     return None
 
 
-def _run(x2, packed, weight, scales, y2) -> None:
-    _dispatch.pick("decode_gemm", x2, packed, weight, scales, y2).fn(x2, packed, weight, scales, y2)
+def _run(x2, packed, scales, y2) -> None:
+    _dispatch.pick("decode_gemm", x2, packed, scales, y2).fn(x2, packed, scales, y2)
 
 
 @torch.library.custom_op("detailflow::decode_gemm", mutates_args=("out",))
-def _decode_gemm_op(x: Tensor, packed: Tensor, weight: Tensor, scales: Optional[Tensor], out: Tensor) -> None:
-    _run(x, packed, weight, scales, out)
+def _decode_gemm_op(x: Tensor, packed: Tensor, scales: Optional[Tensor], out: Tensor) -> None:
+    _run(x, packed, scales, out)
 
 
 @_decode_gemm_op.register_fake
-def _decode_gemm_fake(x, packed, weight, scales, out) -> None:
+def _decode_gemm_fake(x, packed, scales, out) -> None:
     return None  # the result is written into `out`
 
 
@@ -405,13 +452,13 @@ def decode_gemm(x: Tensor, packed: PackedWeight, *, out: Optional[Tensor] = None
                                                                        device=x.device)
     if packed.is_int4:
         _run_int4(x2, packed, y2)
-    elif _dispatch.plain_eager(x2, packed.packed, packed.weight, packed.scales, y2):
+    elif _dispatch.plain_eager(x2, packed.packed, packed.kernel_scales, y2):
         # The backend call of the op's body, minus the custom op's ~17 us Python layers (a
         # quarter of a whole 1024 x 1024 bf16 product at M = 2).
-        _run(x2, packed.packed, packed.weight, packed.scales, y2)
+        _run(x2, packed.packed, packed.kernel_scales, y2)
         torch.autograd.graph.increment_version(y2)
     else:
-        torch.ops.detailflow.decode_gemm.default(x2, packed.packed, packed.weight, packed.scales, y2)
+        torch.ops.detailflow.decode_gemm.default(x2, packed.packed, packed.kernel_scales, y2)
     if not direct:
         out.copy_(y2.view(out.shape))
     return out
@@ -434,7 +481,7 @@ def _fix_strides(x, out):
     return x, (xs[0] if M > 1 else K), dst, (ys[0] if M > 1 else N)
 
 
-def _cpu_impl(x, packed, weight, scales, out) -> None:
+def _cpu_impl(x, packed, scales, out) -> None:
     M, K = x.shape
     N = out.shape[1]
     x, ldx, dst, ldy = _fix_strides(x, out)
@@ -454,7 +501,7 @@ def _scales_ok(packed, scales, device) -> bool:
             and scales.device == device)
 
 
-def _cpu_applies(x, packed, weight, scales, out) -> bool:
+def _cpu_applies(x, packed, scales, out) -> bool:
     return (_dispatch.has_cpu_kernels() and x.device.type == "cpu" and packed.device.type == "cpu"
             and x.dtype in _DTYPES and packed.dtype in _DTYPES + (torch.int8,) and packed.is_contiguous()
             and _scales_ok(packed, scales, x.device) and hasattr(_dispatch.extension(), "decode_gemm"))
@@ -476,7 +523,7 @@ def _cuda_splits(N: int, K: int, device: torch.device) -> int:
     return -(-tiles // per)
 
 
-def _cuda_impl(x, packed, weight, scales, out) -> None:
+def _cuda_impl(x, packed, scales, out) -> None:
     M, K = x.shape
     N = out.shape[1]
     dev = x.device
@@ -502,7 +549,7 @@ def _cuda_impl(x, packed, weight, scales, out) -> None:
         out.copy_(dst)
 
 
-def _cuda_applies(x, packed, weight, scales, out) -> bool:
+def _cuda_applies(x, packed, scales, out) -> bool:
     if not (_dispatch.has_cuda_kernels() and hasattr(_dispatch.extension(), "decode_gemm_cuda")):
         return False
     dev = x.device
@@ -511,17 +558,17 @@ def _cuda_applies(x, packed, weight, scales, out) -> bool:
             and (packed.dtype == x.dtype or packed.dtype == torch.int8) and _scales_ok(packed, scales, dev))
 
 
-def _torch_impl(x, packed, weight, scales, out) -> None:
-    decode_gemm_ref(x, weight, scales, out=out)
+def _torch_impl(x, packed, scales, out) -> None:
+    decode_gemm_ref(x, unpack_panels(packed, out.shape[1], x.shape[1]), scales, out=out)
 
 
-def _int4_cpu_applies(x, packed, nibbles, group_scales, out, group_size) -> bool:
+def _int4_cpu_applies(x, packed, group_scales, out, group_size) -> bool:
     return (_dispatch.has_cpu_kernels() and hasattr(_dispatch.extension(), "decode_gemm_int4")
             and x.device.type == "cpu" and x.dtype in _DTYPES and packed.device.type == "cpu"
             and packed.is_contiguous() and group_scales.is_contiguous() and group_scales.device.type == "cpu")
 
 
-def _int4_cpu_impl(x, packed, nibbles, group_scales, out, group_size) -> None:
+def _int4_cpu_impl(x, packed, group_scales, out, group_size) -> None:
     M, K = x.shape
     N = out.shape[1]
     x, ldx, dst, ldy = _fix_strides(x, out)
@@ -532,8 +579,8 @@ def _int4_cpu_impl(x, packed, nibbles, group_scales, out, group_size) -> None:
         out.copy_(dst)
 
 
-def _int4_torch_impl(x, packed, nibbles, group_scales, out, group_size) -> None:
-    w = _int4_ref_weight(nibbles, group_scales, x.shape[-1], group_size)
+def _int4_torch_impl(x, packed, group_scales, out, group_size) -> None:
+    w = _int4_ref_weight(packed, group_scales, out.shape[1], x.shape[-1], group_size)
     out.copy_(F.linear(x.float(), w.to(x.device)).to(x.dtype))
 
 
@@ -546,7 +593,7 @@ def force_portable(on: bool) -> None:
     ext.decode_gemm_force_portable(bool(on))
 
 
-def _int4_cuda_applies(x, packed, nibbles, group_scales, out, group_size) -> bool:
+def _int4_cuda_applies(x, packed, group_scales, out, group_size) -> bool:
     dev = x.device
     return (dev.type == "cuda" and _dispatch.has_cuda_kernels()
             and hasattr(_dispatch.extension(), "decode_gemm_int4_cuda") and x.dtype in _CUDA_X_DTYPES
@@ -554,7 +601,7 @@ def _int4_cuda_applies(x, packed, nibbles, group_scales, out, group_size) -> boo
             and packed.is_contiguous() and group_scales.is_contiguous())
 
 
-def _int4_cuda_impl(x, packed, nibbles, group_scales, out, group_size) -> None:
+def _int4_cuda_impl(x, packed, group_scales, out, group_size) -> None:
     M, K = x.shape
     N = out.shape[1]
     x, ldx, dst, ldy = _fix_strides(x, out)
@@ -587,7 +634,7 @@ def _selfcheck(backend, reference, device) -> None:
             p = pack_int8(w32.to(device)) if w_dtype == torch.int8 else pack_weight(w32.to(device=device, dtype=w_dtype))
         except ValueError:
             continue  # a format this device does not pack (fp16 on the CPU)
-        args = (x, p.packed, p.weight, p.scales)
+        args = (x, p.packed, p.kernel_scales)
         y, want = torch.empty(5, 37, dtype=x_dtype, device=device), torch.empty(5, 37, dtype=x_dtype, device=device)
         if not backend.applies(*args, y):
             continue

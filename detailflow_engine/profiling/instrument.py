@@ -125,7 +125,7 @@ def _nbytes(t) -> int:
 # What each of our ops must move at least (for GB/s), from the call's arguments.
 def _decode_gemm_cost(x, packed, *a, **k) -> Tuple[float, float]:
     m = x.numel() // packed.K
-    weight = _nbytes(packed.packed) + _nbytes(getattr(packed, "scales", None))  # int8: codes + scales
+    weight = _nbytes(packed.packed) + _nbytes(packed.kernel_scales)  # int8/int4: codes + scales
     return weight + _nbytes(x) + m * packed.N * x.element_size(), 2.0 * m * packed.N * packed.K
 
 

@@ -131,9 +131,9 @@ def test_zero_rows_and_inference_mode():
 def test_opcheck():
     x, w = make(3, 20, 17)
     p = pack_weight(w)
-    torch.library.opcheck(torch.ops.detailflow.decode_gemm.default, (x, p.packed, w, None, torch.empty(3, 20)))
+    torch.library.opcheck(torch.ops.detailflow.decode_gemm.default, (x, p.packed, None, torch.empty(3, 20)))
     q = pack_int8(w)
-    torch.library.opcheck(torch.ops.detailflow.decode_gemm.default, (x, q.packed, q.weight, q.scales, torch.empty(3, 20)))
+    torch.library.opcheck(torch.ops.detailflow.decode_gemm.default, (x, q.packed, q.scales, torch.empty(3, 20)))
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("cpu", marks=needs_cpu_kernels)])
@@ -171,7 +171,7 @@ def test_rows_do_not_depend_on_the_batch(x_dtype, w_fmt):
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 def test_decode_linear_swap(dtype):
     """replace_linears keeps the state dict; any row count runs the kernel (a row's result is
-    the same alone or among 300), and a changed weight is repacked."""
+    the same alone or among 300), and a weight loaded through load_state_dict is repacked."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(33, 40, bias=False), nn.Linear(40, 7, bias=True)).to(dtype)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -188,8 +188,12 @@ def test_decode_linear_swap(dtype):
         y_big = model[0](x_big)
         check(x_big, model[0].weight.detach(), packed=model[0]._packed)
         assert all(torch.equal(model[0](x_big[i:i + 1])[0], y_big[i]) for i in (0, 7, 150, 299))
-        model[0].weight.mul_(2)  # in place: the packed copy must follow
-        torch.testing.assert_close(model[0](x), F.linear(x, model[0].weight), atol=1e-4, rtol=2e-2)
+        doubled = {k: v * 2 for k, v in before.items()}
+        model.load_state_dict(doubled)  # the packed layout must follow
+        assert torch.equal(model[0].weight, doubled["0.weight"])
+        torch.testing.assert_close(model[0](x), F.linear(x, doubled["0.weight"]), atol=1e-4, rtol=2e-2)
+        model[0].weight.mul_(3)  # .weight is unpacked on demand: editing that copy changes nothing
+        assert torch.equal(model[0].weight, doubled["0.weight"])
         model.load_state_dict(before)
         torch.testing.assert_close(model[0](x), y, atol=0, rtol=0)
 
@@ -300,6 +304,42 @@ def test_int8_packed_layout_and_strides(M, N, K):
 
 
 @needs_cpu_kernels
+@pytest.mark.parametrize("weights", ["native", "int8", "int4"])
+def test_decode_linear_holds_only_the_packed_layout(weights):
+    """Weights held once: a DecodeLinear has no parameter or buffer beside its packed panels
+    (and the kernel's scales), its state dict is unpacked from them exactly, and .to(bf16)
+    repacks into the bf16 layout (the same values as packing a bf16 weight)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(70, 37, bias=False)
+    w = lin.weight.detach().clone()
+    d = DecodeLinear(lin, weights)
+    assert list(d.parameters()) == [] and list(d.buffers()) == []
+    p = d.packed_for(torch.randn(1, 70))
+    assert p is not None and p.source is None
+    held = p.packed.numel() * p.packed.element_size() + (
+        p.kernel_scales.numel() * 4 if p.kernel_scales is not None else 0)
+    if weights == "native":
+        assert held == 48 * 70 * 4 and torch.equal(d.weight, w)  # 3 panels of 16 rows, fp32
+    elif weights == "int8":
+        assert held == 48 * 70 + 37 * 4 and torch.equal(d.weight, quantize_int8(w)[0])
+    state = d.state_dict()
+    assert set(state) == ({"weight"} if weights == "native" else {"weight", "scales"})
+    fresh = DecodeLinear(nn.Linear(70, 37, bias=False), weights)
+    fresh.load_state_dict(state)
+    x = torch.randn(3, 70)
+    assert torch.equal(fresh(x), d(x))
+    d.to(BF16)
+    xb = x.to(BF16)
+    if weights == "native":
+        assert d.dtype == BF16 and torch.equal(d.weight, w.to(BF16))
+        assert torch.equal(d(xb), decode_gemm(xb, pack_weight(w.to(BF16))))
+    else:
+        assert d.scales.dtype == F32 and torch.equal(d(xb), fresh(xb))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        fresh.load_state_dict({k: v[:5] for k, v in state.items()})
+
+
+@needs_cpu_kernels
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 def test_decode_linear_int8(dtype):
     """int8 DecodeLinear: Q + scales buffers in the state dict (scales stay fp32 across .to),
@@ -366,7 +406,7 @@ def _cuda_make(M, N, K, dtype, fmt, seed=0):
 @pytest.mark.parametrize("M,N,K", CUDA_SHAPES)
 def test_cuda_matches_reference(M, N, K, dtype, fmt):
     x, w, p = _cuda_make(M, N, K, dtype, fmt)
-    assert _dispatch.pick("decode_gemm", x, p.packed, p.weight, p.scales, x.new_empty(M, N)).name == "cuda"
+    assert _dispatch.pick("decode_gemm", x, p.packed, p.kernel_scales, x.new_empty(M, N)).name == "cuda"
     check(x, w, packed=p)
 
 

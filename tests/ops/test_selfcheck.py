@@ -112,8 +112,8 @@ def test_a_broken_real_kernel_is_bypassed(monkeypatch):
     monkeypatch.setattr(_dispatch, "_CHECKED", {})
     real = dg._cpu_impl
 
-    def broken(x, packed, weight, scales, out):
-        real(x, packed, weight, scales, out)
+    def broken(x, packed, scales, out):
+        real(x, packed, scales, out)
         out[..., -1] = 0
 
     _dispatch.register("decode_gemm", "cpu", broken, applies=dg._cpu_applies)
