@@ -28,6 +28,7 @@ import time
 
 import torch
 
+from detailflow_engine.device_dtype import WEIGHT_MODES, WEIGHTS_HELP
 from detailflow_engine.loading import prepare_prior
 from detailflow_engine.pipeline import DetailFlowPipeline
 from detailflow_engine.presets import preset_configs, randomize_
@@ -122,7 +123,7 @@ def main() -> None:
     ap.add_argument("--skip-reference", action="store_true", help="same as --reference none")
     ap.add_argument("--skip-engine", action="store_true")
     ap.add_argument("--skip-peer", action="store_true", help="no plain-torch KV-cache peer column")
-    ap.add_argument("--weights", default="native", choices=["native", "int8", "int4"], help="the engine's weights mode")
+    ap.add_argument("--weights", default="native", choices=WEIGHT_MODES, help=WEIGHTS_HELP)
     ap.add_argument("--tokens-only", action="store_true", help="time token generation only (no decode)")
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--repeats", type=int, default=None, help="engine repeats (median); default 2 on CPU, 5 on CUDA")

@@ -17,6 +17,9 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # model (compute and storage) dtypes
 STORAGE_DTYPES = {**DTYPES, "fp16": torch.float16}  # convert --dtype: how a file stores the weights
 DEVICES = ("auto", "cpu", "cuda")  # the CLIs' --device choices (the API adds cuda:N)
+# The prior's weights modes (linear.DecodeLinear): "native" = in the model dtype; int8/int4 weight-only.
+WEIGHT_MODES = ("native", "int8", "int4")
+WEIGHTS_HELP = "prior weights: native (in --dtype), int8 or int4 weight-only (default: native)"
 
 
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:

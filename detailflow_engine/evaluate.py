@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from detailflow_engine import cli
 from detailflow_engine.cli import Parser, UsageError, settings_from_args
-from detailflow_engine.device_dtype import DEVICES, DTYPES
+from detailflow_engine.device_dtype import DEVICES, DTYPES, WEIGHT_MODES, WEIGHTS_HELP
 
 CLASSIFIER_SIZE = 32
 
@@ -65,8 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=50, help="images per generation / tokenizer batch")
     p.add_argument("--device", default="auto", choices=DEVICES, help="auto (cuda if available; default), cpu, cuda")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="model dtype (default fp32)")
-    p.add_argument("--weights", default="native", choices=["native", "int8", "int4"],
-                   help="prior weights: native, or int8 weight-only decode GEMMs (default native)")
+    p.add_argument("--weights", default="native", choices=WEIGHT_MODES, help=WEIGHTS_HELP)
     p.add_argument("--classifier", default=None,
                    help="classifier .safetensors (default: the shipped assets/fashion_classifier.safetensors)")
     p.add_argument("--psnr-images", type=int, default=1000,

@@ -40,7 +40,7 @@ from typing import List, Optional
 from detailflow_engine import cli, outputs, run_folder
 from detailflow_engine.cli import (Parser, UsageError, check_out_writable, int_items, load_pipeline, one_line,
                                    settings_from_args)
-from detailflow_engine.device_dtype import DEVICES, DTYPES
+from detailflow_engine.device_dtype import DEVICES, DTYPES, WEIGHT_MODES, WEIGHTS_HELP
 from detailflow_engine.distributed import DIST_TIMEOUT_S, Dist
 from detailflow_engine.sampling_settings import SETTING_NAMES, SettingsError, seed_list
 
@@ -61,8 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="default: fp32")
     m.add_argument("--no-cuda-graphs", action="store_true",
                    help="on a GPU, launch each decode step's kernels eagerly instead of replaying CUDA graphs")
-    m.add_argument("--weights", default="native", choices=["native", "int8", "int4"],
-                   help="prior weights as stored (native, in --dtype) or weight-only int8 (default: native)")
+    m.add_argument("--weights", default="native", choices=WEIGHT_MODES, help=WEIGHTS_HELP)
 
     w = p.add_argument_group("what to generate")
     w.add_argument("--classes", nargs="+", metavar="C", default=["all"],

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from detailflow_engine.device_dtype import WEIGHT_MODES
 from detailflow_engine.ops import _dispatch
 from detailflow_engine.ops.decode_gemm import (INT4_GROUP, PackedWeight, _int4_nibbles, decode_gemm,
                                                dequantize_int4, nibbles_int4, pack_int4_nibbles, pack_weight,
@@ -43,7 +44,6 @@ __all__ = ["DecodeLinear", "replace_linears", "packs_natively", "KERNEL_DTYPES",
 # Float weight dtypes that the compiled decode_gemm takes, per device type.
 KERNEL_DTYPES: Dict[str, Tuple[torch.dtype, ...]] = {"cpu": (torch.float32, torch.bfloat16),
                                                       "cuda": (torch.float32, torch.bfloat16, torch.float16)}
-WEIGHT_MODES = ("native", "int8", "int4")
 
 
 def _kernel_for(device: torch.device) -> bool:

@@ -45,7 +45,7 @@ import torch
 
 from detailflow_engine import cli
 from detailflow_engine.cli import Parser, UsageError, settings_from_args
-from detailflow_engine.device_dtype import DEVICES, DTYPES
+from detailflow_engine.device_dtype import DEVICES, DTYPES, WEIGHT_MODES, WEIGHTS_HELP
 from detailflow_engine.profiling import analysis
 from detailflow_engine.profiling.instrument import (RUN_PREFIX, Counters, Ranges, StageTimer, instrument_engine,
                                                     instrument_reference, profile_ranges, sampling_range,
@@ -98,8 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random weights in memory at a released size (detailflow16)")
     m.add_argument("--device", default="auto", choices=DEVICES, help="default: auto")
     m.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="default: fp32")
-    m.add_argument("--weights", default="native", choices=["native", "int8", "int4"],
-                   help="prior weight format (default: native = --dtype)")
+    m.add_argument("--weights", default="native", choices=WEIGHT_MODES, help=WEIGHTS_HELP)
     r = p.add_argument_group("run")
     r.add_argument("--batch-size", type=int, default=1, help="images (default: 1)")
     r.add_argument("--cfg-scale", type=float, default=1.45, help="> 1 enables CFG (default: 1.45)")

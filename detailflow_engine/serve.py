@@ -18,7 +18,7 @@ from typing import List, Optional
 
 from detailflow_engine import cli
 from detailflow_engine.cli import Parser, UsageError, load_pipeline
-from detailflow_engine.device_dtype import DEVICES, DTYPES
+from detailflow_engine.device_dtype import DEVICES, DTYPES, WEIGHT_MODES, WEIGHTS_HELP
 
 EXTRA_HINT = 'pip install -e ".[serve]"'
 
@@ -31,7 +31,7 @@ def build_parser():
     m.add_argument("--tokenizer", metavar="PATH|REPO", help="tokenizer: model folder, .pt or .safetensors, or a Hub repo id")
     m.add_argument("--device", default="auto", choices=DEVICES, help="default: auto")
     m.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="default: fp32")
-    m.add_argument("--weights", default="native", choices=["native", "int8", "int4"], help="default: native")
+    m.add_argument("--weights", default="native", choices=WEIGHT_MODES, help=WEIGHTS_HELP)
     m.add_argument("--no-cuda-graphs", action="store_true", help="on a GPU, run every decode step eagerly")
     s = p.add_argument_group("serving")
     s.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (0.0.0.0 for every interface)")
