@@ -8,8 +8,10 @@
 #include <omp.h>
 
 #include <array>
+#include <cmath>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "checks.h"
 #include "dispatch.h"
@@ -272,6 +274,46 @@ static detailflow::cpu::PackedWeightView packed_view(const PackedArg& p, int64_t
   return w;
 }
 
+// The checks of one decode step's activations that decode_layer and DecodeLayerStack::run share.
+static void check_decode_step(uintptr_t h, int64_t ldh, uintptr_t y, int64_t ldy, uintptr_t h_out,
+                              uintptr_t y_out, uintptr_t freqs, int64_t B, int64_t n, int64_t H, int64_t d,
+                              int64_t L_max, int64_t start, int sum_lanes) {
+  DF_CHECK_PTR(h); DF_CHECK_PTR(y); DF_CHECK_PTR(h_out); DF_CHECK_PTR(y_out); DF_CHECK_PTR(freqs);
+  DF_CHECK_POSITIVE(B); DF_CHECK_POSITIVE(n); DF_CHECK_POSITIVE(H); DF_CHECK_POSITIVE(d);
+  DF_CHECK_NONNEG(start);
+  DF_CHECK(d % 2 == 0, "head dim d must be even (rotary pairs), got " << d);
+  DF_CHECK(start + n <= L_max, "start + n must be <= L_max, got " << start << " + " << n << " > " << L_max);
+  DF_CHECK(sum_lanes >= 1 && sum_lanes <= 16, "sum_lanes must be in [1, 16], got " << sum_lanes);
+  DF_CHECK(ldh >= H * d && ldy >= H * d, "row strides must be >= dim = " << H * d << ", got ldh = " << ldh
+                                                                         << ", ldy = " << ldy);
+}
+
+// One layer's five packed weights (wqkv, wo, w1, w3, w2), each checked against (dim, F).
+struct LayerWeightViews {
+  detailflow::cpu::PackedWeightView wqkv, wo, w1, w3, w2;
+};
+
+static LayerWeightViews layer_weight_views(const std::array<PackedArg, 5>& weights, int64_t dim) {
+  const int64_t F = std::get<4>(weights[2]);
+  return {packed_view(weights[0], 3 * dim, dim, "wqkv"), packed_view(weights[1], dim, dim, "wo"),
+          packed_view(weights[2], F, dim, "w1"), packed_view(weights[3], F, dim, "w3"),
+          packed_view(weights[4], dim, F, "w2")};
+}
+
+template <typename T>
+static detailflow::cpu::DecodeLayerArgs<T> layer_args(uintptr_t h, int64_t ldh, uintptr_t y, int64_t ldy,
+                                                      uintptr_t h_out, uintptr_t y_out, const LayerWeightViews& w,
+                                                      uintptr_t ffn_norm, uintptr_t next_norm, uintptr_t freqs,
+                                                      uintptr_t k_cache, uintptr_t v_cache, int64_t B, int64_t n,
+                                                      int64_t H, int64_t d, int64_t L_max, int64_t start,
+                                                      double eps, double scale, int sum_lanes) {
+  return {reinterpret_cast<const T*>(h), ldh, reinterpret_cast<const T*>(y), ldy, reinterpret_cast<T*>(h_out),
+          reinterpret_cast<T*>(y_out), w.wqkv, w.wo, w.w1, w.w3, w.w2, reinterpret_cast<const T*>(ffn_norm),
+          reinterpret_cast<const T*>(next_norm), reinterpret_cast<const float*>(freqs),
+          reinterpret_cast<T*>(k_cache), reinterpret_cast<T*>(v_cache), B, n, H, d, L_max, start,
+          static_cast<float>(eps), static_cast<float>(scale), sum_lanes};
+}
+
 // decode_layer: h, y (M = B * n rows, dim = H * d) with row strides ldh, ldy (unit last
 // stride); h_out, y_out contiguous (M, dim); weights = (wqkv, wo, w1, w3, w2) packed; norms
 // (dim,); freqs (n, d / 2, 2) fp32 contiguous; caches contiguous (B, H, L_max, d); all float
@@ -281,34 +323,72 @@ static void decode_layer_cpu(uintptr_t h, int64_t ldh, uintptr_t y, int64_t ldy,
                              uintptr_t next_norm, uintptr_t freqs, uintptr_t k_cache, uintptr_t v_cache,
                              int64_t B, int64_t n, int64_t H, int64_t d, int64_t L_max, int64_t start,
                              double eps, double scale, int sum_lanes, int dtype, int num_threads) {
-  DF_CHECK_PTR(h); DF_CHECK_PTR(y); DF_CHECK_PTR(h_out); DF_CHECK_PTR(y_out); DF_CHECK_PTR(ffn_norm);
-  DF_CHECK_PTR(next_norm); DF_CHECK_PTR(freqs); DF_CHECK_PTR(k_cache); DF_CHECK_PTR(v_cache);
-  DF_CHECK_POSITIVE(B); DF_CHECK_POSITIVE(n); DF_CHECK_POSITIVE(H); DF_CHECK_POSITIVE(d);
-  DF_CHECK_NONNEG(start);
-  DF_CHECK(d % 2 == 0, "head dim d must be even (rotary pairs), got " << d);
-  DF_CHECK(start + n <= L_max, "start + n must be <= L_max, got " << start << " + " << n << " > " << L_max);
-  DF_CHECK(sum_lanes >= 1 && sum_lanes <= 16, "sum_lanes must be in [1, 16], got " << sum_lanes);
-  const int64_t dim = H * d, F = std::get<4>(weights[2]);
-  DF_CHECK(ldh >= dim && ldy >= dim, "row strides must be >= dim = " << dim << ", got ldh = " << ldh
-                                                                      << ", ldy = " << ldy);
-  using detailflow::cpu::DecodeLayerArgs;
-  const auto wqkv = packed_view(weights[0], 3 * dim, dim, "wqkv");
-  const auto wo = packed_view(weights[1], dim, dim, "wo");
-  const auto w1 = packed_view(weights[2], F, dim, "w1");
-  const auto w3 = packed_view(weights[3], F, dim, "w3");
-  const auto w2 = packed_view(weights[4], dim, F, "w2");
+  check_decode_step(h, ldh, y, ldy, h_out, y_out, freqs, B, n, H, d, L_max, start, sum_lanes);
+  DF_CHECK_PTR(ffn_norm); DF_CHECK_PTR(next_norm); DF_CHECK_PTR(k_cache); DF_CHECK_PTR(v_cache);
+  const LayerWeightViews w = layer_weight_views(weights, H * d);
   py::gil_scoped_release release;
   DF_DISPATCH_FLOAT(dtype, "decode_layer", [&] {
-    using T = scalar_t;
-    const DecodeLayerArgs<T> args{
-        reinterpret_cast<const T*>(h), ldh, reinterpret_cast<const T*>(y), ldy, reinterpret_cast<T*>(h_out),
-        reinterpret_cast<T*>(y_out), wqkv, wo, w1, w3, w2, reinterpret_cast<const T*>(ffn_norm),
-        reinterpret_cast<const T*>(next_norm), reinterpret_cast<const float*>(freqs),
-        reinterpret_cast<T*>(k_cache), reinterpret_cast<T*>(v_cache), B, n, H, d, L_max, start,
-        static_cast<float>(eps), static_cast<float>(scale), sum_lanes};
-    detailflow::cpu::decode_layer<T>(args, num_threads);
+    detailflow::cpu::decode_layer(layer_args<scalar_t>(h, ldh, y, ldy, h_out, y_out, w, ffn_norm, next_norm, freqs,
+                                                       k_cache, v_cache, B, n, H, d, L_max, start, eps, scale,
+                                                       sum_lanes),
+                                  num_threads);
   });
 }
+
+// One layer of a DecodeLayerStack: (wqkv, wo, w1, w3, w2) packed, ffn_norm, next_norm, k_cache, v_cache.
+using StackLayerArg = std::tuple<std::array<PackedArg, 5>, uintptr_t, uintptr_t, uintptr_t, uintptr_t>;
+
+// decode_layers: every layer of a prior for one decode step in one call (ops/decode_layer.py's
+// LayerStack builds it once). The layers' weights, norms and caches are checked here once; a step
+// passes only its activations. Layer 0 reads (h, y) and writes (h_out, y_out); the later layers
+// run in place on (h_out, y_out): cpu::decode_layer reads each row of h in full before writing
+// that row, and y only in its first GEMM, so the bits are those of one decode_layer call a layer.
+class DecodeLayerStack {
+ public:
+  DecodeLayerStack(int dtype, int64_t B, int64_t H, int64_t d, int64_t L_max, const std::vector<StackLayerArg>& layers)
+      : dtype_(dtype), B_(B), H_(H), d_(d), L_max_(L_max), scale_(1.0 / std::sqrt(static_cast<double>(d))) {
+    DF_CHECK_POSITIVE(B); DF_CHECK_POSITIVE(H); DF_CHECK_POSITIVE(d); DF_CHECK_POSITIVE(L_max);
+    DF_CHECK(!layers.empty(), "layers must not be empty");
+    const auto code = static_cast<detailflow::DType>(dtype);
+    DF_CHECK(code == detailflow::DType::Float32 || code == detailflow::DType::BFloat16,
+             "unsupported dtype code " << dtype << " (expected float32 or bfloat16)");
+    for (const auto& [weights, ffn_norm, next_norm, k_cache, v_cache] : layers) {
+      DF_CHECK_PTR(ffn_norm); DF_CHECK_PTR(next_norm); DF_CHECK_PTR(k_cache); DF_CHECK_PTR(v_cache);
+      layers_.push_back({layer_weight_views(weights, H * d), ffn_norm, next_norm, k_cache, v_cache});
+    }
+  }
+
+  size_t size() const { return layers_.size(); }
+
+  // (h, y) of n positions at [start, start + n) -> (h_out, y_out) after the last layer.
+  void run(uintptr_t h, int64_t ldh, uintptr_t y, int64_t ldy, uintptr_t h_out, uintptr_t y_out, uintptr_t freqs,
+           int64_t n, int64_t start, double eps, int sum_lanes, int num_threads) const {
+    check_decode_step(h, ldh, y, ldy, h_out, y_out, freqs, B_, n, H_, d_, L_max_, start, sum_lanes);
+    const int64_t dim = H_ * d_;
+    py::gil_scoped_release release;
+    DF_DISPATCH_FLOAT(dtype_, "decode_layers", [&] {
+      for (size_t i = 0; i < layers_.size(); ++i) {
+        const Layer& l = layers_[i];
+        const bool first = i == 0;
+        detailflow::cpu::decode_layer(
+            layer_args<scalar_t>(first ? h : h_out, first ? ldh : dim, first ? y : y_out, first ? ldy : dim, h_out,
+                                 y_out, l.weights, l.ffn_norm, l.next_norm, freqs, l.k_cache, l.v_cache, B_, n, H_,
+                                 d_, L_max_, start, eps, scale_, sum_lanes),
+            num_threads);
+      }
+    });
+  }
+
+ private:
+  struct Layer {
+    LayerWeightViews weights;
+    uintptr_t ffn_norm, next_norm, k_cache, v_cache;
+  };
+  int dtype_;
+  int64_t B_, H_, d_, L_max_;
+  double scale_;  // softmax 1 / sqrt(d), as the Python wrapper computes it for decode_layer
+  std::vector<Layer> layers_;
+};
 
 #if DETAILFLOW_HAS_CUDA  // the CUDA kernels' bindings
 
@@ -457,6 +537,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("decode_gemm_force_portable", &detailflow::cpu::decode_gemm_force_portable,
         "Force decode_gemm's portable CPU loops (tests)");
   m.def("decode_layer", &decode_layer_cpu, "One prior layer for one decode step (CPU)");
+  py::class_<DecodeLayerStack>(m, "DecodeLayerStack", "A prior's layers for decode steps, one call a step (CPU)")
+      .def(py::init<int, int64_t, int64_t, int64_t, int64_t, const std::vector<StackLayerArg>&>())
+      .def("__len__", &DecodeLayerStack::size)
+      .def("run", &DecodeLayerStack::run, "One decode step through every layer");
   m.def("group_sample", &group_sample_cpu, "CFG + temperature + top-k/top-p + Philox draw (CPU)");
 #if DETAILFLOW_HAS_CUDA
   m.def("decode_gemm_cuda", &decode_gemm_cuda, "y = x @ W^T for few rows, W row-major or int8 (CUDA)");

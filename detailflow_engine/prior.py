@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from detailflow_engine.config import PriorConfig
 from detailflow_engine.ops.add_rmsnorm import add_rmsnorm
-from detailflow_engine.ops.decode_layer import LayerWeights, decode_layer
+from detailflow_engine.ops.decode_layer import LayerStack, LayerWeights, decode_layers
 from detailflow_engine.schedule import Step
 from detailflow_engine.rotary import precompute_freqs_cis_2d
 
@@ -123,6 +123,8 @@ class Prior(nn.Module):
         # Bumped whenever setup_caches allocates new cache buffers: whoever holds something tied
         # to the old buffers' addresses (cuda_graphs.StepGraphs) sees that it went stale.
         self.cache_epoch = 0
+        self._stack: Optional[LayerStack] = None  # what forward_step's layers read (see layer_stack)
+        self._stack_epoch = -1
 
     @property
     def null_class(self) -> int:
@@ -179,19 +181,33 @@ class Prior(nn.Module):
         """Logits (B, n, V) fp32 of one decode step: embed its positions, run them through the cache."""
         return self.forward_step(self.step_embeddings(labels, tokens, step.start, step.stop), step.start)
 
+    def layer_stack(self, start: int) -> LayerStack:
+        """Every layer's weights and KV cache as ops.decode_layers reads them. Built at each
+        generation's first step (start 0) and after setup_caches reallocates, reused by the
+        generation's later steps: the weights, dtype and device must not change in the middle of
+        a generation (its cached keys and values would not match them anyway)."""
+        if start == 0 or self._stack is None or self._stack_epoch != self.cache_epoch:
+            if self.layers[0].attention.kv_cache is None:
+                raise RuntimeError("the prior has no KV cache: call setup_caches(batch) before forward_step")
+            nexts = [layer.attention_norm for layer in self.layers[1:]] + [self.norm]
+            caches = [layer.attention.kv_cache for layer in self.layers]
+            self._stack = LayerStack([layer.decode_weights(nxt) for layer, nxt in zip(self.layers, nexts)],
+                                     [c.k_cache for c in caches], [c.v_cache for c in caches])
+            # .detach(): a plain tensor, not a Parameter, so that outside tracing add_rmsnorm calls
+            # its backend directly instead of its custom op (~20 us of Python layers a call)
+            self._first_norm = self.layers[0].attention_norm.weight.detach()
+            self._stack_epoch = self.cache_epoch
+        return self._stack
+
     def forward_step(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Run new positions [start, start + n) through the model; x: (B, n, dim) -> logits (B, n, V) fp32."""
         n = x.shape[1]
         freqs = self.freqs_cis[start:start + n]
-        # Carry (residual h, its norm y) between layers: one decode_layer call a layer runs its
-        # attention and FFN, each residual add fused with the norm that follows it (ffn_norm,
-        # the next layer's attention_norm, the final norm).
+        # Carry (residual h, its norm y) between layers: each layer runs its attention and FFN,
+        # each residual add fused with the norm that follows it (ffn_norm, the next layer's
+        # attention_norm, the final norm); decode_layers runs all layers as one op call.
         eps = self.config.norm_eps
-        # .detach(): a plain tensor, not a Parameter, so that outside tracing add_rmsnorm calls its
-        # backend directly instead of its custom op (~20 us of Python layers a call)
-        h, y = add_rmsnorm(x, None, self.layers[0].attention_norm.weight.detach(), eps)
-        for i, layer in enumerate(self.layers):
-            nxt = self.layers[i + 1].attention_norm if i + 1 < len(self.layers) else self.norm
-            cache = layer.attention.kv_cache
-            h, y = decode_layer(h, y, layer.decode_weights(nxt), cache.k_cache, cache.v_cache, freqs, start, eps)
+        stack = self.layer_stack(start)
+        h, y = add_rmsnorm(x, None, self._first_norm, eps)
+        h, y = decode_layers(h, y, stack, freqs, start, eps)
         return self.output(y).float()

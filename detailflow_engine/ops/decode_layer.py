@@ -31,7 +31,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,7 @@ from detailflow_engine.ops.cache_attention import cache_attention, cache_attenti
 from detailflow_engine.ops.decode_gemm import decode_gemm_ref
 from detailflow_engine.ops.rope_qkv import rope_qkv, rope_qkv_ref
 
-__all__ = ["LayerWeights", "decode_layer", "decode_layer_ref", "tolerance"]
+__all__ = ["LayerWeights", "LayerStack", "decode_layer", "decode_layers", "decode_layer_ref", "tolerance"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # any backend (float16: CUDA)
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
@@ -74,9 +74,75 @@ class LayerWeights:
         return self.wqkv, self.wo, self.w1, self.w3, self.w2
 
 
+
+class LayerStack:
+    """Every layer of a prior with its KV cache, in order, as `decode_layers` reads them.
+
+    Checked once here (each layer as decode_layer checks it, all against layer 0's caches and
+    ffn_norm). On the CPU kernel the stack also holds the extension's DecodeLayerStack: every
+    layer's packed-weight, norm and cache addresses, built on its first call for a dtype and kept
+    with the tensors it points into, so a step marshals only its activations. It does not notice
+    later changes: build a new stack when the weights are reloaded or moved or the caches are
+    reallocated (the prior builds one at each generation's first step and after setup_caches).
+    """
+
+    def __init__(self, layers: Sequence[LayerWeights], k_caches: Sequence[Tensor], v_caches: Sequence[Tensor]):
+        self.layers, self.k_caches, self.v_caches = tuple(layers), tuple(k_caches), tuple(v_caches)
+        if not self.layers or not len(self.layers) == len(self.k_caches) == len(self.v_caches):
+            raise ValueError(f"`layers`, `k_caches` and `v_caches` must be non-empty and of one length, got "
+                             f"{len(self.layers)}, {len(self.k_caches)} and {len(self.v_caches)}")
+        first, k0 = self.layers[0], self.k_caches[0]
+        if not isinstance(first, LayerWeights) or not isinstance(first.ffn_norm, Tensor) or first.ffn_norm.dim() != 1:
+            raise TypeError("`layers[0]` must be a LayerWeights with a (dim,) tensor ffn_norm")
+        if not isinstance(k0, Tensor) or k0.dim() != 4:
+            got = _dispatch.describe(k0) if isinstance(k0, Tensor) else type(k0).__name__
+            raise ValueError(f"`k_caches[0]` must be (B, n_head, L_max, head_dim), got {got}")
+        norm = first.ffn_norm
+        self.like = torch.empty((k0.shape[0], 1, norm.shape[0]), dtype=norm.dtype, device=norm.device)
+        for i, (w, kc, vc) in enumerate(zip(self.layers, self.k_caches, self.v_caches)):
+            self.d, self.L_max = _check_layer(w, kc, vc, self.like, "layer 0's caches and ffn_norm", f"layers[{i}].")
+            if kc.shape != k0.shape:
+                raise ValueError(f"`k_caches[{i}]` must have the shape of `k_caches[0]` ({_dispatch.describe(k0)}), "
+                                 f"got {_dispatch.describe(kc)}")
+        self.n_head = first.n_head
+        self.caches = self.k_caches + self.v_caches
+        # what decode_layer's CPU entry asks of every call, answered once
+        self.decode_linears = all(hasattr(lin, "packed_for") for w in self.layers for lin in w.linears())
+        self.plain_caches = all(type(t) is Tensor and not t.requires_grad for t in self.caches)
+        self._kernels: Dict[torch.dtype, tuple] = {}  # y dtype -> (DecodeLayerStack or None, what it points into)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def kernel_for(self, y: Tensor):
+        """The extension's DecodeLayerStack for activations like y, or None when a linear would not
+        run decode_gemm on its packed weight (int4, a torch path): then each layer goes its own way."""
+        held = self._kernels.get(y.dtype)
+        if held is None:
+            packs = [_packed_all(y, w) for w in self.layers]
+            if any(p is None for p in packs):
+                held = (None, ())
+            else:
+                # detached norms: the storage they point at now stays alive even if a Parameter's
+                # .data is swapped later (the extension holds raw addresses)
+                norms = [(w.ffn_norm.detach().contiguous(), w.next_norm.detach().contiguous()) for w in self.layers]
+                layers = [(_weight_args(ps), ffn.data_ptr(), nxt.data_ptr(), kc.data_ptr(), vc.data_ptr())
+                          for ps, (ffn, nxt), kc, vc in zip(packs, norms, self.k_caches, self.v_caches)]
+                kernel = _dispatch.extension().DecodeLayerStack(_dispatch.DTYPE_CODES[y.dtype], self.like.shape[0],
+                                                                self.n_head, self.d, self.L_max, layers)
+                held = (kernel, (packs, norms, self.caches))
+            self._kernels[y.dtype] = held
+        return held[0]
+
+
 def decode_layer_ref(h: Tensor, y: Tensor, w: LayerWeights, k_cache: Tensor, v_cache: Tensor,
                      freqs: Tensor, start: int, eps: float) -> Tuple[Tensor, Tensor]:
-    """The per-op composition (fallback and test oracle): exactly the prior's path before this op."""
+    """The per-op composition (fallback and test oracle): exactly the prior's path before this op.
+    With a LayerStack as `w` (k_cache, v_cache None): each of its layers in turn."""
+    if isinstance(w, LayerStack):
+        for lw, kc, vc in zip(w.layers, w.k_caches, w.v_caches):
+            h, y = decode_layer_ref(h, y, lw, kc, vc, freqs, start, eps)
+        return h, y
     b, n, dim = y.shape
     q, k, v = rope_qkv(w.wqkv(y), freqs, w.n_head)  # (B, H, n, d) each, q and k rotated
     out = cache_attention(q, k, v, k_cache, v_cache, start)
@@ -91,37 +157,52 @@ def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
     return add_rmsnorm_tolerance(dtype)
 
 
-def _validate(h, y, w, k_cache, v_cache, freqs, start, eps) -> Tuple[int, float]:
-    """-> (start, eps); raises naming the first bad argument."""
-    for name, t in (("h", h), ("y", y), ("k_cache", k_cache), ("v_cache", v_cache), ("freqs", freqs)):
+def _check_activations(h, y) -> None:
+    for name, t in (("h", h), ("y", y)):
         if not isinstance(t, Tensor):
             raise TypeError(f"`{name}` must be a torch.Tensor, got {type(t).__name__}")
-    if not isinstance(w, LayerWeights):
-        raise TypeError(f"`w` must be a LayerWeights, got {type(w).__name__}")
     if y.dim() != 3 or y.dtype not in _DTYPES or y.shape[-1] == 0:
         raise ValueError(f"`y` must be float32, bfloat16 or float16 of shape (B, n, dim), got {_dispatch.describe(y)}")
-    B, n, dim = y.shape
     if h.shape != y.shape or h.dtype != y.dtype or h.device != y.device:
         raise ValueError(f"`h` must have the shape, dtype and device of `y` ({_dispatch.describe(y)}), "
                          f"got {_dispatch.describe(h)}")
-    H = _dispatch.as_index("w.n_head", w.n_head)
+
+
+def _check_layer(w, k_cache, v_cache, like: Tensor, like_name: str = "`y`", prefix: str = "") -> Tuple[int, int]:
+    """w, k_cache, v_cache against `like` (B, n, dim): its B, dim, dtype and device -> (d, L_max).
+    `prefix` names the layer in a LayerStack's messages."""
+    if not isinstance(w, LayerWeights):
+        raise TypeError(f"`{prefix}w` must be a LayerWeights, got {type(w).__name__}")
+    B, _, dim = like.shape
+    H = _dispatch.as_index(f"{prefix}w.n_head", w.n_head)
     if H < 1 or dim % H or (dim // H) % 2:
-        raise ValueError(f"`y`'s dim must be n_head * head_dim with an even head_dim (n_head={H}), "
-                         f"got {_dispatch.describe(y)}")
+        raise ValueError(f"{like_name}'s dim must be n_head * head_dim with an even head_dim (n_head={H}), "
+                         f"got {_dispatch.describe(like)}")
     d = dim // H
     for name, t in (("w.ffn_norm", w.ffn_norm), ("w.next_norm", w.next_norm)):
-        if not isinstance(t, Tensor) or tuple(t.shape) != (dim,) or t.dtype != y.dtype or t.device != y.device:
+        if not isinstance(t, Tensor) or tuple(t.shape) != (dim,) or t.dtype != like.dtype or t.device != like.device:
             got = _dispatch.describe(t) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"`{name}` must be ({dim},) with the dtype and device of `y` "
-                             f"({_dispatch.describe(y)}), got {got}")
+            raise ValueError(f"`{prefix}{name}` must be ({dim},) with the dtype and device of {like_name} "
+                             f"({_dispatch.describe(like)}), got {got}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"`{prefix}{name}` must be a torch.Tensor, got {type(t).__name__}")
     L_max = k_cache.shape[2] if k_cache.dim() == 4 else -1
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != (B, H, d) or t.shape[2] != L_max:
-            raise ValueError(f"`{name}` must be (B, n_head, L_max, head_dim) = {(B, H, 'L_max', d)} with the "
-                             f"L_max of `k_cache`, got {_dispatch.describe(t)}")
-        if t.dtype != y.dtype or t.device != y.device or not t.is_contiguous():
-            raise ValueError(f"`{name}` must be contiguous with the dtype and device of `y` "
-                             f"({_dispatch.describe(y)}), got {_dispatch.describe(t)}")
+            raise ValueError(f"`{prefix}{name}` must be (B, n_head, L_max, head_dim) = {(B, H, 'L_max', d)} with "
+                             f"the L_max of `{prefix}k_cache`, got {_dispatch.describe(t)}")
+        if t.dtype != like.dtype or t.device != like.device or not t.is_contiguous():
+            raise ValueError(f"`{prefix}{name}` must be contiguous with the dtype and device of {like_name} "
+                             f"({_dispatch.describe(like)}), got {_dispatch.describe(t)}")
+    return d, L_max
+
+
+def _check_step(y, freqs, start, eps, d: int, L_max: int) -> Tuple[int, float]:
+    """The step's rotary rows, first position and epsilon -> (start, eps)."""
+    n = y.shape[1]
+    if not isinstance(freqs, Tensor):
+        raise TypeError(f"`freqs` must be a torch.Tensor, got {type(freqs).__name__}")
     if tuple(freqs.shape) != (n, d // 2, 2) or freqs.dtype != torch.float32 or freqs.device != y.device:
         raise ValueError(f"`freqs` must be float32 of shape (n, head_dim/2, 2) = {(n, d // 2, 2)} on {y.device} "
                          f"(rows start:start+n of the prior's freqs_cis), got {_dispatch.describe(freqs)}")
@@ -134,6 +215,13 @@ def _validate(h, y, w, k_cache, v_cache, freqs, start, eps) -> Tuple[int, float]
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise ValueError(f"`eps` must be a finite float >= 0, got {eps!r}")
     return start, float(eps)
+
+
+def _validate(h, y, w, k_cache, v_cache, freqs, start, eps) -> Tuple[int, float]:
+    """-> (start, eps); raises naming the first bad argument."""
+    _check_activations(h, y)
+    d, L_max = _check_layer(w, k_cache, v_cache, y)
+    return _check_step(y, freqs, start, eps, d, L_max)
 
 
 def decode_layer(h: Tensor, y: Tensor, w: LayerWeights, k_cache: Tensor, v_cache: Tensor,
@@ -157,6 +245,26 @@ def decode_layer(h: Tensor, y: Tensor, w: LayerWeights, k_cache: Tensor, v_cache
     start, eps = _validate(h, y, w, k_cache, v_cache, freqs, start, eps)
     return _dispatch.pick("decode_layer", h, y, w, k_cache, v_cache, freqs).fn(
         h, y, w, k_cache, v_cache, freqs, start, eps)
+
+
+def decode_layers(h: Tensor, y: Tensor, stack: LayerStack, freqs: Tensor, start: int,
+                  eps: float = 1e-5) -> Tuple[Tensor, Tensor]:
+    """Every layer of `stack` on a decode step: decode_layer on each in turn, as one op call.
+
+    The prior's forward_step runs this: one pick from decode_layer's table for the whole step and,
+    on the CPU kernel, one extension call for all layers (the per-layer Python, ~35 us a layer on
+    the embedded model, was as long as the layer). Same arguments and results as decode_layer,
+    the weights and caches taken from the stack (its caches are mutated as decode_layer's).
+    """
+    _check_activations(h, y)
+    if not isinstance(stack, LayerStack):
+        raise TypeError(f"`stack` must be a LayerStack, got {type(stack).__name__}")
+    like = stack.like
+    if y.shape[0] != like.shape[0] or y.shape[2] != like.shape[2] or y.dtype != like.dtype or y.device != like.device:
+        raise ValueError(f"`y` must be (B, n, dim) with the B, dim, dtype and device of the stack's layers "
+                         f"({_dispatch.describe(like)} with any n), got {_dispatch.describe(y)}")
+    start, eps = _check_step(y, freqs, start, eps, stack.d, stack.L_max)
+    return _dispatch.pick("decode_layer", h, y, stack, None, None, freqs).fn(h, y, stack, None, None, freqs, start, eps)
 
 
 def _sum_in_order(v: Tensor, lanes: int) -> float:
@@ -215,38 +323,71 @@ def _packed_all(y: Tensor, w: LayerWeights):
     return packs
 
 
+def _weight_args(packs):
+    """The five PackedWeights as the extension takes them: (address, numel, dtype code, scales or 0, N, K)."""
+    codes = _dispatch.DTYPE_CODES
+    return [(p.packed.data_ptr(), p.packed.numel(), codes[p.packed.dtype],
+             p.kernel_scales.data_ptr() if p.kernel_scales is not None else 0, p.N, p.K) for p in packs]
+
+
 def _cpu_applies(h, y, w, k_cache, v_cache, freqs) -> bool:
     """CPU tensors of a kernel dtype, untraced, and every linear a DecodeLinear. Whether each has
-    a packed weight for y is settled in _cpu_impl (one lookup a linear and call, ~3 us each)."""
-    return (y.device.type == "cpu" and y.dtype in _CPU_DTYPES and _HAS_KERNEL
-            and all(hasattr(lin, "packed_for") for lin in w.linears())
+    a packed weight for y is settled in _cpu_impl (one lookup a linear and call, ~3 us each; a
+    LayerStack does it once)."""
+    if not (y.device.type == "cpu" and y.dtype in _CPU_DTYPES and _HAS_KERNEL):
+        return False
+    if isinstance(w, LayerStack):
+        return w.decode_linears and w.plain_caches and _dispatch.plain_eager(h, y, freqs)
+    return (all(hasattr(lin, "packed_for") for lin in w.linears())
             and _dispatch.plain_eager(h, y, k_cache, v_cache, freqs))
 
 
-def _cpu_impl(h, y, w, k_cache, v_cache, freqs, start, eps):
-    packs = _packed_all(y, w)
-    if packs is None:  # a linear takes its torch path (e.g. autograd on its weight): the composition
-        return decode_layer_ref(h, y, w, k_cache, v_cache, freqs, start, eps)
-    B, n, dim = y.shape
+def _kernel_rows(h, y, freqs):
+    """(h, ldh, y, ldy, freqs) as the extension takes them: row strides it can index, else copies."""
+    dim = y.shape[2]
     ldh, ldy = _row_stride(h), _row_stride(y)
     if ldh is None:
         h, ldh = h.contiguous(), dim
     if ldy is None:
         y, ldy = y.contiguous(), dim
-    freqs = freqs.contiguous()
+    return h, ldh, y, ldy, freqs.contiguous()
+
+
+def _cpu_impl(h, y, w, k_cache, v_cache, freqs, start, eps):
+    if isinstance(w, LayerStack):
+        return _cpu_stack(h, y, w, freqs, start, eps)
+    packs = _packed_all(y, w)
+    if packs is None:  # a linear takes its torch path (e.g. autograd on its weight): the composition
+        return decode_layer_ref(h, y, w, k_cache, v_cache, freqs, start, eps)
+    B, n, dim = y.shape
+    h, ldh, y, ldy, freqs = _kernel_rows(h, y, freqs)
     ffn_norm, next_norm = w.ffn_norm.contiguous(), w.next_norm.contiguous()
     h_out = torch.empty((B, n, dim), dtype=y.dtype)
     y_out = torch.empty((B, n, dim), dtype=y.dtype)
-    codes = _dispatch.DTYPE_CODES
-    weights = [(p.packed.data_ptr(), p.packed.numel(), codes[p.packed.dtype],
-                p.scales.data_ptr() if p.scales is not None else 0, p.N, p.K) for p in packs]
     H = w.n_head
     _dispatch.extension().decode_layer(
-        h.data_ptr(), ldh, y.data_ptr(), ldy, h_out.data_ptr(), y_out.data_ptr(), weights,
+        h.data_ptr(), ldh, y.data_ptr(), ldy, h_out.data_ptr(), y_out.data_ptr(), _weight_args(packs),
         ffn_norm.data_ptr(), next_norm.data_ptr(), freqs.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
         B, n, H, dim // H, k_cache.shape[2], start, eps, 1.0 / math.sqrt(dim // H), _torch_sum_lanes(),
-        codes[y.dtype], _dispatch.num_threads())
+        _dispatch.DTYPE_CODES[y.dtype], _dispatch.num_threads())
     torch.autograd.graph.increment_version((k_cache, v_cache))
+    return h_out, y_out
+
+
+def _cpu_stack(h, y, stack: LayerStack, freqs, start, eps):
+    """A LayerStack on the CPU: one extension call for all layers, or each layer its own way."""
+    kernel = stack.kernel_for(y)
+    if kernel is None:
+        for lw, kc, vc in zip(stack.layers, stack.k_caches, stack.v_caches):
+            h, y = _cpu_impl(h, y, lw, kc, vc, freqs, start, eps)
+        return h, y
+    B, n, dim = y.shape
+    h, ldh, y, ldy, freqs = _kernel_rows(h, y, freqs)
+    h_out = torch.empty((B, n, dim), dtype=y.dtype)
+    y_out = torch.empty((B, n, dim), dtype=y.dtype)
+    kernel.run(h.data_ptr(), ldh, y.data_ptr(), ldy, h_out.data_ptr(), y_out.data_ptr(), freqs.data_ptr(),
+               n, start, eps, _torch_sum_lanes(), _dispatch.num_threads())
+    torch.autograd.graph.increment_version(stack.caches)
     return h_out, y_out
 
 
