@@ -104,6 +104,11 @@ class SpecialTokenEmbedding(nn.Module):
         self.special_embeddings = nn.Embedding(cfg.num_special_tokens, cfg.dim)
 
 
+def _drop_layer_stack(prior: "Prior", incompatible_keys) -> None:
+    """load_state_dict post hook: the reloaded linears hold new packed weights."""
+    prior._stack = None
+
+
 class Prior(nn.Module):
     """The DetailFlow c2i prior for inference, with official parameter names."""
 
@@ -125,6 +130,7 @@ class Prior(nn.Module):
         self.cache_epoch = 0
         self._stack: Optional[LayerStack] = None  # what forward_step's layers read (see layer_stack)
         self._stack_epoch = -1
+        self.register_load_state_dict_post_hook(_drop_layer_stack)
 
     @property
     def null_class(self) -> int:
@@ -181,11 +187,16 @@ class Prior(nn.Module):
         """Logits (B, n, V) fp32 of one decode step: embed its positions, run them through the cache."""
         return self.forward_step(self.step_embeddings(labels, tokens, step.start, step.stop), step.start)
 
+    def _apply(self, fn, recurse=True):
+        self._stack = None  # it points into the tensors that .to() / .cuda() replace
+        return super()._apply(fn, recurse)
+
     def layer_stack(self, start: int) -> LayerStack:
         """Every layer's weights and KV cache as ops.decode_layers reads them. Built at each
-        generation's first step (start 0) and after setup_caches reallocates, reused by the
-        generation's later steps: the weights, dtype and device must not change in the middle of
-        a generation (its cached keys and values would not match them anyway)."""
+        generation's first step (start 0), after setup_caches reallocates and after the prior's
+        load_state_dict or .to(); reused by the generation's later steps otherwise, so a module
+        swapped or reloaded on its own must wait for the next generation (its cached keys and
+        values would not match the new weights anyway)."""
         if start == 0 or self._stack is None or self._stack_epoch != self.cache_epoch:
             if self.layers[0].attention.kv_cache is None:
                 raise RuntimeError("the prior has no KV cache: call setup_caches(batch) before forward_step")

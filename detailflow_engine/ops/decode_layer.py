@@ -442,8 +442,16 @@ def _selfcheck(backend, reference, device) -> None:
             continue
         got = backend.fn(h, y, w, kc, vc, freqs, 5, 1e-5)
         want = _torch_only_composition(h, y, w, kr, vr, freqs, 5, 1e-5)
+        # and as a LayerStack of two layers (one extension call on the CPU, in place after the first)
+        stack = LayerStack([w, w], [cache.clone(), cache.clone()], [cache.clone(), cache.clone()])
+        got_stack = backend.fn(h, y, stack, None, None, freqs, 5, 1e-5)
+        k2, v2 = cache.clone(), cache.clone()
+        want_stack = _torch_only_composition(*_torch_only_composition(h, y, w, cache.clone(), cache.clone(), freqs,
+                                                                      5, 1e-5), w, k2, v2, freqs, 5, 1e-5)
         atol, _ = tolerance(dtype)
-        for name, a, b in zip(("h", "y", "k_cache", "v_cache"), got + (kc, vc), want + (kr, vr)):
+        for name, a, b in zip(("h", "y", "k_cache", "v_cache", "stack h", "stack y", "stack k_cache[1]",
+                               "stack v_cache[1]"), got + (kc, vc) + got_stack + stack.caches[1::2],
+                              want + (kr, vr) + want_stack + (k2, v2)):
             _dispatch.expect_close(f"decode_layer {dtype} {mode} {name}", a, b, atol,
                                    1e-4 if dtype == torch.float32 else 2e-2)
 

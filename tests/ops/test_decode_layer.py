@@ -228,3 +228,134 @@ def test_bad_input_names_the_argument(case):
     kwargs = {**ok, **change}
     with pytest.raises((ValueError, TypeError), match=re.escape(message)):
         decode_layer(**kwargs)
+
+
+# ------------------------------------------------------------------ decode_layers: a stack in one call
+
+
+def make_stack(kinds, B=2, H=3, d=16, F=40, L=16, seed=0):
+    """A LayerStack of len(kinds) layers, kinds[i] = (dtype, weights) (one dtype for all), and its caches."""
+    dim = H * d
+    layers = [make_layer(dim, H, F, dtype, weights, seed=seed + i) for i, (dtype, weights) in enumerate(kinds)]
+    caches = [make_inputs(B, 1, dim, H, L, kinds[0][0], seed=seed + 10 + i)[2:4] for i in range(len(kinds))]
+    return dl.LayerStack(layers, [k for k, _ in caches], [v for _, v in caches])
+
+
+def clone_caches(stack):
+    return dl.LayerStack(stack.layers, [k.clone() for k in stack.k_caches], [v.clone() for v in stack.v_caches])
+
+
+def layer_by_layer(h, y, stack, freqs, start, layer_fn):
+    for w, kc, vc in zip(stack.layers, stack.k_caches, stack.v_caches):
+        h, y = layer_fn(h, y, w, kc, vc, freqs, start, 1e-5)
+    return h, y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,n,start", [(1, 1, 0), (2, 4, 5), (3, 8, 8)])
+def test_a_stack_gives_the_bits_of_one_fused_call_a_layer(B, n, start, dtype):
+    """One extension call for all layers (in place after the first) = decode_layer on each in turn."""
+    stack = make_stack([(dtype, "native"), (dtype, "int8"), (dtype, "native")], B=B)
+    h, y, _, _, freqs = make_inputs(B, n, 48, 3, 16, dtype, seed=7)
+    each = clone_caches(stack)
+    assert stack.kernel_for(y) is not None
+    assert _dispatch.pick("decode_layer", h, y, stack, None, None, freqs).name == "cpu"
+    got = dl.decode_layers(h, y, stack, freqs, start)
+    want = layer_by_layer(h, y, each, freqs, start, fused)
+    for name, a, b in zip(("h", "y") + ("k_cache",) * 3 + ("v_cache",) * 3, got + stack.caches, want + each.caches):
+        assert torch.equal(a, b), f"{name}: max difference {max_err(a, b):.3g} (expected the same bits)"
+    for t in got:
+        assert t.shape == (B, n, 48) and t.dtype == dtype and t.is_contiguous()
+
+
+def test_a_stack_keeps_h_and_y_inputs_intact_and_reads_strided_rows():
+    stack = make_stack([(torch.float32, "native")] * 2, B=3)
+    h, y, _, _, freqs = make_inputs(3, 4, 48, 3, 16, torch.float32, seed=8)
+    wide = torch.randn(3, 4, 2 * 48)
+    wide[..., 5:53] = h
+    h_sliced, h0, y0 = wide[..., 5:53], h.clone(), y.clone()
+    each = clone_caches(stack)
+    got = dl.decode_layers(h_sliced, y, stack, freqs, 2)
+    want = layer_by_layer(h, y, each, freqs, 2, fused)
+    assert torch.equal(h, h0) and torch.equal(y, y0) and torch.equal(wide[..., 5:53], h0)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_a_stack_goes_layer_by_layer_where_the_kernel_does_not_serve_it(monkeypatch):
+    """int4 linears (the composition streams them) and DETAILFLOW_BACKEND=torch: each layer its own way."""
+    stack = make_stack([(torch.float32, "native"), (torch.float32, "int4")])
+    h, y, _, _, freqs = make_inputs(2, 4, 48, 3, 16, torch.float32, seed=9)
+    assert stack.kernel_for(y) is None
+    assert _dispatch.pick("decode_layer", h, y, stack, None, None, freqs).name == "cpu"
+    for forced in (None, "torch"):
+        if forced:
+            monkeypatch.setenv(_dispatch.BACKEND_ENV, forced)
+        a, b = clone_caches(stack), clone_caches(stack)
+        got = dl.decode_layers(h, y, a, freqs, 3)
+        want = layer_by_layer(h, y, b, freqs, 3, decode_layer if forced is None else decode_layer_ref)
+        for x, z in zip(got + a.caches, want + b.caches):
+            assert torch.equal(x, z)
+
+
+def test_a_stack_of_plain_linears_runs_the_composition():
+    stack = make_stack([(torch.float32, "native")] * 2)
+    plain_layers = []
+    for w in stack.layers:
+        lins = [torch.nn.Linear(m.in_features, m.out_features, bias=False) for m in w.linears()]
+        with torch.no_grad():
+            for m, lin in zip(w.linears(), lins):
+                lin.weight.copy_(m.weight)
+        plain_layers.append(LayerWeights(*lins, w.ffn_norm, w.next_norm, w.n_head))
+    plain = dl.LayerStack(plain_layers, stack.k_caches, stack.v_caches)
+    h, y, _, _, freqs = make_inputs(2, 1, 48, 3, 16, torch.float32, seed=4)
+    assert not plain.decode_linears
+    assert _dispatch.pick("decode_layer", h, y, plain, None, None, freqs).name == "torch"
+    with torch.no_grad():
+        a, b = clone_caches(plain), clone_caches(plain)
+        got = dl.decode_layers(h, y, a, freqs, 6)
+        want = layer_by_layer(h, y, b, freqs, 6, decode_layer_ref)
+    for x, z in zip(got + a.caches, want + b.caches):
+        assert torch.equal(x, z)
+
+
+def _bad_stack_cases():
+    stack = make_stack([(torch.float32, "native")] * 2)
+    h, y, _, _, freqs = make_inputs(2, 4, 48, 3, 16, torch.float32)
+    ok = dict(h=h, y=y, stack=stack, freqs=freqs, start=2, eps=1e-5)
+    return ok, [
+        ("stack type", dict(stack=list(stack.layers)), "`stack` must be a LayerStack"),
+        ("y batch", dict(h=h[:1], y=y[:1]), "`y` must be (B, n, dim) with the B, dim, dtype and device"),
+        ("y dtype", dict(h=h.bfloat16(), y=y.bfloat16()), "`y` must be (B, n, dim) with the B, dim, dtype"),
+        ("h shape", dict(h=h[:, :3]), "`h` must have the shape"),
+        ("freqs", dict(freqs=freqs[:3]), "`freqs` must be float32 of shape"),
+        ("cache too short", dict(start=13), "`start` + n must be <= L_max"),
+        ("eps", dict(eps=-1.0), "`eps` must be a finite float"),
+    ]
+
+
+@pytest.mark.parametrize("case", [c[0] for c in _bad_stack_cases()[1]])
+def test_decode_layers_bad_input_names_the_argument(case):
+    ok, cases = _bad_stack_cases()
+    _, change, message = next(c for c in cases if c[0] == case)
+    with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+        dl.decode_layers(**{**ok, **change})
+
+
+def test_a_bad_stack_names_the_layer():
+    stack = make_stack([(torch.float32, "native")] * 3)
+    layers, ks, vs = list(stack.layers), list(stack.k_caches), list(stack.v_caches)
+    bad = LayerWeights(*layers[1].linears(), layers[1].ffn_norm.bfloat16(), layers[1].next_norm, 3)
+    cases = [
+        (dict(layers=[]), "must be non-empty and of one length"),
+        (dict(v_caches=vs[:2]), "must be non-empty and of one length"),
+        (dict(layers=[layers[0], bad, layers[2]]), "`layers[1].w.ffn_norm` must be (48,)"),
+        (dict(k_caches=[ks[0], ks[1], ks[2][:, :, :8].contiguous()]), "`layers[2].v_cache` must be (B, n_head, L_max"),
+        (dict(k_caches=[ks[0], ks[1], ks[2][:, :, :8].contiguous()], v_caches=[vs[0], vs[1], vs[2][:, :, :8].contiguous()]),
+         "`k_caches[2]` must have the shape of `k_caches[0]`"),
+        (dict(k_caches=[ks[0][0]] + ks[1:]), "`k_caches[0]` must be (B, n_head, L_max, head_dim)"),
+    ]
+    for change, message in cases:
+        args = {**dict(layers=layers, k_caches=ks, v_caches=vs), **change}
+        with pytest.raises((ValueError, TypeError), match=re.escape(message)):
+            dl.LayerStack(**args)
