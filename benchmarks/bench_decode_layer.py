@@ -12,8 +12,10 @@ ratio. Rows = B * n: 2 = batch 1 with CFG and one position, 8 / 16 = one group o
 
 --model: the embedded default model (`DetailFlowPipeline.from_pretrained()`), batch 1, CFG
 1.45, greedy, generation + decode, in one process, the sides interleaved `--repeats` times
-(median): the engine with the fused layer, the engine with the per-op composition in its
-place (the one table entry swapped, all other ops unchanged), the plain-torch KV-cache peer
+(median): the engine as it runs (decode_layers: all layers in one extension call a step), the
+engine calling the fused kernel once a layer through decode_layer (the path before
+decode_layers), the engine with the per-op composition in its place (the one table entry
+swapped, all other ops unchanged), the plain-torch KV-cache peer
 (detailflow_ref.kv_generate) and the official-semantics reference (detailflow_ref.generate),
 both on the same weights in the engine's dtype, and the ratios.
 """
@@ -41,13 +43,31 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @contextlib.contextmanager
-def per_op_path():
-    """decode_layer's CPU entry swapped for the composition (what the prior ran before the op)."""
-    _dispatch.register("decode_layer", "cpu", dl.decode_layer_ref, applies=dl._cpu_applies)
+def cpu_entry(fn):
+    """decode_layer's CPU entry swapped for `fn` for the duration."""
+    _dispatch.register("decode_layer", "cpu", fn, applies=dl._cpu_applies)
     try:
         yield
     finally:
         _dispatch.register("decode_layer", "cpu", dl._cpu_impl, applies=dl._cpu_applies)
+
+
+def per_op_path():
+    """The composition in the CPU entry's place (what the prior ran before the op)."""
+    return cpu_entry(dl.decode_layer_ref)
+
+
+def _one_call_a_layer(h, y, w, k_cache, v_cache, freqs, start, eps):
+    if not isinstance(w, dl.LayerStack):
+        return dl._cpu_impl(h, y, w, k_cache, v_cache, freqs, start, eps)
+    for lw, kc, vc in zip(w.layers, w.k_caches, w.v_caches):  # each through the wrapper, as before stacks
+        h, y = dl.decode_layer(h, y, lw, kc, vc, freqs, start, eps)
+    return h, y
+
+
+def layer_by_layer_path():
+    """The fused kernel called once a layer through decode_layer (the prior's path before decode_layers)."""
+    return cpu_entry(_one_call_a_layer)
 
 
 def layer_inputs(dim, H, F, rows, dtype, weights, L=64, start=25, seed=0):
@@ -110,6 +130,10 @@ def bench_model(repeats: int, cfg_scale: float) -> None:
         with per_op_path():
             return engine()
 
+    def engine_layer_by_layer():
+        with layer_by_layer_path():
+            return engine()
+
     def peer_run():
         with torch.inference_mode():
             toks = kv_cache_generate(ref_prior, lab, cfg_scale=cfg_scale, top_k=1, peer=peer)
@@ -122,8 +146,8 @@ def bench_model(repeats: int, cfg_scale: float) -> None:
             ref_tok.decode_code(toks)
         return toks
 
-    sides = {"engine (fused layer)": engine, "engine (per-op)": engine_per_op, "plain-torch KV cache": peer_run,
-             "official semantics": official}
+    sides = {"engine (fused layers)": engine, "engine (one fused call a layer)": engine_layer_by_layer,
+             "engine (per-op)": engine_per_op, "plain-torch KV cache": peer_run, "official semantics": official}
     interleaved(sides, repeats, f"embedded default model, batch 1, CFG {cfg_scale}, greedy, generation + decode, fp32")
 
 
@@ -145,7 +169,11 @@ def bench_detailflow16(repeats: int, cfg_scale: float) -> None:
         with per_op_path():
             return fused()
 
-    sides = {"engine (fused layer)": fused, "engine (per-op)": per_op}
+    def layer_by_layer():
+        with layer_by_layer_path():
+            return fused()
+
+    sides = {"engine (fused layers)": fused, "engine (one fused call a layer)": layer_by_layer, "engine (per-op)": per_op}
     interleaved(sides, repeats, f"DetailFlow-16 size (random weights), batch 1, CFG {cfg_scale}, greedy, "
                                 f"prior tokens only, fp32")
 

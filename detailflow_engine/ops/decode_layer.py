@@ -20,6 +20,14 @@ float32 or bfloat16 and nobody traces the call; on CUDA the composition (the per
 pick the CUDA kernels); then the torch entry, the composition again (with
 DETAILFLOW_BACKEND=torch its ops take their torch references).
 
+`decode_layers` runs a `LayerStack` (every layer of the prior with its caches; what
+forward_step calls) through the same table: one pick a step, and on the CPU kernel one
+extension call for all layers (bindings.cpp's DecodeLayerStack, holding every layer's
+addresses from the stack's first call, so a step marshals only its activations); every other
+entry, and the CPU entry where a linear has no packed weight it streams (int4), takes the
+layers one by one as decode_layer would. The stack's bits are those of one decode_layer call a
+layer.
+
 Numerics of the CPU kernel: the GEMMs and the attention are the per-op path's own kernels
 (same bits); rotary, residual adds and RMSNorms round as the torch ops do (the RMSNorm's sum
 in torch's order); only the SiLU's exp is another fp32 implementation (an ulp apart at most),
