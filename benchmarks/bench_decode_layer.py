@@ -36,6 +36,7 @@ import torch  # noqa: E402
 from benchmarks._timing import bench  # noqa: E402
 from detailflow_engine.linear import DecodeLinear  # noqa: E402
 from detailflow_engine.ops import _dispatch, decode_layer as dl  # noqa: E402
+from detailflow_engine.ops.add_rmsnorm import add_rmsnorm  # noqa: E402
 
 # (name, dim, n_head, ffn hidden, group size)
 SIZES = (("default", 256, 8, 768, 4), ("detailflow16", 1024, 16, 2816, 8))
@@ -60,6 +61,8 @@ def per_op_path():
 def _one_call_a_layer(h, y, w, k_cache, v_cache, freqs, start, eps):
     if not isinstance(w, dl.LayerStack):
         return dl._cpu_impl(h, y, w, k_cache, v_cache, freqs, start, eps)
+    if y is None:
+        h, y = add_rmsnorm(h, None, w.first_norm, eps)
     for lw, kc, vc in zip(w.layers, w.k_caches, w.v_caches):  # each through the wrapper, as before stacks
         h, y = dl.decode_layer(h, y, lw, kc, vc, freqs, start, eps)
     return h, y

@@ -278,7 +278,7 @@ static detailflow::cpu::PackedWeightView packed_view(const PackedArg& p, int64_t
 static void check_decode_step(uintptr_t h, int64_t ldh, uintptr_t y, int64_t ldy, uintptr_t h_out,
                               uintptr_t y_out, uintptr_t freqs, int64_t B, int64_t n, int64_t H, int64_t d,
                               int64_t L_max, int64_t start, int sum_lanes) {
-  DF_CHECK_PTR(h); DF_CHECK_PTR(y); DF_CHECK_PTR(h_out); DF_CHECK_PTR(y_out); DF_CHECK_PTR(freqs);
+  DF_CHECK_PTR(h); DF_CHECK_PTR(h_out); DF_CHECK_PTR(y_out); DF_CHECK_PTR(freqs);
   DF_CHECK_POSITIVE(B); DF_CHECK_POSITIVE(n); DF_CHECK_POSITIVE(H); DF_CHECK_POSITIVE(d);
   DF_CHECK_NONNEG(start);
   DF_CHECK(d % 2 == 0, "head dim d must be even (rotary pairs), got " << d);
@@ -324,7 +324,7 @@ static void decode_layer_cpu(uintptr_t h, int64_t ldh, uintptr_t y, int64_t ldy,
                              int64_t B, int64_t n, int64_t H, int64_t d, int64_t L_max, int64_t start,
                              double eps, double scale, int sum_lanes, int dtype, int num_threads) {
   check_decode_step(h, ldh, y, ldy, h_out, y_out, freqs, B, n, H, d, L_max, start, sum_lanes);
-  DF_CHECK_PTR(ffn_norm); DF_CHECK_PTR(next_norm); DF_CHECK_PTR(k_cache); DF_CHECK_PTR(v_cache);
+  DF_CHECK_PTR(y); DF_CHECK_PTR(ffn_norm); DF_CHECK_PTR(next_norm); DF_CHECK_PTR(k_cache); DF_CHECK_PTR(v_cache);
   const LayerWeightViews w = layer_weight_views(weights, H * d);
   py::gil_scoped_release release;
   DF_DISPATCH_FLOAT(dtype, "decode_layer", [&] {
@@ -343,10 +343,14 @@ using StackLayerArg = std::tuple<std::array<PackedArg, 5>, uintptr_t, uintptr_t,
 // passes only its activations. Layer 0 reads (h, y) and writes (h_out, y_out); the later layers
 // run in place on (h_out, y_out): cpu::decode_layer reads each row of h in full before writing
 // that row, and y only in its first GEMM, so the bits are those of one decode_layer call a layer.
+// With a first_norm (its address, else 0), run() may take y = 0: then y = rmsnorm(h) * first_norm
+// is computed first, into y_out (the first layer's attention_norm, as add_rmsnorm computes it).
 class DecodeLayerStack {
  public:
-  DecodeLayerStack(int dtype, int64_t B, int64_t H, int64_t d, int64_t L_max, const std::vector<StackLayerArg>& layers)
-      : dtype_(dtype), B_(B), H_(H), d_(d), L_max_(L_max), scale_(1.0 / std::sqrt(static_cast<double>(d))) {
+  DecodeLayerStack(int dtype, int64_t B, int64_t H, int64_t d, int64_t L_max, const std::vector<StackLayerArg>& layers,
+                   uintptr_t first_norm)
+      : dtype_(dtype), B_(B), H_(H), d_(d), L_max_(L_max), scale_(1.0 / std::sqrt(static_cast<double>(d))),
+        first_norm_(first_norm) {
     DF_CHECK_POSITIVE(B); DF_CHECK_POSITIVE(H); DF_CHECK_POSITIVE(d); DF_CHECK_POSITIVE(L_max);
     DF_CHECK(!layers.empty(), "layers must not be empty");
     const auto code = static_cast<detailflow::DType>(dtype);
@@ -364,9 +368,17 @@ class DecodeLayerStack {
   void run(uintptr_t h, int64_t ldh, uintptr_t y, int64_t ldy, uintptr_t h_out, uintptr_t y_out, uintptr_t freqs,
            int64_t n, int64_t start, double eps, int sum_lanes, int num_threads) const {
     check_decode_step(h, ldh, y, ldy, h_out, y_out, freqs, B_, n, H_, d_, L_max_, start, sum_lanes);
+    DF_CHECK(y != 0 || first_norm_ != 0, "y is a null pointer and the stack has no first_norm");
     const int64_t dim = H_ * d_;
     py::gil_scoped_release release;
     DF_DISPATCH_FLOAT(dtype_, "decode_layers", [&] {
+      using T = scalar_t;
+      if (y == 0) {
+        detailflow::cpu::rmsnorm_rows(reinterpret_cast<const T*>(h), ldh, reinterpret_cast<const T*>(first_norm_),
+                                      B_ * n, dim, static_cast<float>(eps), sum_lanes, reinterpret_cast<T*>(y_out));
+        y = y_out;
+        ldy = dim;
+      }
       for (size_t i = 0; i < layers_.size(); ++i) {
         const Layer& l = layers_[i];
         const bool first = i == 0;
@@ -387,6 +399,7 @@ class DecodeLayerStack {
   int dtype_;
   int64_t B_, H_, d_, L_max_;
   double scale_;  // softmax 1 / sqrt(d), as the Python wrapper computes it for decode_layer
+  uintptr_t first_norm_;
   std::vector<Layer> layers_;
 };
 
@@ -538,7 +551,7 @@ PYBIND11_MODULE(_C, m) {
         "Force decode_gemm's portable CPU loops (tests)");
   m.def("decode_layer", &decode_layer_cpu, "One prior layer for one decode step (CPU)");
   py::class_<DecodeLayerStack>(m, "DecodeLayerStack", "A prior's layers for decode steps, one call a step (CPU)")
-      .def(py::init<int, int64_t, int64_t, int64_t, int64_t, const std::vector<StackLayerArg>&>())
+      .def(py::init<int, int64_t, int64_t, int64_t, int64_t, const std::vector<StackLayerArg>&, uintptr_t>())
       .def("__len__", &DecodeLayerStack::size)
       .def("run", &DecodeLayerStack::run, "One decode step through every layer");
   m.def("group_sample", &group_sample_cpu, "CFG + temperature + top-k/top-p + Philox draw (CPU)");

@@ -26,7 +26,6 @@ import torch
 import torch.nn as nn
 
 from detailflow_engine.config import PriorConfig
-from detailflow_engine.ops.add_rmsnorm import add_rmsnorm
 from detailflow_engine.ops.decode_layer import LayerStack, LayerWeights, decode_layers
 from detailflow_engine.schedule import Step
 from detailflow_engine.rotary import precompute_freqs_cis_2d
@@ -203,10 +202,8 @@ class Prior(nn.Module):
             nexts = [layer.attention_norm for layer in self.layers[1:]] + [self.norm]
             caches = [layer.attention.kv_cache for layer in self.layers]
             self._stack = LayerStack([layer.decode_weights(nxt) for layer, nxt in zip(self.layers, nexts)],
-                                     [c.k_cache for c in caches], [c.v_cache for c in caches])
-            # .detach(): a plain tensor, not a Parameter, so that outside tracing add_rmsnorm calls
-            # its backend directly instead of its custom op (~20 us of Python layers a call)
-            self._first_norm = self.layers[0].attention_norm.weight.detach()
+                                     [c.k_cache for c in caches], [c.v_cache for c in caches],
+                                     first_norm=self.layers[0].attention_norm.weight)
             self._stack_epoch = self.cache_epoch
         return self._stack
 
@@ -216,9 +213,7 @@ class Prior(nn.Module):
         freqs = self.freqs_cis[start:start + n]
         # Carry (residual h, its norm y) between layers: each layer runs its attention and FFN,
         # each residual add fused with the norm that follows it (ffn_norm, the next layer's
-        # attention_norm, the final norm); decode_layers runs all layers as one op call.
-        eps = self.config.norm_eps
-        stack = self.layer_stack(start)
-        h, y = add_rmsnorm(x, None, self._first_norm, eps)
-        h, y = decode_layers(h, y, stack, freqs, start, eps)
+        # attention_norm, the final norm). decode_layers runs the first attention_norm (y None:
+        # the stack's first_norm of x) and all layers as one op call.
+        _, y = decode_layers(x, None, self.layer_stack(start), freqs, start, self.config.norm_eps)
         return self.output(y).float()

@@ -136,6 +136,7 @@ inline __attribute__((always_inline)) void rope_body(T* qkv, int64_t M, int64_t 
 }
 
 // h_out = h + delta (rounded to T), y = rmsnorm(h_out) * weight; `work` holds 2 * dim floats.
+// delta null: y = rmsnorm(h) * weight and h_out is not written (a norm without a residual).
 template <typename T>
 inline __attribute__((always_inline)) void add_rmsnorm_body(const T* h, int64_t ldh, const T* delta,
                                                             const T* weight, int64_t M, int64_t dim,
@@ -145,10 +146,14 @@ inline __attribute__((always_inline)) void add_rmsnorm_body(const T* h, int64_t 
   float* sq = work + dim;
   for (int64_t m = 0; m < M; ++m) {
     const T* hr = h + m * ldh;
-    const T* dr = delta + m * dim;
-    T* ho = h_out + m * dim;
-    for (int64_t k = 0; k < dim; ++k) hf[k] = round_trip<T>(widen(hr[k]) + widen(dr[k]));
-    for (int64_t k = 0; k < dim; ++k) narrow(hf[k], &ho[k]);
+    if (delta != nullptr) {
+      const T* dr = delta + m * dim;
+      T* ho = h_out + m * dim;
+      for (int64_t k = 0; k < dim; ++k) hf[k] = round_trip<T>(widen(hr[k]) + widen(dr[k]));
+      for (int64_t k = 0; k < dim; ++k) narrow(hf[k], &ho[k]);
+    } else {
+      for (int64_t k = 0; k < dim; ++k) hf[k] = widen(hr[k]);
+    }
     for (int64_t k = 0; k < dim; ++k) sq[k] = hf[k] * hf[k];
     const float mean = torch_sum(sq, dim, W) / static_cast<float>(dim);
     const float r = 1.0f / std::sqrt(mean + eps);
@@ -253,7 +258,18 @@ void decode_layer(const DecodeLayerArgs<T>& a, int num_threads) {
   pw.add_rmsnorm(a.h_out, dim, delta, a.next_norm, M, dim, a.eps, a.sum_lanes, a.h_out, a.y_out, work.data());
 }
 
+template <typename T>
+void rmsnorm_rows(const T* h, int64_t ldh, const T* weight, int64_t M, int64_t dim, float eps, int sum_lanes,
+                  T* y) {
+  static const Pointwise<T> pw = pick_pointwise<T>();
+  thread_local std::vector<float> work;
+  if (work.size() < static_cast<size_t>(2 * dim)) work.resize(2 * dim);
+  pw.add_rmsnorm(h, ldh, nullptr, weight, M, dim, eps, sum_lanes, nullptr, y, work.data());
+}
+
 template void decode_layer<float>(const DecodeLayerArgs<float>&, int);
 template void decode_layer<bf16>(const DecodeLayerArgs<bf16>&, int);
+template void rmsnorm_rows<float>(const float*, int64_t, const float*, int64_t, int64_t, float, int, float*);
+template void rmsnorm_rows<bf16>(const bf16*, int64_t, const bf16*, int64_t, int64_t, float, int, bf16*);
 
 }  // namespace detailflow::cpu

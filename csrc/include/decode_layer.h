@@ -36,4 +36,9 @@ struct DecodeLayerArgs {
 template <typename T>
 void decode_layer(const DecodeLayerArgs<T>& a, int num_threads);
 
+// y (M, dim) contiguous = rmsnorm(h) * weight, h's rows stride ldh: the first layer's
+// attention_norm of the embeddings, rounded as decode_layer's norms (add_rmsnorm without a residual).
+template <typename T>
+void rmsnorm_rows(const T* h, int64_t ldh, const T* weight, int64_t M, int64_t dim, float eps, int sum_lanes, T* y);
+
 }  // namespace detailflow::cpu

@@ -94,7 +94,8 @@ class LayerStack:
     reallocated (the prior builds one at each generation's first step and after setup_caches).
     """
 
-    def __init__(self, layers: Sequence[LayerWeights], k_caches: Sequence[Tensor], v_caches: Sequence[Tensor]):
+    def __init__(self, layers: Sequence[LayerWeights], k_caches: Sequence[Tensor], v_caches: Sequence[Tensor],
+                 first_norm: Optional[Tensor] = None):
         self.layers, self.k_caches, self.v_caches = tuple(layers), tuple(k_caches), tuple(v_caches)
         if not self.layers or not len(self.layers) == len(self.k_caches) == len(self.v_caches):
             raise ValueError(f"`layers`, `k_caches` and `v_caches` must be non-empty and of one length, got "
@@ -112,6 +113,14 @@ class LayerStack:
             if kc.shape != k0.shape:
                 raise ValueError(f"`k_caches[{i}]` must have the shape of `k_caches[0]` ({_dispatch.describe(k0)}), "
                                  f"got {_dispatch.describe(kc)}")
+        if first_norm is not None and (not isinstance(first_norm, Tensor) or first_norm.shape != norm.shape
+                                       or first_norm.dtype != norm.dtype or first_norm.device != norm.device):
+            got = _dispatch.describe(first_norm) if isinstance(first_norm, Tensor) else type(first_norm).__name__
+            raise ValueError(f"`first_norm` must be None or have the shape, dtype and device of layer 0's ffn_norm "
+                             f"({_dispatch.describe(norm)}), got {got}")
+        # detached: the storage it points at now stays alive even if a Parameter's .data is swapped
+        # later (the extension holds raw addresses)
+        self.first_norm = None if first_norm is None else first_norm.detach().contiguous()
         self.n_head = first.n_head
         self.caches = self.k_caches + self.v_caches
         # what decode_layer's CPU entry asks of every call, answered once
@@ -123,21 +132,22 @@ class LayerStack:
         return len(self.layers)
 
     def kernel_for(self, y: Tensor):
-        """The extension's DecodeLayerStack for activations like y, or None when a linear would not
-        run decode_gemm on its packed weight (int4, a torch path): then each layer goes its own way."""
+        """The extension's DecodeLayerStack for activations like y (h, when y is to be computed), or
+        None when a linear would not run decode_gemm on its packed weight (int4, a torch path):
+        then each layer goes its own way."""
         held = self._kernels.get(y.dtype)
         if held is None:
             packs = [_packed_all(y, w) for w in self.layers]
             if any(p is None for p in packs):
                 held = (None, ())
             else:
-                # detached norms: the storage they point at now stays alive even if a Parameter's
-                # .data is swapped later (the extension holds raw addresses)
+                # detached norms: as first_norm, kept alive with the addresses
                 norms = [(w.ffn_norm.detach().contiguous(), w.next_norm.detach().contiguous()) for w in self.layers]
                 layers = [(_weight_args(ps), ffn.data_ptr(), nxt.data_ptr(), kc.data_ptr(), vc.data_ptr())
                           for ps, (ffn, nxt), kc, vc in zip(packs, norms, self.k_caches, self.v_caches)]
-                kernel = _dispatch.extension().DecodeLayerStack(_dispatch.DTYPE_CODES[y.dtype], self.like.shape[0],
-                                                                self.n_head, self.d, self.L_max, layers)
+                kernel = _dispatch.extension().DecodeLayerStack(
+                    _dispatch.DTYPE_CODES[y.dtype], self.like.shape[0], self.n_head, self.d, self.L_max, layers,
+                    self.first_norm.data_ptr() if self.first_norm is not None else 0)
                 held = (kernel, (packs, norms, self.caches))
             self._kernels[y.dtype] = held
         return held[0]
@@ -146,8 +156,11 @@ class LayerStack:
 def decode_layer_ref(h: Tensor, y: Tensor, w: LayerWeights, k_cache: Tensor, v_cache: Tensor,
                      freqs: Tensor, start: int, eps: float) -> Tuple[Tensor, Tensor]:
     """The per-op composition (fallback and test oracle): exactly the prior's path before this op.
-    With a LayerStack as `w` (k_cache, v_cache None): each of its layers in turn."""
+    With a LayerStack as `w` (k_cache, v_cache None): each of its layers in turn (after its
+    first_norm of h when y is None)."""
     if isinstance(w, LayerStack):
+        if y is None:
+            h, y = add_rmsnorm(h, None, w.first_norm, eps)
         for lw, kc, vc in zip(w.layers, w.k_caches, w.v_caches):
             h, y = decode_layer_ref(h, y, lw, kc, vc, freqs, start, eps)
         return h, y
@@ -255,7 +268,7 @@ def decode_layer(h: Tensor, y: Tensor, w: LayerWeights, k_cache: Tensor, v_cache
         h, y, w, k_cache, v_cache, freqs, start, eps)
 
 
-def decode_layers(h: Tensor, y: Tensor, stack: LayerStack, freqs: Tensor, start: int,
+def decode_layers(h: Tensor, y: Optional[Tensor], stack: LayerStack, freqs: Tensor, start: int,
                   eps: float = 1e-5) -> Tuple[Tensor, Tensor]:
     """Every layer of `stack` on a decode step: decode_layer on each in turn, as one op call.
 
@@ -263,15 +276,19 @@ def decode_layers(h: Tensor, y: Tensor, stack: LayerStack, freqs: Tensor, start:
     on the CPU kernel, one extension call for all layers (the per-layer Python, ~35 us a layer on
     the embedded model, was as long as the layer). Same arguments and results as decode_layer,
     the weights and caches taken from the stack (its caches are mutated as decode_layer's).
+    y may be None for a stack with a first_norm: then y = add_rmsnorm(h, None, first_norm)
+    (on the CPU kernel inside the same extension call).
     """
-    _check_activations(h, y)
     if not isinstance(stack, LayerStack):
         raise TypeError(f"`stack` must be a LayerStack, got {type(stack).__name__}")
+    if y is None and stack.first_norm is None:
+        raise ValueError("`y` may be None only for a LayerStack with a first_norm")
+    _check_activations(h, h if y is None else y)
     like = stack.like
-    if y.shape[0] != like.shape[0] or y.shape[2] != like.shape[2] or y.dtype != like.dtype or y.device != like.device:
+    if h.shape[0] != like.shape[0] or h.shape[2] != like.shape[2] or h.dtype != like.dtype or h.device != like.device:
         raise ValueError(f"`y` must be (B, n, dim) with the B, dim, dtype and device of the stack's layers "
-                         f"({_dispatch.describe(like)} with any n), got {_dispatch.describe(y)}")
-    start, eps = _check_step(y, freqs, start, eps, stack.d, stack.L_max)
+                         f"({_dispatch.describe(like)} with any n), got {_dispatch.describe(h if y is None else y)}")
+    start, eps = _check_step(h, freqs, start, eps, stack.d, stack.L_max)
     return _dispatch.pick("decode_layer", h, y, stack, None, None, freqs).fn(h, y, stack, None, None, freqs, start, eps)
 
 
@@ -342,7 +359,7 @@ def _cpu_applies(h, y, w, k_cache, v_cache, freqs) -> bool:
     """CPU tensors of a kernel dtype, untraced, and every linear a DecodeLinear. Whether each has
     a packed weight for y is settled in _cpu_impl (one lookup a linear and call, ~3 us each; a
     LayerStack does it once)."""
-    if not (y.device.type == "cpu" and y.dtype in _CPU_DTYPES and _HAS_KERNEL):
+    if not (h.device.type == "cpu" and h.dtype in _CPU_DTYPES and _HAS_KERNEL):  # h: y may be None (a stack)
         return False
     if isinstance(w, LayerStack):
         return w.decode_linears and w.plain_caches and _dispatch.plain_eager(h, y, freqs)
@@ -351,9 +368,10 @@ def _cpu_applies(h, y, w, k_cache, v_cache, freqs) -> bool:
 
 
 def _kernel_rows(h, y, freqs):
-    """(h, ldh, y, ldy, freqs) as the extension takes them: row strides it can index, else copies."""
-    dim = y.shape[2]
-    ldh, ldy = _row_stride(h), _row_stride(y)
+    """(h, ldh, y, ldy, freqs) as the extension takes them: row strides it can index, else copies
+    (y None: ldy = dim)."""
+    dim = h.shape[2]
+    ldh, ldy = _row_stride(h), (dim if y is None else _row_stride(y))
     if ldh is None:
         h, ldh = h.contiguous(), dim
     if ldy is None:
@@ -383,18 +401,21 @@ def _cpu_impl(h, y, w, k_cache, v_cache, freqs, start, eps):
 
 
 def _cpu_stack(h, y, stack: LayerStack, freqs, start, eps):
-    """A LayerStack on the CPU: one extension call for all layers, or each layer its own way."""
-    kernel = stack.kernel_for(y)
+    """A LayerStack on the CPU: one extension call for all layers (and the first norm when y is
+    None), or each layer its own way."""
+    kernel = stack.kernel_for(h)
     if kernel is None:
+        if y is None:
+            h, y = add_rmsnorm(h, None, stack.first_norm, eps)
         for lw, kc, vc in zip(stack.layers, stack.k_caches, stack.v_caches):
             h, y = _cpu_impl(h, y, lw, kc, vc, freqs, start, eps)
         return h, y
-    B, n, dim = y.shape
+    B, n, dim = h.shape
     h, ldh, y, ldy, freqs = _kernel_rows(h, y, freqs)
-    h_out = torch.empty((B, n, dim), dtype=y.dtype)
-    y_out = torch.empty((B, n, dim), dtype=y.dtype)
-    kernel.run(h.data_ptr(), ldh, y.data_ptr(), ldy, h_out.data_ptr(), y_out.data_ptr(), freqs.data_ptr(),
-               n, start, eps, _torch_sum_lanes(), _dispatch.num_threads())
+    h_out = torch.empty((B, n, dim), dtype=h.dtype)
+    y_out = torch.empty((B, n, dim), dtype=h.dtype)
+    kernel.run(h.data_ptr(), ldh, 0 if y is None else y.data_ptr(), ldy, h_out.data_ptr(), y_out.data_ptr(),
+               freqs.data_ptr(), n, start, eps, _torch_sum_lanes(), _dispatch.num_threads())
     torch.autograd.graph.increment_version(stack.caches)
     return h_out, y_out
 
@@ -402,7 +423,7 @@ def _cpu_stack(h, y, stack: LayerStack, freqs, start, eps):
 _dispatch.register("decode_layer", "cpu", _cpu_impl, applies=_cpu_applies)
 # CUDA: the composition, whose ops pick their CUDA/Triton kernels (registered as the cuda entry
 # so that a CUDA prior does not warn of a torch fallback).
-_dispatch.register("decode_layer", "cuda", decode_layer_ref, applies=lambda h, y, *rest: y.is_cuda)
+_dispatch.register("decode_layer", "cuda", decode_layer_ref, applies=lambda h, y, *rest: h.is_cuda)
 _dispatch.register("decode_layer", "torch", decode_layer_ref)
 
 
@@ -451,11 +472,15 @@ def _selfcheck(backend, reference, device) -> None:
         got = backend.fn(h, y, w, kc, vc, freqs, 5, 1e-5)
         want = _torch_only_composition(h, y, w, kr, vr, freqs, 5, 1e-5)
         # and as a LayerStack of two layers (one extension call on the CPU, in place after the first)
-        stack = LayerStack([w, w], [cache.clone(), cache.clone()], [cache.clone(), cache.clone()])
-        got_stack = backend.fn(h, y, stack, None, None, freqs, 5, 1e-5)
+        # and as a LayerStack of two layers that computes its first norm (y None): one extension
+        # call on the CPU, in place after the first layer
+        first_norm = 1 + 0.1 * rand(dim)
+        stack = LayerStack([w, w], [cache.clone(), cache.clone()], [cache.clone(), cache.clone()], first_norm)
+        got_stack = backend.fn(h, None, stack, None, None, freqs, 5, 1e-5)
         k2, v2 = cache.clone(), cache.clone()
-        want_stack = _torch_only_composition(*_torch_only_composition(h, y, w, cache.clone(), cache.clone(), freqs,
-                                                                      5, 1e-5), w, k2, v2, freqs, 5, 1e-5)
+        layer1 = _torch_only_composition(*add_rmsnorm_ref(h, None, first_norm, 1e-5), w, cache.clone(), cache.clone(),
+                                         freqs, 5, 1e-5)
+        want_stack = _torch_only_composition(*layer1, w, k2, v2, freqs, 5, 1e-5)
         atol, _ = tolerance(dtype)
         for name, a, b in zip(("h", "y", "k_cache", "v_cache", "stack h", "stack y", "stack k_cache[1]",
                                "stack v_cache[1]"), got + (kc, vc) + got_stack + stack.caches[1::2],

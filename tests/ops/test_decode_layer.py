@@ -10,6 +10,7 @@ import torch
 from detailflow_engine.linear import DecodeLinear
 from detailflow_engine.ops import _dispatch
 from detailflow_engine.ops import decode_layer as dl
+from detailflow_engine.ops.add_rmsnorm import add_rmsnorm
 from detailflow_engine.ops.decode_layer import LayerWeights, decode_layer, decode_layer_ref, tolerance
 
 pytestmark = pytest.mark.skipif(not hasattr(_dispatch.extension(), "decode_layer"),
@@ -242,7 +243,8 @@ def make_stack(kinds, B=2, H=3, d=16, F=40, L=16, seed=0):
 
 
 def clone_caches(stack):
-    return dl.LayerStack(stack.layers, [k.clone() for k in stack.k_caches], [v.clone() for v in stack.v_caches])
+    return dl.LayerStack(stack.layers, [k.clone() for k in stack.k_caches], [v.clone() for v in stack.v_caches],
+                         stack.first_norm)
 
 
 def layer_by_layer(h, y, stack, freqs, start, layer_fn):
@@ -266,6 +268,26 @@ def test_a_stack_gives_the_bits_of_one_fused_call_a_layer(B, n, start, dtype):
         assert torch.equal(a, b), f"{name}: max difference {max_err(a, b):.3g} (expected the same bits)"
     for t in got:
         assert t.shape == (B, n, 48) and t.dtype == dtype and t.is_contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_stack_with_a_first_norm_computes_y_in_the_same_call(dtype):
+    """y None: the stack's first_norm of h (add_rmsnorm without a residual), then every layer."""
+    first_norm = (1 + 0.2 * torch.randn(48, generator=torch.Generator().manual_seed(5))).to(dtype)
+    plain = make_stack([(dtype, "native"), (dtype, "int8")], B=3)
+    stack = dl.LayerStack(plain.layers, plain.k_caches, plain.v_caches, first_norm)
+    h, _, _, _, freqs = make_inputs(3, 4, 48, 3, 16, dtype, seed=6)
+    wide = torch.randn(3, 4, 2 * 48).to(dtype)
+    wide[..., 7:55] = h
+    each = clone_caches(stack)
+    got = dl.decode_layers(wide[..., 7:55], None, stack, freqs, 4)  # strided h
+    want = layer_by_layer(*add_rmsnorm(h, None, first_norm, 1e-5), each, freqs, 4, fused)
+    for a, b in zip(got + stack.caches, want + each.caches):
+        assert torch.equal(a, b), f"max difference {max_err(a, b):.3g} (expected the same bits)"
+    with pytest.raises(ValueError, match=re.escape("`y` may be None only for a LayerStack with a first_norm")):
+        dl.decode_layers(h, None, plain, freqs, 4)
+    with pytest.raises(ValueError, match=re.escape("`first_norm` must be None or have the shape")):
+        dl.LayerStack(plain.layers, plain.k_caches, plain.v_caches, first_norm[:5])
 
 
 def test_a_stack_keeps_h_and_y_inputs_intact_and_reads_strided_rows():
