@@ -124,7 +124,7 @@ class LayerStack:
         self.n_head = first.n_head
         self.caches = self.k_caches + self.v_caches
         # what decode_layer's CPU entry asks of every call, answered once
-        self.decode_linears = all(hasattr(lin, "packed_for") for w in self.layers for lin in w.linears())
+        self.decode_linears = all(_decode_linears(w) for w in self.layers)
         self.plain_caches = all(type(t) is Tensor and not t.requires_grad for t in self.caches)
         self._kernels: Dict[torch.dtype, tuple] = {}  # y dtype -> (DecodeLayerStack or None, what it points into)
 
@@ -355,6 +355,12 @@ def _weight_args(packs):
              p.kernel_scales.data_ptr() if p.kernel_scales is not None else 0, p.N, p.K) for p in packs]
 
 
+def _decode_linears(w: LayerWeights) -> bool:
+    """Every linear of the layer a DecodeLinear: what the CPU entry asks of a layer's linears
+    before _packed_all asks each for its packed weight (a LayerStack asks both once)."""
+    return all(hasattr(lin, "packed_for") for lin in w.linears())
+
+
 def _cpu_applies(h, y, w, k_cache, v_cache, freqs) -> bool:
     """CPU tensors of a kernel dtype, untraced, and every linear a DecodeLinear. Whether each has
     a packed weight for y is settled in _cpu_impl (one lookup a linear and call, ~3 us each; a
@@ -363,8 +369,7 @@ def _cpu_applies(h, y, w, k_cache, v_cache, freqs) -> bool:
         return False
     if isinstance(w, LayerStack):
         return w.decode_linears and w.plain_caches and _dispatch.plain_eager(h, y, freqs)
-    return (all(hasattr(lin, "packed_for") for lin in w.linears())
-            and _dispatch.plain_eager(h, y, k_cache, v_cache, freqs))
+    return _decode_linears(w) and _dispatch.plain_eager(h, y, k_cache, v_cache, freqs)
 
 
 def _kernel_rows(h, y, freqs):
