@@ -209,7 +209,7 @@ def _packed_all(y: Tensor, w: LayerWeights):
         packed_for = getattr(lin, "packed_for", None)
         p = packed_for(y) if packed_for is not None else None
         if (p is None or p.packed.dtype not in _PACKED_DTYPES or not p.packed.is_contiguous()
-                or p.group_size is not None):  # int4 (group scales): the composition streams it
+                or p.group_size is not None or p.is_w8a8):  # int4, w8a8: the composition runs their ops
             return None
         packs.append(p)
     return packs
