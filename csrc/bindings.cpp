@@ -286,15 +286,17 @@ static const char* decode_gemm_w8a8_cpu(uintptr_t x, int64_t M, int64_t K, int64
   return variant;
 }
 
-// A packed weight from Python: (packed address, numel, dtype code, scales address or 0, N, K).
-using PackedArg = std::tuple<uintptr_t, int64_t, int, uintptr_t, int64_t, int64_t>;
+// A packed weight from Python (ops/decode_gemm.py kernel_descriptor): (packed address, numel,
+// dtype code, scales address or 0, N, K, format code, column sums address or 0, int4 group or 0).
+using PackedArg = std::tuple<uintptr_t, int64_t, int, uintptr_t, int64_t, int64_t, int, uintptr_t, int64_t>;
 
 static detailflow::cpu::PackedWeightView packed_view(const PackedArg& p, int64_t N, int64_t K,
                                                      const char* what) {
   const detailflow::cpu::PackedWeightView w{
       reinterpret_cast<const void*>(std::get<0>(p)), std::get<1>(p),
       static_cast<detailflow::DType>(std::get<2>(p)), reinterpret_cast<const float*>(std::get<3>(p)),
-      std::get<4>(p), std::get<5>(p)};
+      std::get<4>(p), std::get<5>(p), static_cast<detailflow::cpu::PackedFormat>(std::get<6>(p)),
+      reinterpret_cast<const int32_t*>(std::get<7>(p)), std::get<8>(p)};
   detailflow::cpu::check_packed_weight(w, what);
   DF_CHECK(w.N == N && w.K == K, what << " must be (" << N << ", " << K << "), got (" << w.N << ", "
                                       << w.K << ")");

@@ -156,6 +156,23 @@ def unpack_group_scales(group_scales: Tensor, N: int) -> Tensor:
     return group_scales.transpose(1, 2).reshape(np_ * PANEL, ng)[:N].contiguous()
 
 
+# Kernel formats of a packed weight (= csrc/include/packed_weight.h PackedFormat).
+PACKED_FORMATS = {"dense": 0, "int4": 1, "w8a8": 2}
+
+
+def kernel_descriptor(p: PackedWeight) -> Tuple[int, int, int, int, int, int, int, int, int]:
+    """What a fused CPU kernel (ops.decode_layer) needs to stream `p`, as csrc/bindings.cpp
+    PackedArg: (packed address, numel, dtype code, scales address or 0, N, K, format code,
+    column sums address or 0, int4 group or 0). int4 and w8a8 panels are bytes (the int8 code).
+    The addresses are valid while `p` lives."""
+    codes = _dispatch.DTYPE_CODES
+    fmt = "int4" if p.is_int4 else "w8a8" if p.is_w8a8 else "dense"
+    dtype = codes[torch.int8] if fmt != "dense" else codes[p.packed.dtype]
+    scales = p.kernel_scales.data_ptr() if p.kernel_scales is not None else 0
+    return (p.packed.data_ptr(), p.packed.numel(), dtype, scales, p.N, p.K, PACKED_FORMATS[fmt],
+            p.colsum.data_ptr() if p.colsum is not None else 0, p.group_size or 0)
+
+
 def _shape(t: Tensor) -> str:
     return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')} on {t.device}"
 

@@ -15,7 +15,8 @@ each of those ops is a few microseconds of work and the Python between them cost
 
 Backends (see `_dispatch`): CPU `_C` (csrc/cpu/decode_layer.cpp: the whole layer in one
 extension call, reusing the decode_gemm and cache_attention kernels as C++ functions) where
-every linear is a DecodeLinear with a packed weight for y (float32, bfloat16 or int8), y is
+every linear is a DecodeLinear with a packed weight for y (any weights mode: float32, bfloat16,
+int8, int4, w8a8; ops.decode_gemm.kernel_descriptor), y is
 float32 or bfloat16 and nobody traces the call; on CUDA the composition (the per-op wrappers
 pick the CUDA kernels); then the torch entry, the composition again (with
 DETAILFLOW_BACKEND=torch its ops take their torch references).
@@ -41,14 +42,16 @@ from detailflow_engine.ops import _dispatch
 from detailflow_engine.ops.add_rmsnorm import add_rmsnorm, add_rmsnorm_ref
 from detailflow_engine.ops.add_rmsnorm import tolerance as add_rmsnorm_tolerance
 from detailflow_engine.ops.cache_attention import cache_attention, cache_attention_ref
-from detailflow_engine.ops.decode_gemm import decode_gemm_ref
+from detailflow_engine.ops.decode_gemm import decode_gemm_ref, kernel_descriptor
+from detailflow_engine.ops.decode_gemm_w8a8 import decode_gemm_w8a8_ref
 from detailflow_engine.ops.rope_qkv import rope_qkv, rope_qkv_ref
 
 __all__ = ["LayerWeights", "decode_layer", "decode_layer_ref", "tolerance"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # any backend (float16: CUDA)
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
-_PACKED_DTYPES = (torch.float32, torch.bfloat16, torch.int8)  # packed formats the CPU kernel streams
+# packed weights the CPU kernel streams: float32, bf16, int8 (weight-only and w8a8), int4 nibbles
+_PACKED_DTYPES = (torch.float32, torch.bfloat16, torch.int8, torch.uint8)
 _HAS_KERNEL = _dispatch.has_cpu_kernels() and hasattr(_dispatch.extension(), "decode_layer")
 
 
@@ -208,8 +211,7 @@ def _packed_all(y: Tensor, w: LayerWeights):
     for lin in w.linears():
         packed_for = getattr(lin, "packed_for", None)
         p = packed_for(y) if packed_for is not None else None
-        if (p is None or p.packed.dtype not in _PACKED_DTYPES or not p.packed.is_contiguous()
-                or p.group_size is not None or p.is_w8a8):  # int4, w8a8: the composition runs their ops
+        if p is None or p.packed.dtype not in _PACKED_DTYPES or not p.packed.is_contiguous():
             return None
         packs.append(p)
     return packs
@@ -238,8 +240,7 @@ def _cpu_impl(h, y, w, k_cache, v_cache, freqs, start, eps):
     h_out = torch.empty((B, n, dim), dtype=y.dtype)
     y_out = torch.empty((B, n, dim), dtype=y.dtype)
     codes = _dispatch.DTYPE_CODES
-    weights = [(p.packed.data_ptr(), p.packed.numel(), codes[p.packed.dtype],
-                p.scales.data_ptr() if p.scales is not None else 0, p.N, p.K) for p in packs]
+    weights = [kernel_descriptor(p) for p in packs]
     H = w.n_head
     _dispatch.extension().decode_layer(
         h.data_ptr(), ldh, y.data_ptr(), ldy, h_out.data_ptr(), y_out.data_ptr(), weights,
@@ -262,7 +263,9 @@ def _torch_only_composition(h, y, w, k_cache, v_cache, freqs, start, eps):
     (the torch entry itself dispatches its ops, and a self-check must not pick other backends)."""
     def linear(lin, x):
         p = lin.packed_for(x)
-        return decode_gemm_ref(x, p.weight, p.scales)
+        if p.is_w8a8:
+            return decode_gemm_w8a8_ref(x, p.weight, p.scales)
+        return decode_gemm_ref(x, p.dequantized()) if p.is_int4 else decode_gemm_ref(x, p.weight, p.scales)
 
     b, n, dim = y.shape
     q, k, v = rope_qkv_ref(linear(w.wqkv, y), freqs, w.n_head)
@@ -278,7 +281,8 @@ def _selfcheck(backend, reference, device) -> None:
     g = torch.Generator().manual_seed(0)
     B, n, H, d, F_, L = 2, 4, 3, 16, 40, 12
     dim = H * d
-    for dtype, mode in ((torch.float32, "native"), (torch.bfloat16, "native"), (torch.float32, "int8")):
+    for dtype, mode in ((torch.float32, "native"), (torch.bfloat16, "native"), (torch.float32, "int8"),
+                        (torch.bfloat16, "int4"), (torch.bfloat16, "w8a8")):
         def linear(k_in, k_out):
             lin = torch.nn.Linear(k_in, k_out, bias=False)
             with torch.no_grad():
