@@ -18,6 +18,7 @@
 #include "cache_attention.h"
 #include "code_search.h"
 #include "decode_gemm.h"
+#include "decode_gemm_w8a8.h"
 #include "decode_layer.h"
 #include "group_sample.h"
 #include "vq_lookup.h"
@@ -259,15 +260,45 @@ static const char* decode_gemm_int4_cpu(uintptr_t x, int64_t M, int64_t K, int64
   return variant;
 }
 
-// A packed weight from Python: (packed address, numel, dtype code, scales address or 0, N, K).
-using PackedArg = std::tuple<uintptr_t, int64_t, int, uintptr_t, int64_t, int64_t>;
+// decode_gemm_w8a8: x (M, K) rows stride ldx, y (M, N) rows stride ldy (unit last strides), W8A8
+// packed weight of decode_gemm_w8a8.h (packed_numel int8) with N fp32 scales and N int32 column
+// sums; returns the inner loop's name; see cpu/decode_gemm_w8a8.cpp.
+static const char* decode_gemm_w8a8_cpu(uintptr_t x, int64_t M, int64_t K, int64_t ldx, int dtype,
+                                        uintptr_t packed, int64_t packed_numel, uintptr_t scales,
+                                        uintptr_t colsum, int64_t N, uintptr_t y, int64_t ldy, int num_threads) {
+  DF_CHECK_PTR(x); DF_CHECK_PTR(packed); DF_CHECK_PTR(scales); DF_CHECK_PTR(colsum); DF_CHECK_PTR(y);
+  DF_CHECK_POSITIVE(M); DF_CHECK_POSITIVE(N);
+  DF_CHECK(K > 0 && K <= detailflow::cpu::kW8A8MaxK,
+           "K must be in [1, " << detailflow::cpu::kW8A8MaxK << "] (int32 sums), got " << K);
+  DF_CHECK(M == 1 || (ldx >= K && ldy >= N), "row strides must be >= the row lengths, got ldx = "
+                                                 << ldx << " (K = " << K << "), ldy = " << ldy
+                                                 << " (N = " << N << ")");
+  const int64_t want = detailflow::cpu::decode_gemm_w8a8_packed_numel(N, K);
+  DF_CHECK(packed_numel == want, "packed must hold " << want << " bytes for N = " << N << ", K = " << K
+                                                     << ", got " << packed_numel);
+  const char* variant = nullptr;
+  py::gil_scoped_release release;
+  DF_DISPATCH_FLOAT(dtype, "decode_gemm_w8a8 x", [&] {
+    using X = scalar_t;
+    variant = detailflow::cpu::decode_gemm_w8a8<X>(
+        reinterpret_cast<const X*>(x), M, K, ldx, reinterpret_cast<const int8_t*>(packed),
+        reinterpret_cast<const float*>(scales), reinterpret_cast<const int32_t*>(colsum), N,
+        reinterpret_cast<X*>(y), ldy, num_threads);
+  });
+  return variant;
+}
+
+// A packed weight from Python (ops/decode_gemm.py kernel_descriptor): (packed address, numel,
+// dtype code, scales address or 0, N, K, format code, column sums address or 0, int4 group or 0).
+using PackedArg = std::tuple<uintptr_t, int64_t, int, uintptr_t, int64_t, int64_t, int, uintptr_t, int64_t>;
 
 static detailflow::cpu::PackedWeightView packed_view(const PackedArg& p, int64_t N, int64_t K,
                                                      const char* what) {
   const detailflow::cpu::PackedWeightView w{
       reinterpret_cast<const void*>(std::get<0>(p)), std::get<1>(p),
       static_cast<detailflow::DType>(std::get<2>(p)), reinterpret_cast<const float*>(std::get<3>(p)),
-      std::get<4>(p), std::get<5>(p)};
+      std::get<4>(p), std::get<5>(p), static_cast<detailflow::cpu::PackedFormat>(std::get<6>(p)),
+      reinterpret_cast<const int32_t*>(std::get<7>(p)), std::get<8>(p)};
   detailflow::cpu::check_packed_weight(w, what);
   DF_CHECK(w.N == N && w.K == K, what << " must be (" << N << ", " << K << "), got (" << w.N << ", "
                                       << w.K << ")");
@@ -549,6 +580,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("decode_gemm_int4", &decode_gemm_int4_cpu, "decode_gemm for int4 group-quantized W (CPU)");
   m.def("decode_gemm_force_portable", &detailflow::cpu::decode_gemm_force_portable,
         "Force decode_gemm's portable CPU loops (tests)");
+  m.def("decode_gemm_w8a8", &decode_gemm_w8a8_cpu, "decode_gemm with int8 W and per-row int8 x, VNNI (CPU)");
+  m.def("decode_gemm_w8a8_force_portable", &detailflow::cpu::decode_gemm_w8a8_force_portable,
+        "Force decode_gemm_w8a8's portable CPU loops (tests)");
   m.def("decode_layer", &decode_layer_cpu, "One prior layer for one decode step (CPU)");
   py::class_<DecodeLayerStack>(m, "DecodeLayerStack", "A prior's layers for decode steps, one call a step (CPU)")
       .def(py::init<int, int64_t, int64_t, int64_t, int64_t, const std::vector<StackLayerArg>&, uintptr_t>())

@@ -20,6 +20,9 @@ int8 weight-only mode (weights="int8"): the float weight is quantized once
 int4 weight-only mode (weights="int4"): group-wise symmetric int4 (ops.decode_gemm.quantize_int4,
 group size `INT4_GROUP` unless given): `weight` = uint8 (N, ceil(K / 2)), two 4-bit codes a
 byte, `scales` = fp32 (N, ceil(K / G)).
+w8a8 mode (weights="w8a8"): int8's weights and state dict, packed for VNNI, and the activations
+quantized to int8 per row at every call (ops.decode_gemm_w8a8): an integer dot product at twice
+the bf16 rate on the compute-bound group steps, at its own accuracy cost (benchmarks/README.md).
 
 The torch path (F.linear on the unpacked weight, or on Q converted to x's dtype times the scales
 for int8) runs only where no compiled kernel serves the call: no extension, another device,
@@ -38,6 +41,7 @@ from detailflow_engine.ops import _dispatch
 from detailflow_engine.ops.decode_gemm import (INT4_GROUP, PackedWeight, _int4_nibbles, decode_gemm,
                                                dequantize_int4, nibbles_int4, pack_int4_nibbles, pack_weight,
                                                quantize_int4, quantize_int8)
+from detailflow_engine.ops.decode_gemm_w8a8 import decode_gemm_w8a8, decode_gemm_w8a8_ref, pack_w8a8_codes
 
 __all__ = ["DecodeLinear", "replace_linears", "packs_natively", "KERNEL_DTYPES", "WEIGHT_MODES"]
 
@@ -65,8 +69,8 @@ def packs_natively(device: torch.device, dtype: torch.dtype) -> bool:
 class DecodeLinear(nn.Module):
     """A bias-free nn.Linear whose calls run `decode_gemm`; it holds only the packed weight.
 
-    weights="native" packs the Linear's weight in its dtype; "int8" / "int4" quantize it (see
-    the module docstring). The Linear itself is not kept.
+    weights="native" packs the Linear's weight in its dtype; "int8" / "int4" / "w8a8" quantize it
+    (see the module docstring). The Linear itself is not kept.
     """
 
     def __init__(self, linear: nn.Linear, weights: str = "native", group_size: int = INT4_GROUP):
@@ -82,7 +86,7 @@ class DecodeLinear(nn.Module):
         if weights == "int4":
             q, scales = quantize_int4(w, group_size)
             self._pack(_int4_nibbles(q), scales)
-        elif weights == "int8":
+        elif weights in ("int8", "w8a8"):
             self._pack(*quantize_int8(w))
         else:
             self._pack(w, None)
@@ -91,6 +95,8 @@ class DecodeLinear(nn.Module):
         """Hold (weight, scales) in the state dict's format as the packed layout only."""
         if self.group_size is not None:
             self._packed = pack_int4_nibbles(weight, scales, self.in_features, self.group_size, keep_source=False)
+        elif self.weights == "w8a8":
+            self._packed = pack_w8a8_codes(weight, scales, keep_source=False)
         elif scales is None and weight.dtype not in KERNEL_DTYPES.get(weight.device.type, (torch.float32,
                                                                                              torch.bfloat16)):
             # a format no kernel packs (float16 on the CPU): held row-major for the torch path
@@ -105,7 +111,7 @@ class DecodeLinear(nn.Module):
 
     @property
     def scales(self) -> Optional[torch.Tensor]:
-        """int8 (N,) / int4 (N, ceil(K / G)) float32 scales (int8: the kernel's own), None for native."""
+        """int8 / w8a8 (N,) / int4 (N, ceil(K / G)) float32 scales (int8: the kernel's own), None for native."""
         return self._packed.scales if self.weights != "native" else None
 
     @property
@@ -157,6 +163,8 @@ class DecodeLinear(nn.Module):
         return super()._apply(fn, recurse)
 
     def _torch(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weights == "w8a8":  # the op's own semantics (its torch entry), float16 included
+            return decode_gemm_w8a8_ref(x, self.weight, self.scales)
         if self.group_size is not None:
             w = dequantize_int4(nibbles_int4(self.weight, self.in_features), self.scales, self.group_size)
             return F.linear(x.float(), w).to(x.dtype)
@@ -178,7 +186,9 @@ class DecodeLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self.packed_for(x)
-        return self._torch(x) if packed is None else decode_gemm(x, packed)
+        if packed is None:
+            return self._torch(x)
+        return decode_gemm_w8a8(x, packed) if packed.is_w8a8 else decode_gemm(x, packed)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias=False, "
@@ -194,7 +204,8 @@ def replace_linears(model: nn.Module, weights: str = "native",
     weights="native": only linears on a device with a compiled decode_gemm kernel (CPU, or CUDA
     with the CUDA build) are swapped; a no-op otherwise. weights="int8": every such linear is
     quantized, on any device (without a kernel its calls run the torch path on Q and scales);
-    weights="int4" likewise, group-wise int4 (group INT4_GROUP).
+    weights="int4" likewise, group-wise int4 (group INT4_GROUP); weights="w8a8" int8 weights with
+    int8 activations.
     """
     if weights not in WEIGHT_MODES:
         raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")

@@ -26,7 +26,7 @@ from detailflow_engine.prior import Prior
 from detailflow_engine.tokenizer import ENCODER_PREFIXES, Tokenizer
 
 def resolve_weights(weights: Optional[str]) -> str:
-    """'native' (None too), 'int8' or 'int4'; anything else is a ValueError naming the allowed values."""
+    """'native' (None too), 'int8', 'int4' or 'w8a8'; anything else is a ValueError naming the allowed values."""
     if weights is None:
         return "native"
     if not isinstance(weights, str) or weights not in WEIGHT_MODES:
@@ -48,7 +48,7 @@ def _build(model, state: dict, device: torch.device, dtype: torch.dtype, where: 
     are handed back after its copy, so the checkpoint's pages never add up in resident memory.
     Bias-free linears for which `decode_mode(name)` gives a weights mode are never allocated as
     nn.Linear: each becomes a DecodeLinear of that mode made from its source values right there
-    ("native": packed in `dtype`; "int8"/"int4": quantized in fp32 math), holding only the packed
+    ("native": packed in `dtype`; "int8"/"int4"/"w8a8": quantized in fp32 math), holding only the packed
     layout. Non-finite source values are refused by key, before anything is cast.
     """
     check_state_dict(model.state_dict(), state, where=where)
@@ -133,7 +133,8 @@ def _inference_prior(meta_prior: Prior, state: dict, device, dtype, mode: str, w
                      mapped: bool = False) -> Prior:
     """The one place the prior's linears become decode GEMMs (linear.py), whatever the mode:
 
-    - weights="int8" (or "int4", group-wise, the same linears): every Linear of the transformer blocks (wqkv, wo, w1, w2, w3) is quantized
+    - weights="int8" (or "int4", group-wise, or "w8a8", int8 activations too; the same linears): every
+      Linear of the transformer blocks (wqkv, wo, w1, w2, w3) is quantized
       from the checkpoint's values (fp32 math), never cast first. Not quantized: the embeddings
       (a gather reads few rows; no bandwidth to save) and the output head (8192 x dim, under 3% of
       GPT-L's block weights but it writes the logits that sampling ranks directly).
@@ -162,8 +163,10 @@ def load_prior(path, ema: Optional[bool] = True, device=None, dtype=None, weight
     KV cache and the float weights. ``weights`` = "native" keeps the weights in ``dtype``;
     "int8" quantizes every Linear of the transformer blocks to int8 with per-output-channel
     fp32 scales at load (weight-only: activations stay in ``dtype``, products accumulate in
-    fp32; the embeddings and the output head stay in ``dtype``). They compose: dtype=bf16,
-    weights=int8 is int8 weights with bf16 activations. Their accuracy cost is measured by
+    fp32; the embeddings and the output head stay in ``dtype``); "int4" likewise, group-wise
+    int4; "w8a8" int8's weights with the activations into those linears quantized to int8 per
+    row at every call (VNNI integer products). They compose: dtype=bf16, weights=int8 is int8
+    weights with bf16 activations. Their accuracy cost is measured by
     benchmarks/accuracy_decode_gemm.py (table in benchmarks/README.md).
     """
     mode, dtype, device = resolve_weights(weights), resolve_dtype(dtype), resolve_device(device)

@@ -51,6 +51,8 @@
 // Bench: python benchmarks/bench_decode_gemm.py   (GB/s of weights vs F.linear and a plain read)
 #include "decode_gemm.h"
 
+#include "avx512_store.h"
+
 #include <omp.h>
 
 #include <algorithm>
@@ -191,18 +193,7 @@ DF_AVX512 DF_INLINE void prefetch_ahead(const T* p, const Job& j) {
   _mm_prefetch(reinterpret_cast<const char*>(p) + j.prefetch, _MM_HINT_T0);
 }
 
-DF_AVX512 DF_INLINE void store16(float* y, __m512 v, __mmask16 mk) { _mm512_mask_storeu_ps(y, mk, v); }
-
-// fp32 -> bf16 round-to-nearest-even in integer ops (torch's rounding, NaN stays quiet NaN).
-DF_AVX512 DF_INLINE void store16(bf16* y, __m512 v, __mmask16 mk) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-                                                _mm512_set1_epi32(0x7f800000));
-  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
-  _mm256_mask_storeu_epi16(y, mk, _mm512_cvtepi32_epi16(r));
-}
+// store16 (float / bf16 rounded like torch): avx512_store.h
 
 DF_AVX512 DF_INLINE __mmask16 lane_mask(int64_t c) {
   return c >= kP ? __mmask16(0xffff) : c <= 0 ? __mmask16(0) : __mmask16((1u << c) - 1u);

@@ -125,8 +125,8 @@ def register(op: str, name: str, fn: Callable, applies: Optional[Callable[..., b
 # raises when a result is wrong.
 _SELFCHECKS: Dict[str, Callable[["Backend", Callable, torch.device], None]] = {}
 _CHECKED: Dict[tuple, bool] = {}  # (op, backend, device type, index) -> passed
-OP_MODULES = ("decode_gemm", "cache_attention", "group_sample", "vq_lookup", "code_search", "add_rmsnorm", "rope_qkv",
-              "decode_layer")
+OP_MODULES = ("decode_gemm", "decode_gemm_w8a8", "cache_attention", "group_sample", "vq_lookup", "code_search",
+              "add_rmsnorm", "rope_qkv", "decode_layer")
 
 
 def register_selfcheck(op: str, check: Callable[["Backend", Callable, torch.device], None]) -> None:

@@ -79,6 +79,7 @@ class PackedWeight:
     K: int
     kernel_scales: Optional[Tensor] = None  # int8: (N,) float32; int4: the (Np, ceil(K / G), 16) panel layout
     group_size: Optional[int] = None  # int4 only: k per group scale
+    colsum: Optional[Tensor] = None  # w8a8 only: (N,) int32 sum_k Q[n, k] (ops.decode_gemm_w8a8)
     source: Optional[Tuple[Tensor, Optional[Tensor]]] = field(default=None, repr=False, compare=False)
 
     @property
@@ -87,7 +88,13 @@ class PackedWeight:
 
     @property
     def is_int8(self) -> bool:
-        return self.kernel_scales is not None and not self.is_int4
+        """int8 weight-only (decode_gemm); see is_w8a8 for int8 weights with int8 activations."""
+        return self.kernel_scales is not None and not self.is_int4 and not self.is_w8a8
+
+    @property
+    def is_w8a8(self) -> bool:
+        """int8 weights in the VNNI layout, for decode_gemm_w8a8 (activations quantized too)."""
+        return self.colsum is not None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -112,7 +119,7 @@ class PackedWeight:
 
     @property
     def scales(self) -> Optional[Tensor]:
-        """int8: (N,) float32; int4: (N, ceil(K / G)) float32; float weights: None."""
+        """int8 / w8a8: (N,) float32; int4: (N, ceil(K / G)) float32; float weights: None."""
         if self.source is not None or not self.is_int4:
             return self.source[1] if self.source is not None else self.kernel_scales
         return unpack_group_scales(self.kernel_scales, self.N)
@@ -122,17 +129,17 @@ class PackedWeight:
         return replace(self, source=None)
 
     def dequantized(self) -> Tensor:
-        """The weight as float32 (N, K): W itself, scales[:, None] * Q for int8, group-wise for int4."""
+        """The weight as float32 (N, K): W itself, scales[:, None] * Q for int8 / w8a8, group-wise for int4."""
         if self.is_int4:
             return dequantize_int4(nibbles_int4(self.weight, self.K), self.scales, self.group_size)
         w = self.weight.float()
-        return w * self.scales[:, None] if self.is_int8 else w
+        return w * self.scales[:, None] if self.scales is not None else w
 
 
 def unpack_panels(packed: Tensor, N: int, row_len: int) -> Tensor:
     """The row-major (N, row_len) matrix that `packed` holds: a CUDA weight is already row-major;
-    CPU panels (Np, row_len, 16) (float32, int8, int4 nibbles) or bf16 pairs (Np, row_len / 2, 16, 2)
-    are transposed back and their padding dropped."""
+    CPU panels (Np, row_len, 16) (float32, int8, int4 nibbles), bf16 pairs (Np, row_len / 2, 16, 2)
+    or w8a8 quads (Np, row_len / 4, 16, 4) are transposed back and their padding dropped."""
     if packed.dim() == 2:
         return packed
     np_ = packed.shape[0]
@@ -147,6 +154,23 @@ def unpack_group_scales(group_scales: Tensor, N: int) -> Tensor:
     """int4 group scales in the kernel layout (Np, ng, 16) -> (N, ng)."""
     np_, ng, _ = group_scales.shape
     return group_scales.transpose(1, 2).reshape(np_ * PANEL, ng)[:N].contiguous()
+
+
+# Kernel formats of a packed weight (= csrc/include/packed_weight.h PackedFormat).
+PACKED_FORMATS = {"dense": 0, "int4": 1, "w8a8": 2}
+
+
+def kernel_descriptor(p: PackedWeight) -> Tuple[int, int, int, int, int, int, int, int, int]:
+    """What a fused CPU kernel (ops.decode_layer) needs to stream `p`, as csrc/bindings.cpp
+    PackedArg: (packed address, numel, dtype code, scales address or 0, N, K, format code,
+    column sums address or 0, int4 group or 0). int4 and w8a8 panels are bytes (the int8 code).
+    The addresses are valid while `p` lives."""
+    codes = _dispatch.DTYPE_CODES
+    fmt = "int4" if p.is_int4 else "w8a8" if p.is_w8a8 else "dense"
+    dtype = codes[torch.int8] if fmt != "dense" else codes[p.packed.dtype]
+    scales = p.kernel_scales.data_ptr() if p.kernel_scales is not None else 0
+    return (p.packed.data_ptr(), p.packed.numel(), dtype, scales, p.N, p.K, PACKED_FORMATS[fmt],
+            p.colsum.data_ptr() if p.colsum is not None else 0, p.group_size or 0)
 
 
 def _shape(t: Tensor) -> str:
@@ -364,6 +388,8 @@ def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
 def _validate(x, packed, out) -> None:
     if not isinstance(packed, PackedWeight):
         raise TypeError(f"`packed` must be a PackedWeight (from pack_weight), got {type(packed).__name__}")
+    if packed.is_w8a8:
+        raise ValueError("`packed` is a w8a8 weight (pack_w8a8): multiply it with ops.decode_gemm_w8a8")
     if not isinstance(x, Tensor):
         raise TypeError(f"`x` must be a torch.Tensor, got {type(x).__name__}")
     dtypes = _CUDA_X_DTYPES if x.device.type == "cuda" else _DTYPES

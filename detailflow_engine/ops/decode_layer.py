@@ -15,7 +15,8 @@ each of those ops is a few microseconds of work and the Python between them cost
 
 Backends (see `_dispatch`): CPU `_C` (csrc/cpu/decode_layer.cpp: the whole layer in one
 extension call, reusing the decode_gemm and cache_attention kernels as C++ functions) where
-every linear is a DecodeLinear with a packed weight for y (float32, bfloat16 or int8), y is
+every linear is a DecodeLinear with a packed weight for y (any weights mode: float32, bfloat16,
+int8, int4, w8a8; ops.decode_gemm.kernel_descriptor), y is
 float32 or bfloat16 and nobody traces the call; on CUDA the composition (the per-op wrappers
 pick the CUDA kernels); then the torch entry, the composition again (with
 DETAILFLOW_BACKEND=torch its ops take their torch references).
@@ -24,7 +25,7 @@ DETAILFLOW_BACKEND=torch its ops take their torch references).
 forward_step calls) through the same table: one pick a step, and on the CPU kernel one
 extension call for all layers (bindings.cpp's DecodeLayerStack, holding every layer's
 addresses from the stack's first call, so a step marshals only its activations); every other
-entry, and the CPU entry where a linear has no packed weight it streams (int4), takes the
+entry, and the CPU entry where a linear has no packed weight for y (its torch path), takes the
 layers one by one as decode_layer would. The stack's bits are those of one decode_layer call a
 layer.
 
@@ -49,14 +50,16 @@ from detailflow_engine.ops import _dispatch
 from detailflow_engine.ops.add_rmsnorm import add_rmsnorm, add_rmsnorm_ref
 from detailflow_engine.ops.add_rmsnorm import tolerance as add_rmsnorm_tolerance
 from detailflow_engine.ops.cache_attention import cache_attention, cache_attention_ref
-from detailflow_engine.ops.decode_gemm import decode_gemm_ref
+from detailflow_engine.ops.decode_gemm import decode_gemm_ref, kernel_descriptor
+from detailflow_engine.ops.decode_gemm_w8a8 import decode_gemm_w8a8_ref
 from detailflow_engine.ops.rope_qkv import rope_qkv, rope_qkv_ref
 
 __all__ = ["LayerWeights", "LayerStack", "decode_layer", "decode_layers", "decode_layer_ref", "tolerance"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # any backend (float16: CUDA)
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
-_PACKED_DTYPES = (torch.float32, torch.bfloat16, torch.int8)  # packed formats the CPU kernel streams
+# packed weights the CPU kernel streams: float32, bf16, int8 (weight-only and w8a8), int4 nibbles
+_PACKED_DTYPES = (torch.float32, torch.bfloat16, torch.int8, torch.uint8)
 _HAS_KERNEL = _dispatch.has_cpu_kernels() and hasattr(_dispatch.extension(), "decode_layer")
 
 
@@ -133,8 +136,8 @@ class LayerStack:
 
     def kernel_for(self, y: Tensor):
         """The extension's DecodeLayerStack for activations like y (h, when y is to be computed), or
-        None when a linear would not run decode_gemm on its packed weight (int4, a torch path):
-        then each layer goes its own way."""
+        None when a linear has no packed weight for y (its torch path): then each layer goes its
+        own way."""
         held = self._kernels.get(y.dtype)
         if held is None:
             packs = [_packed_all(y, w) for w in self.layers]
@@ -143,7 +146,7 @@ class LayerStack:
             else:
                 # detached norms: as first_norm, kept alive with the addresses
                 norms = [(w.ffn_norm.detach().contiguous(), w.next_norm.detach().contiguous()) for w in self.layers]
-                layers = [(_weight_args(ps), ffn.data_ptr(), nxt.data_ptr(), kc.data_ptr(), vc.data_ptr())
+                layers = [([kernel_descriptor(p) for p in ps], ffn.data_ptr(), nxt.data_ptr(), kc.data_ptr(), vc.data_ptr())
                           for ps, (ffn, nxt), kc, vc in zip(packs, norms, self.k_caches, self.v_caches)]
                 kernel = _dispatch.extension().DecodeLayerStack(
                     _dispatch.DTYPE_CODES[y.dtype], self.like.shape[0], self.n_head, self.d, self.L_max, layers,
@@ -341,18 +344,10 @@ def _packed_all(y: Tensor, w: LayerWeights):
     for lin in w.linears():
         packed_for = getattr(lin, "packed_for", None)
         p = packed_for(y) if packed_for is not None else None
-        if (p is None or p.packed.dtype not in _PACKED_DTYPES or not p.packed.is_contiguous()
-                or p.group_size is not None):  # int4 (group scales): the composition streams it
+        if p is None or p.packed.dtype not in _PACKED_DTYPES or not p.packed.is_contiguous():
             return None
         packs.append(p)
     return packs
-
-
-def _weight_args(packs):
-    """The five PackedWeights as the extension takes them: (address, numel, dtype code, scales or 0, N, K)."""
-    codes = _dispatch.DTYPE_CODES
-    return [(p.packed.data_ptr(), p.packed.numel(), codes[p.packed.dtype],
-             p.kernel_scales.data_ptr() if p.kernel_scales is not None else 0, p.N, p.K) for p in packs]
 
 
 def _decode_linears(w: LayerWeights) -> bool:
@@ -397,7 +392,7 @@ def _cpu_impl(h, y, w, k_cache, v_cache, freqs, start, eps):
     y_out = torch.empty((B, n, dim), dtype=y.dtype)
     H = w.n_head
     _dispatch.extension().decode_layer(
-        h.data_ptr(), ldh, y.data_ptr(), ldy, h_out.data_ptr(), y_out.data_ptr(), _weight_args(packs),
+        h.data_ptr(), ldh, y.data_ptr(), ldy, h_out.data_ptr(), y_out.data_ptr(), [kernel_descriptor(p) for p in packs],
         ffn_norm.data_ptr(), next_norm.data_ptr(), freqs.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
         B, n, H, dim // H, k_cache.shape[2], start, eps, 1.0 / math.sqrt(dim // H), _torch_sum_lanes(),
         _dispatch.DTYPE_CODES[y.dtype], _dispatch.num_threads())
@@ -437,7 +432,9 @@ def _torch_only_composition(h, y, w, k_cache, v_cache, freqs, start, eps):
     (the torch entry itself dispatches its ops, and a self-check must not pick other backends)."""
     def linear(lin, x):
         p = lin.packed_for(x)
-        return decode_gemm_ref(x, p.weight, p.scales)
+        if p.is_w8a8:
+            return decode_gemm_w8a8_ref(x, p.weight, p.scales)
+        return decode_gemm_ref(x, p.dequantized()) if p.is_int4 else decode_gemm_ref(x, p.weight, p.scales)
 
     b, n, dim = y.shape
     q, k, v = rope_qkv_ref(linear(w.wqkv, y), freqs, w.n_head)
@@ -453,7 +450,8 @@ def _selfcheck(backend, reference, device) -> None:
     g = torch.Generator().manual_seed(0)
     B, n, H, d, F_, L = 2, 4, 3, 16, 40, 12
     dim = H * d
-    for dtype, mode in ((torch.float32, "native"), (torch.bfloat16, "native"), (torch.float32, "int8")):
+    for dtype, mode in ((torch.float32, "native"), (torch.bfloat16, "native"), (torch.float32, "int8"),
+                        (torch.bfloat16, "int4"), (torch.bfloat16, "w8a8")):
         def linear(k_in, k_out):
             lin = torch.nn.Linear(k_in, k_out, bias=False)
             with torch.no_grad():

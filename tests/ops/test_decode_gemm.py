@@ -304,7 +304,7 @@ def test_int8_packed_layout_and_strides(M, N, K):
 
 
 @needs_cpu_kernels
-@pytest.mark.parametrize("weights", ["native", "int8", "int4"])
+@pytest.mark.parametrize("weights", ["native", "int8", "int4", "w8a8"])
 def test_decode_linear_holds_only_the_packed_layout(weights):
     """Weights held once: a DecodeLinear has no parameter or buffer beside its packed panels
     (and the kernel's scales), its state dict is unpacked from them exactly, and .to(bf16)
@@ -317,11 +317,14 @@ def test_decode_linear_holds_only_the_packed_layout(weights):
     p = d.packed_for(torch.randn(1, 70))
     assert p is not None and p.source is None
     held = p.packed.numel() * p.packed.element_size() + (
-        p.kernel_scales.numel() * 4 if p.kernel_scales is not None else 0)
+        p.kernel_scales.numel() * 4 if p.kernel_scales is not None else 0) + (
+        p.colsum.numel() * 4 if p.colsum is not None else 0)
     if weights == "native":
         assert held == 48 * 70 * 4 and torch.equal(d.weight, w)  # 3 panels of 16 rows, fp32
     elif weights == "int8":
         assert held == 48 * 70 + 37 * 4 and torch.equal(d.weight, quantize_int8(w)[0])
+    elif weights == "w8a8":  # k padded to 72, scales and column sums
+        assert held == 48 * 72 + 2 * 37 * 4 and torch.equal(d.weight, quantize_int8(w)[0])
     state = d.state_dict()
     assert set(state) == ({"weight"} if weights == "native" else {"weight", "scales"})
     fresh = DecodeLinear(nn.Linear(70, 37, bias=False), weights)
@@ -365,7 +368,7 @@ def test_decode_linear_int8(dtype):
             ref = decode_gemm_ref(x.float(), q, s)
             tol = 2 ** -7 * ref.abs() + 1e-5 if dtype == BF16 else 1e-5 + 1e-6 * ref.abs().max()
             assert y.dtype == dtype and ((y.float() - ref).abs() <= tol).all()
-    with pytest.raises(ValueError, match=r"weights must be one of \('native', 'int8', 'int4'\)"):
+    with pytest.raises(ValueError, match=r"weights must be one of \('native', 'int8', 'int4', 'w8a8'\)"):
         DecodeLinear(nn.Linear(3, 4, bias=False), weights="int3")
 
 

@@ -50,9 +50,9 @@ def fused(h, y, w, k_cache, v_cache, freqs, start, eps=1e-5):
 
 
 def as_fp32(w: LayerWeights) -> LayerWeights:
-    """The same layer with fp32 activations: native weights upcast (exact), int8 shared."""
+    """The same layer with fp32 activations: native weights upcast (exact), quantized ones shared."""
     def up(lin):
-        if lin.weights == "int8":
+        if lin.weights != "native":
             return lin
         full = torch.nn.Linear(lin.in_features, lin.out_features, bias=False)
         with torch.no_grad():
@@ -70,7 +70,7 @@ def max_err(a, b) -> float:
 SHAPES = [(1, 1, 1, 16, 40), (2, 4, 3, 16, 40), (7, 1, 3, 64, 96), (2, 4, 8, 32, 768), (1, 8, 2, 64, 200)]
 
 
-@pytest.mark.parametrize("weights", ["native", "int8"])
+@pytest.mark.parametrize("weights", ["native", "int8", "int4", "w8a8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("start", [0, 9])
 @pytest.mark.parametrize("B,n,H,d,F", SHAPES)
@@ -100,7 +100,7 @@ def test_matches_composition(B, n, H, d, F, start, dtype, weights):
         assert t.shape == (B, n, dim) and t.dtype == dtype and t.is_contiguous()
 
 
-@pytest.mark.parametrize("weights", ["native", "int8"])
+@pytest.mark.parametrize("weights", ["native", "int8", "int4", "w8a8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bit_identical_without_the_silu(dtype, weights):
     """With w1 = 0 the SiLU (the one op whose exp differs from torch's) outputs exact zeros, so
@@ -118,11 +118,12 @@ def test_bit_identical_without_the_silu(dtype, weights):
         assert torch.equal(a, b), f"{name}: max difference {max_err(a, b):.3g} (expected the same bits)"
 
 
+@pytest.mark.parametrize("weights", ["native", "int4", "w8a8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_row_gets_the_same_bits_alone_and_in_a_batch(dtype):
+def test_a_row_gets_the_same_bits_alone_and_in_a_batch(dtype, weights):
     B, n, H, d, F = 7, 4, 3, 16, 40
     dim = H * d
-    w = make_layer(dim, H, F, dtype)
+    w = make_layer(dim, H, F, dtype, weights)
     h, y, kc, vc, freqs = make_inputs(B, n, dim, H, 16, dtype)
     alone = [fused(h[b:b + 1], y[b:b + 1], w, kc[b:b + 1].clone(), vc[b:b + 1].clone(), freqs, 6) for b in range(B)]
     batch = fused(h, y, w, kc, vc, freqs, 6)
@@ -231,6 +232,26 @@ def test_bad_input_names_the_argument(case):
         decode_layer(**kwargs)
 
 
+@pytest.mark.parametrize("weights,field,value,message", [
+    ("w8a8", 7, 0, "wqkv: w8a8 needs column sums"),
+    ("w8a8", 1, 10, "wqkv: packed must hold"),
+    ("int4", 8, 3, "wqkv: int4 group must be even"),
+    ("int4", 2, 0, "wqkv: int4 panels are bytes"),
+    ("native", 6, 7, "wqkv: unknown packed format 7"),
+])
+def test_the_kernel_checks_each_packed_descriptor(monkeypatch, weights, field, value, message):
+    """A descriptor that does not describe its panels is refused by name before any work."""
+    dim, H, F = 48, 3, 40
+    w = make_layer(dim, H, F, torch.float32, weights)
+    h, y, kc, vc, freqs = make_inputs(2, 1, dim, H, 8, torch.float32)
+    _dispatch.selfcheck("cpu")  # run with the real descriptors, before the patch
+    good = dl.kernel_descriptor
+    monkeypatch.setattr(dl, "kernel_descriptor", lambda p: tuple(
+        value if i == field and p.N == 3 * dim else v for i, v in enumerate(good(p))))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        fused(h, y, w, kc, vc, freqs, 0)
+
+
 # ------------------------------------------------------------------ decode_layers: a stack in one call
 
 
@@ -257,14 +278,14 @@ def layer_by_layer(h, y, stack, freqs, start, layer_fn):
 @pytest.mark.parametrize("B,n,start", [(1, 1, 0), (2, 4, 5), (3, 8, 8)])
 def test_a_stack_gives_the_bits_of_one_fused_call_a_layer(B, n, start, dtype):
     """One extension call for all layers (in place after the first) = decode_layer on each in turn."""
-    stack = make_stack([(dtype, "native"), (dtype, "int8"), (dtype, "native")], B=B)
+    stack = make_stack([(dtype, "native"), (dtype, "int8"), (dtype, "int4"), (dtype, "w8a8")], B=B)
     h, y, _, _, freqs = make_inputs(B, n, 48, 3, 16, dtype, seed=7)
     each = clone_caches(stack)
     assert stack.kernel_for(y) is not None
     assert _dispatch.pick("decode_layer", h, y, stack, None, None, freqs).name == "cpu"
     got = dl.decode_layers(h, y, stack, freqs, start)
     want = layer_by_layer(h, y, each, freqs, start, fused)
-    for name, a, b in zip(("h", "y") + ("k_cache",) * 3 + ("v_cache",) * 3, got + stack.caches, want + each.caches):
+    for name, a, b in zip(("h", "y") + ("k_cache",) * 4 + ("v_cache",) * 4, got + stack.caches, want + each.caches):
         assert torch.equal(a, b), f"{name}: max difference {max_err(a, b):.3g} (expected the same bits)"
     for t in got:
         assert t.shape == (B, n, 48) and t.dtype == dtype and t.is_contiguous()
@@ -305,8 +326,10 @@ def test_a_stack_keeps_h_and_y_inputs_intact_and_reads_strided_rows():
 
 
 def test_a_stack_goes_layer_by_layer_where_the_kernel_does_not_serve_it(monkeypatch):
-    """int4 linears (the composition streams them) and DETAILFLOW_BACKEND=torch: each layer its own way."""
-    stack = make_stack([(torch.float32, "native"), (torch.float32, "int4")])
+    """A linear without a packed weight for y (its torch path; here forced) and
+    DETAILFLOW_BACKEND=torch: each layer its own way."""
+    stack = make_stack([(torch.float32, "native"), (torch.float32, "int8")])
+    monkeypatch.setattr(stack.layers[1].wo, "packed_for", lambda x: None, raising=False)
     h, y, _, _, freqs = make_inputs(2, 4, 48, 3, 16, torch.float32, seed=9)
     assert stack.kernel_for(y) is None
     assert _dispatch.pick("decode_layer", h, y, stack, None, None, freqs).name == "cpu"

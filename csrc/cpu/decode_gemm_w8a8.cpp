@@ -1,0 +1,344 @@
+// decode_gemm_w8a8 (CPU): y = x @ W^T with int8 weights AND int8 activations (W8A8), for the few
+// rows of a decode step, on AVX-512 VNNI (vpdpbusd).
+//
+// Formula (decode_gemm_w8a8.h; the torch reference decode_gemm_w8a8_ref computes the same):
+//   s_x[m] = max_k |x[m, k]| / 127                    fp32, per row, inside the call
+//   q[m, k] = rne(clamp(x[m, k] / s_x[m], -127, 127))  (zero row: s_x = 0, q = 0)
+//   acc[m, n] = sum_k q[m, k] Q[n, k]                 int32, exact (K <= kW8A8MaxK)
+//   y[m, n] = (float(acc) * s_x[m]) * s_w[n]          rounded once to x's dtype
+// A row with a non-finite x gives NaN outputs (s_x = NaN, q = 0).
+//
+// Why: at M = 16 a decode step is compute-bound. vdpbf16ps retires 32 multiply-adds per
+// instruction whatever the weight format, so no weight-only format beats bf16 there;
+// vpdpbusd retires 64 (u8 x s8 products, 4 per int32 lane), and reads 1 byte a weight.
+// Exact integer sums also make every output independent of the k order, the tiling, the
+// thread split and the other rows of the call: batch-invariant by construction (a row's
+// quantization depends only on that row).
+//
+// vpdpbusd multiplies UNSIGNED bytes by signed bytes, so the kernel feeds u = q + 128 (u8, in
+// [1, 255]) and subtracts 128 colsum[n] (colsum[n] = sum_k Q[n, k], packed once at load):
+// sum_k u Q = acc + 128 colsum. Largest partial sum 255 * 127 * K: no int32 overflow for K <= 65536.
+//
+// Layout (decode_gemm_w8a8.h): panels of 16 output rows x 4 consecutive k per 64-byte vector,
+// P[p][k4][j][t] = Q[16 p + j][4 k4 + t], K padded to a multiple of 4 and N to whole panels with
+// zeros. x is quantized once per call on the calling thread (before the parallel region), into
+// a tile-major staging of 32-bit words (4 u8 of one row) so a micro-kernel's broadcasts of one
+// k4 are adjacent. Inner loop per k4: NP 64-byte weight loads, MT broadcasts, MT x NP vpdpbusd
+// into MT x NP int32 accumulators; then one epilogue per tile (int32 -> fp32, two multiplies).
+// N panels are split across threads in dynamic items of 8 panels, as decode_gemm.
+//
+// Variants (chosen at run time; the binary runs on any x86-64):
+//   - avx512-vnni  CPU with avx512f/bw/vl + avx512_vnni: the loop above.
+//   - portable     any other CPU (or decode_gemm_w8a8_force_portable): plain integer loops over
+//                  the same layout and the same quantization formula; the same bits.
+//
+// Test:  python -m pytest tests/ops/test_decode_gemm_w8a8.py -q
+// Bench: python benchmarks/bench_decode_gemm.py --low-precision   (the w8a8 rows)
+#include "decode_gemm_w8a8.h"
+
+#include "avx512_store.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cfloat>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <utility>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace detailflow::cpu {
+namespace {
+
+constexpr int kP = static_cast<int>(kDecodePanel);
+constexpr int kVec = 4 * kP;              // bytes of one k4 step of one panel (one zmm)
+constexpr int kMaxRows = 12;              // rows per tile: 2 x 12 accumulators + weights fit 32 zmm
+constexpr int64_t kItemPanels = 8;        // panels per dynamically scheduled work item
+constexpr int64_t kPrefetchBytes = 4096;  // software prefetch distance within a stream
+constexpr float kNoScale = std::numeric_limits<float>::quiet_NaN();
+
+std::atomic<bool> g_force_portable{false};
+
+// ------------------------------------------------------------------ quantization of x
+
+// The scale of a row from its max |x| and whether every value was finite.
+inline float row_scale(float amax, bool finite) { return finite ? amax / 127.0f : kNoScale; }
+
+// 1.5 * 2^23: (t + kRound) - kRound is t rounded to the nearest integer, ties to even, for
+// |t| < 2^22 (IEEE addition in the default rounding mode), as vcvtps2dq and torch.round do.
+constexpr float kRound = 12582912.0f;
+
+// Row m of x -> u = q + 128 in q_row[0, K) (128 = q 0 in [K, Kp)); returns s_x.
+template <typename X>
+float quantize_row_portable(const X* row, int64_t K, int64_t Kp, uint8_t* q_row) {
+  float amax = 0.0f;
+  bool finite = true;
+  for (int64_t k = 0; k < K; ++k) {
+    const float a = std::fabs(to_float(row[k]));
+    finite = finite && a <= FLT_MAX;  // false for inf and NaN
+    amax = a > amax ? a : amax;
+  }
+  const float s = row_scale(amax, finite);
+  const float safe = s > 0.0f ? s : 1.0f;  // NaN > 0 is false: a bad row quantizes to 0 below
+  for (int64_t k = 0; k < K; ++k) {
+    const float t = std::min(std::max(to_float(row[k]) / safe, -127.0f), 127.0f);
+    q_row[k] = finite ? static_cast<uint8_t>(static_cast<int>((t + kRound) - kRound) + 128) : 128;
+  }
+  for (int64_t k = K; k < Kp; ++k) q_row[k] = 128;
+  return s;
+}
+
+// Tile-major staging of the quantized rows (ldq = Kp bytes a row): the R rows of tile t are one
+// block of K4 x R words, xs[(t K4 + k4) R + r] = bytes 4 k4 .. 4 k4 + 3 of row t R + r.
+void stage_tiles(const uint8_t* q, int64_t M, int64_t K4, int64_t R, uint32_t* xs) {
+  for (int64_t m = 0; m < M; ++m) {
+    const uint8_t* src = q + m * K4 * 4;
+    uint32_t* dst = xs + (m / R) * K4 * R + m % R;
+    for (int64_t k4 = 0; k4 < K4; ++k4) std::memcpy(dst + k4 * R, src + 4 * k4, 4);
+  }
+}
+
+// ------------------------------------------------------------------ epilogue (both variants)
+
+// acc (rows x ldacc int32 sums of u Q) -> y = (float(acc - 128 colsum) * s_x) * s_w, one rounding
+// to Y. Two separate multiplies (no add, so nothing can be contracted into an FMA).
+template <typename Y>
+inline void finish_tile(const int32_t* acc, int64_t rows, int64_t ldacc, int64_t ncols, const int32_t* colsum,
+                        const float* sw, const float* sx, Y* y, int64_t ldy) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < ncols; ++j)
+      store_float(static_cast<float>(acc[r * ldacc + j] - 128 * colsum[j]) * sx[r] * sw[j], y + r * ldy + j);
+}
+
+// ------------------------------------------------------------------ portable loop
+
+// One panel (16 output rows) x `rows` rows of one tile: out[r][j] = sum_k u[r, k] Q[j, k].
+void portable_panel(const int8_t* w, const uint32_t* xs, int64_t R, int64_t K4, int64_t rows, int32_t* out,
+                    int64_t ldout) {
+  for (int64_t r = 0; r < rows; ++r) {
+    int32_t acc[kP] = {};
+    for (int64_t k4 = 0; k4 < K4; ++k4) {
+      uint8_t u[4];
+      std::memcpy(u, xs + k4 * R + r, 4);
+      const int8_t* wk = w + k4 * kVec;
+      for (int j = 0; j < kP; ++j)
+        for (int t = 0; t < 4; ++t) acc[j] += static_cast<int32_t>(u[t]) * wk[4 * j + t];
+    }
+    std::memcpy(out + r * ldout, acc, sizeof(acc));
+  }
+}
+
+// ------------------------------------------------------------------ AVX-512 VNNI
+#if defined(__x86_64__)
+#define DF_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,prefer-vector-width=512")))
+#define DF_INLINE inline __attribute__((always_inline))
+
+DF_VNNI DF_INLINE __m512 load16(const float* p, __mmask16 mk) { return _mm512_maskz_loadu_ps(mk, p); }
+DF_VNNI DF_INLINE __m512 load16(const bf16* p, __mmask16 mk) {
+  const __m256i h = _mm256_maskz_loadu_epi16(mk, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));  // exact
+}
+
+DF_VNNI DF_INLINE __mmask16 tail_mask(int64_t n) {
+  return n >= kP ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
+}
+
+// quantize_row_portable with 16 lanes: the same divisions, clamps and ties-to-even rounding.
+template <typename X>
+DF_VNNI float quantize_row_vnni(const X* row, int64_t K, int64_t Kp, uint8_t* q_row) {
+  __m512 vmax = _mm512_setzero_ps();
+  __mmask16 bad = 0;
+  const __m512 big = _mm512_set1_ps(FLT_MAX);
+  for (int64_t k = 0; k < K; k += kP) {
+    const __m512 a = _mm512_abs_ps(load16(row + k, tail_mask(K - k)));
+    bad |= _mm512_cmp_ps_mask(a, big, _CMP_NLE_UQ);  // inf or NaN
+    vmax = _mm512_max_ps(vmax, a);
+  }
+  const bool finite = bad == 0;
+  const float s = row_scale(_mm512_reduce_max_ps(vmax), finite);
+  const __m512 safe = _mm512_set1_ps(s > 0.0f ? s : 1.0f);
+  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+  const __m512i bias = _mm512_set1_epi32(128);
+  for (int64_t k = 0; k < Kp; k += kP) {
+    const __mmask16 mk = tail_mask(Kp - k);
+    const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(load16(row + k, tail_mask(K - k)), safe), lo), hi);
+    __m512i u = _mm512_add_epi32(_mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), bias);
+    if (!finite) u = bias;
+    _mm_mask_storeu_epi8(q_row + k, mk, _mm512_cvtepi32_epi8(u));  // k >= K loaded 0: u = 128
+  }
+  return s;
+}
+
+struct Job {
+  const int8_t* w;     // first panel of the group
+  int64_t pstride;     // bytes from one panel to the next (K4 * 64)
+  const uint32_t* xs;  // the tile's staged block (K4 x R words)
+  int64_t R;           // words per k4 step in the staging (the tile height)
+  int64_t K4;
+  int64_t prefetch;    // bytes from each weight load to the line prefetched with it
+};
+using MicroFn = void (*)(const Job&, int32_t*);
+
+// MT rows x NP panels, the whole K: out[m][p * 16 + j] (ldout = NP * 16) = sum_k u[m, k] Q[16 p + j, k].
+template <int MT, int NP>
+DF_VNNI void micro(const Job& j, int32_t* out) {
+  __m512i acc[MT][NP];
+#pragma GCC unroll 16
+  for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) acc[m][p] = _mm512_setzero_si512();
+  for (int64_t k4 = 0; k4 < j.K4; ++k4) {
+    __m512i wv[NP];
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) {
+      const int8_t* wp = j.w + p * j.pstride + k4 * kVec;
+      _mm_prefetch(reinterpret_cast<const char*>(wp) + j.prefetch, _MM_HINT_T0);
+      wv[p] = _mm512_loadu_si512(wp);
+    }
+    const uint32_t* xk = j.xs + k4 * j.R;
+#pragma GCC unroll 16
+    for (int m = 0; m < MT; ++m) {
+      const __m512i b = _mm512_set1_epi32(static_cast<int>(xk[m]));
+#pragma GCC unroll 4
+      for (int p = 0; p < NP; ++p) acc[m][p] = _mm512_dpbusd_epi32(acc[m][p], b, wv[p]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) _mm512_storeu_si512(out + (m * NP + p) * kP, acc[m][p]);
+}
+
+template <int NP, size_t... I>
+constexpr std::array<MicroFn, sizeof...(I)> micro_row(std::index_sequence<I...>) {
+  return {{&micro<static_cast<int>(I) + 1, NP>...}};
+}
+
+MicroFn micro_for(int np, int mt) {
+  static constexpr auto r1 = micro_row<1>(std::make_index_sequence<kMaxRows>());
+  static constexpr auto r2 = micro_row<2>(std::make_index_sequence<kMaxRows>());
+  return np == 2 ? r2[mt - 1] : r1[mt - 1];
+}
+
+// finish_tile, 16 columns at a time: the same integer subtraction, conversion (round to
+// nearest), two multiplies and rounding to Y, so the same bits.
+template <typename Y>
+DF_VNNI void finish_tile_vnni(const int32_t* acc, int64_t rows, int64_t ldacc, int64_t ncols, const int32_t* colsum,
+                              const float* sw, const float* sx, Y* y, int64_t ldy) {
+  for (int64_t c = 0; c < ncols; c += kP) {
+    const __mmask16 mk = tail_mask(ncols - c);
+    const __m512i bias = _mm512_slli_epi32(_mm512_maskz_loadu_epi32(mk, colsum + c), 7);  // 128 colsum
+    const __m512 w = _mm512_maskz_loadu_ps(mk, sw + c);
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512i a = _mm512_sub_epi32(_mm512_loadu_si512(acc + r * ldacc + c), bias);
+      store16(y + r * ldy + c, _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(a), _mm512_set1_ps(sx[r])), w), mk);
+    }
+  }
+}
+#endif  // __x86_64__
+
+bool cpu_has_vnni() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
+bool use_vnni() {
+  static const bool vnni = cpu_has_vnni();
+  return vnni && !g_force_portable.load(std::memory_order_relaxed);
+}
+
+template <typename X>
+void run(const X* x, int64_t M, int64_t K, int64_t ldx, const int8_t* packed, const float* scales,
+         const int32_t* colsum, int64_t N, X* y, int64_t ldy, int num_threads, bool vnni) {
+  const int64_t K4 = (K + 3) / 4, Kp = 4 * K4;
+  const int64_t pstride = K4 * kVec;
+  const int64_t panels = (N + kP - 1) / kP;
+  // M rows in `count` tiles of R rows (the last may be shorter): M = 16 -> 2 x 8, 128 -> 11 x 12.
+  // (One panel at a time with up to 24 rows a tile measured as fast at M = 16 and 2.6x slower
+  // at M = 128, one thread.)
+  const int64_t count = (M + kMaxRows - 1) / kMaxRows;
+  const int64_t R = (M + count - 1) / count;
+
+  thread_local std::vector<uint8_t> q;     // (M, Kp) u8, row-major
+  thread_local std::vector<uint32_t> xs;   // tile-major words
+  thread_local std::vector<float> sx;      // (count R) row scales
+  q.resize(static_cast<size_t>(M * Kp));
+  xs.resize(static_cast<size_t>(count * R * K4));
+  sx.resize(static_cast<size_t>(count * R));
+  for (int64_t m = 0; m < M; ++m) {
+#if defined(__x86_64__)
+    if (vnni) {
+      sx[m] = quantize_row_vnni(x + m * ldx, K, Kp, q.data() + m * Kp);
+      continue;
+    }
+#endif
+    sx[m] = quantize_row_portable(x + m * ldx, K, Kp, q.data() + m * Kp);
+  }
+  stage_tiles(q.data(), M, K4, R, xs.data());
+  const uint32_t* xsp = xs.data();
+  const float* sxp = sx.data();
+
+  const int64_t items = (panels + kItemPanels - 1) / kItemPanels;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, items)));
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t p0 = item * kItemPanels, p1 = std::min(panels, p0 + kItemPanels);
+    alignas(64) int32_t acc[kMaxRows * 2 * kP];
+    for (int64_t p = p0; p < p1;) {
+      const int np = vnni && p + 1 < p1 ? 2 : 1;
+      const int64_t ncols = std::min<int64_t>(np * kP, N - p * kP);
+      for (int64_t ti = 0; ti < count; ++ti) {
+        const int64_t m0 = ti * R, rows = std::min(R, M - m0);
+        const uint32_t* tile = xsp + ti * R * K4;
+#if defined(__x86_64__)
+        if (vnni) {
+          // Several tiles: only the first pass over a panel pair comes from DRAM; the last one
+          // prefetches the next pair (as decode_gemm does), the others stay in their stream.
+          const bool next_pair = count > 1 && ti + 1 == count;
+          const Job job{packed + p * pstride, pstride, tile, R, K4, next_pair ? np * pstride : kPrefetchBytes};
+          micro_for(np, static_cast<int>(rows))(job, acc);
+          finish_tile_vnni(acc, rows, np * kP, ncols, colsum + p * kP, scales + p * kP, sxp + m0,
+                           y + m0 * ldy + p * kP, ldy);
+          continue;
+        }
+#endif
+        portable_panel(packed + p * pstride, tile, R, K4, rows, acc, kP);
+        finish_tile(acc, rows, kP, ncols, colsum + p * kP, scales + p * kP, sxp + m0, y + m0 * ldy + p * kP, ldy);
+      }
+      p += np;
+    }
+  }
+}
+
+}  // namespace
+
+void decode_gemm_w8a8_force_portable(bool on) { g_force_portable.store(on, std::memory_order_relaxed); }
+
+template <typename X>
+const char* decode_gemm_w8a8(const X* x, int64_t M, int64_t K, int64_t ldx, const int8_t* packed,
+                             const float* scales, const int32_t* colsum, int64_t N, X* y, int64_t ldy,
+                             int num_threads) {
+  const bool vnni = use_vnni();
+  run<X>(x, M, K, ldx, packed, scales, colsum, N, y, ldy, num_threads, vnni);
+  return vnni ? "avx512-vnni" : "portable";
+}
+
+template const char* decode_gemm_w8a8<float>(const float*, int64_t, int64_t, int64_t, const int8_t*, const float*,
+                                             const int32_t*, int64_t, float*, int64_t, int);
+template const char* decode_gemm_w8a8<bf16>(const bf16*, int64_t, int64_t, int64_t, const int8_t*, const float*,
+                                            const int32_t*, int64_t, bf16*, int64_t, int);
+
+}  // namespace detailflow::cpu
