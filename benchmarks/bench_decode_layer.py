@@ -36,7 +36,6 @@ import torch  # noqa: E402
 from benchmarks._timing import bench  # noqa: E402
 from detailflow_engine.linear import DecodeLinear  # noqa: E402
 from detailflow_engine.ops import _dispatch, decode_layer as dl  # noqa: E402
-from detailflow_engine.ops.add_rmsnorm import add_rmsnorm  # noqa: E402
 
 # (name, dim, n_head, ffn hidden, group size)
 SIZES = (("default", 256, 8, 768, 4), ("detailflow16", 1024, 16, 2816, 8))
@@ -61,11 +60,7 @@ def per_op_path():
 def _one_call_a_layer(h, y, w, k_cache, v_cache, freqs, start, eps):
     if not isinstance(w, dl.LayerStack):
         return dl._cpu_impl(h, y, w, k_cache, v_cache, freqs, start, eps)
-    if y is None:
-        h, y = add_rmsnorm(h, None, w.first_norm, eps)
-    for lw, kc, vc in zip(w.layers, w.k_caches, w.v_caches):  # each through the wrapper, as before stacks
-        h, y = dl.decode_layer(h, y, lw, kc, vc, freqs, start, eps)
-    return h, y
+    return dl.layer_by_layer(dl.decode_layer, h, y, w, freqs, start, eps)  # each via the wrapper
 
 
 def layer_by_layer_path():
@@ -176,7 +171,8 @@ def bench_detailflow16(repeats: int, cfg_scale: float) -> None:
         with layer_by_layer_path():
             return fused()
 
-    sides = {"engine (fused layers)": fused, "engine (one fused call a layer)": layer_by_layer, "engine (per-op)": per_op}
+    sides = {"engine (fused layers)": fused, "engine (one fused call a layer)": layer_by_layer,
+             "engine (per-op)": per_op}
     interleaved(sides, repeats, f"DetailFlow-16 size (random weights), batch 1, CFG {cfg_scale}, greedy, "
                                 f"prior tokens only, fp32")
 

@@ -146,7 +146,8 @@ class LayerStack:
             else:
                 # detached norms: as first_norm, kept alive with the addresses
                 norms = [(w.ffn_norm.detach().contiguous(), w.next_norm.detach().contiguous()) for w in self.layers]
-                layers = [([kernel_descriptor(p) for p in ps], ffn.data_ptr(), nxt.data_ptr(), kc.data_ptr(), vc.data_ptr())
+                layers = [([kernel_descriptor(p) for p in ps], ffn.data_ptr(), nxt.data_ptr(), kc.data_ptr(),
+                           vc.data_ptr())
                           for ps, (ffn, nxt), kc, vc in zip(packs, norms, self.k_caches, self.v_caches)]
                 kernel = _dispatch.extension().DecodeLayerStack(
                     _dispatch.DTYPE_CODES[y.dtype], self.like.shape[0], self.n_head, self.d, self.L_max, layers,
@@ -156,17 +157,24 @@ class LayerStack:
         return held[0]
 
 
+def layer_by_layer(layer_fn: Callable, h: Tensor, y: Optional[Tensor], stack: LayerStack, freqs: Tensor,
+                   start: int, eps: float) -> Tuple[Tensor, Tensor]:
+    """A stack run one layer at a time by `layer_fn` (a decode_layer backend's signature), after
+    the stack's first_norm of h when y is None."""
+    if y is None:
+        h, y = add_rmsnorm(h, None, stack.first_norm, eps)
+    for w, k_cache, v_cache in zip(stack.layers, stack.k_caches, stack.v_caches):
+        h, y = layer_fn(h, y, w, k_cache, v_cache, freqs, start, eps)
+    return h, y
+
+
 def decode_layer_ref(h: Tensor, y: Tensor, w: LayerWeights, k_cache: Tensor, v_cache: Tensor,
                      freqs: Tensor, start: int, eps: float) -> Tuple[Tensor, Tensor]:
     """The per-op composition (fallback and test oracle): exactly the prior's path before this op.
     With a LayerStack as `w` (k_cache, v_cache None): each of its layers in turn (after its
     first_norm of h when y is None)."""
     if isinstance(w, LayerStack):
-        if y is None:
-            h, y = add_rmsnorm(h, None, w.first_norm, eps)
-        for lw, kc, vc in zip(w.layers, w.k_caches, w.v_caches):
-            h, y = decode_layer_ref(h, y, lw, kc, vc, freqs, start, eps)
-        return h, y
+        return layer_by_layer(decode_layer_ref, h, y, w, freqs, start, eps)
     b, n, dim = y.shape
     q, k, v = rope_qkv(w.wqkv(y), freqs, w.n_head)  # (B, H, n, d) each, q and k rotated
     out = cache_attention(q, k, v, k_cache, v_cache, start)
@@ -405,11 +413,7 @@ def _cpu_stack(h, y, stack: LayerStack, freqs, start, eps):
     None), or each layer its own way."""
     kernel = stack.kernel_for(h)
     if kernel is None:
-        if y is None:
-            h, y = add_rmsnorm(h, None, stack.first_norm, eps)
-        for lw, kc, vc in zip(stack.layers, stack.k_caches, stack.v_caches):
-            h, y = _cpu_impl(h, y, lw, kc, vc, freqs, start, eps)
-        return h, y
+        return layer_by_layer(_cpu_impl, h, y, stack, freqs, start, eps)
     B, n, dim = h.shape
     h, ldh, y, ldy, freqs = _kernel_rows(h, y, freqs)
     h_out = torch.empty((B, n, dim), dtype=h.dtype)

@@ -396,8 +396,8 @@ def test_a_bad_stack_names_the_layer():
         (dict(v_caches=vs[:2]), "must be non-empty and of one length"),
         (dict(layers=[layers[0], bad, layers[2]]), "`layers[1].w.ffn_norm` must be (48,)"),
         (dict(k_caches=[ks[0], ks[1], ks[2][:, :, :8].contiguous()]), "`layers[2].v_cache` must be (B, n_head, L_max"),
-        (dict(k_caches=[ks[0], ks[1], ks[2][:, :, :8].contiguous()], v_caches=[vs[0], vs[1], vs[2][:, :, :8].contiguous()]),
-         "`k_caches[2]` must have the shape of `k_caches[0]`"),
+        (dict(k_caches=[ks[0], ks[1], ks[2][:, :, :8].contiguous()],
+              v_caches=[vs[0], vs[1], vs[2][:, :, :8].contiguous()]), "`k_caches[2]` must have the shape of `k_caches[0]`"),
         (dict(k_caches=[ks[0][0]] + ks[1:]), "`k_caches[0]` must be (B, n_head, L_max, head_dim)"),
     ]
     for change, message in cases:
