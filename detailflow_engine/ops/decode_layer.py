@@ -86,6 +86,15 @@ class LayerWeights:
 
 
 
+@dataclass(frozen=True)
+class ActivationSpec:
+    """The shape, dtype and device activations must have (what the checks compare and describe)."""
+
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+
 class LayerStack:
     """Every layer of a prior with its KV cache, in order, as `decode_layers` reads them.
 
@@ -110,7 +119,9 @@ class LayerStack:
             got = _dispatch.describe(k0) if isinstance(k0, Tensor) else type(k0).__name__
             raise ValueError(f"`k_caches[0]` must be (B, n_head, L_max, head_dim), got {got}")
         norm = first.ffn_norm
-        self.like = torch.empty((k0.shape[0], 1, norm.shape[0]), dtype=norm.dtype, device=norm.device)
+        # what a step's h and y must be like (n aside); a description, not a tensor: no allocation
+        # (a stack may be built while a CUDA graph is captured)
+        self.like = ActivationSpec((k0.shape[0], 1, norm.shape[0]), norm.dtype, norm.device)
         for i, (w, kc, vc) in enumerate(zip(self.layers, self.k_caches, self.v_caches)):
             self.d, self.L_max = _check_layer(w, kc, vc, self.like, "layer 0's caches and ffn_norm", f"layers[{i}].")
             if kc.shape != k0.shape:
@@ -200,8 +211,9 @@ def _check_activations(h, y) -> None:
                          f"got {_dispatch.describe(h)}")
 
 
-def _check_layer(w, k_cache, v_cache, like: Tensor, like_name: str = "`y`", prefix: str = "") -> Tuple[int, int]:
-    """w, k_cache, v_cache against `like` (B, n, dim): its B, dim, dtype and device -> (d, L_max).
+def _check_layer(w, k_cache, v_cache, like, like_name: str = "`y`", prefix: str = "") -> Tuple[int, int]:
+    """w, k_cache, v_cache against `like` (B, n, dim; y or an ActivationSpec): its B, dim, dtype and
+    device -> (d, L_max).
     `prefix` names the layer in a LayerStack's messages."""
     if not isinstance(w, LayerWeights):
         raise TypeError(f"`{prefix}w` must be a LayerWeights, got {type(w).__name__}")
