@@ -61,3 +61,15 @@ def test_forward_step_without_caches_says_so(tiny_a):
     x = torch.zeros(1, 1, prior.config.dim)
     with pytest.raises(RuntimeError, match="call setup_caches"):
         prior.forward_step(x, 0)
+
+
+def test_a_prior_that_ran_steps_can_be_deep_copied(tiny_a):
+    """The stack's extension object is not copied: the copy binds its own tensors' addresses."""
+    import copy
+
+    prior = load_prior(tiny_a / "prior")
+    labels, codes = _inputs(prior)
+    want = teacher_forced_logits(prior, labels, codes)
+    twin = copy.deepcopy(prior)
+    assert twin.layer_stack(3) is not prior.layer_stack(3)
+    assert torch.equal(teacher_forced_logits(twin, labels, codes), want)

@@ -145,6 +145,9 @@ class LayerStack:
     def __len__(self) -> int:
         return len(self.layers)
 
+    def __getstate__(self):  # copies and pickles rebind their own addresses on first use
+        return {**self.__dict__, "_kernels": {}}
+
     def kernel_for(self, y: Tensor):
         """The extension's DecodeLayerStack for activations like y (h, when y is to be computed), or
         None when a linear has no packed weight for y (its torch path): then each layer goes its
