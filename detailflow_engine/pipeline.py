@@ -208,18 +208,18 @@ class DetailFlowPipeline:
         with self._locked():
             self.prior.setup_caches(rows.shape[0])
             tokens = torch.zeros(rows.shape[0], T, dtype=torch.int64, device=self.device)
+            # (cond rows [, null rows]) x B x T: one write a step gives the null rows the same tokens
+            # (they continue the same images); a step's positions are a slice of one arange
+            per_image, all_positions = tokens.view(-1, B, T), torch.arange(T, device=self.device)
             step_logits = []
             for step in plan:
                 logits = self._step_logits(rows, tokens, step)  # (rows, n, V) fp32
                 if return_step_logits:
                     step_logits.append(logits.clone())
-                positions = torch.arange(step.start, step.stop, device=self.device)
-                new = group_sample(logits, seed_t, positions,
+                new = group_sample(logits, seed_t, all_positions[step.start:step.stop],
                                    cfg_scale=cfg_scale_for_step(cfg_scale, step.group_index, num_groups, gradual_cfg),
                                    temperature=temperature, top_k=int(top_k), top_p=float(top_p))
-                tokens[:B, step.start:step.stop] = new
-                if use_cfg:
-                    tokens[B:, step.start:step.stop] = new  # the null rows continue the same images
+                per_image[:, :, step.start:step.stop] = new
                 if callback is not None:
                     prefix = tokens[:B, :step.stop].clone()
                     callback(step, prefix, lambda p=prefix: self.tokenizer.decode(p))

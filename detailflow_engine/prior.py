@@ -216,4 +216,5 @@ class Prior(nn.Module):
         # attention_norm, the final norm). decode_layers runs the first attention_norm (y None:
         # the stack's first_norm of x) and all layers as one op call.
         _, y = decode_layers(x, None, self.layer_stack(start), freqs, start, self.config.norm_eps)
-        return self.output(y).float()
+        logits = self.output(y)
+        return logits if logits.dtype == torch.float32 else logits.float()  # fp32 logits: no op

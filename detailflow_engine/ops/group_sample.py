@@ -256,7 +256,8 @@ def _validate(logits, seeds, positions, cfg_scale, temperature, top_k, top_p) ->
         if t.device != logits.device:
             raise ValueError(f"`{name}` must be on the device of `logits` ({logits.device}), got {_dispatch.describe(t)}")
     if positions.device.type == "cpu" and not torch.compiler.is_compiling():
-        lo, hi = (int(v) for v in torch.aminmax(positions))
+        values = positions.numpy()  # a view: no torch op for a check that runs every decode step
+        lo, hi = int(values.min()), int(values.max())
         if lo < 0 or hi >= 1 << 32:
             bad = lo if lo < 0 else hi
             raise ValueError(f"`positions` values must be token positions in [0, 2^32), got {bad}")
