@@ -8,7 +8,8 @@ same dtype, nothing of ours on its path). The sides run round-robin, `--repeats`
 each reports its median, so a drift of the shared machine hits them alike. Per mode: ms/img,
 vs the native engine, vs the peer, tokens equal to the native engine's, and the weight floor:
 steps x the bytes of the mode's streamed prior weights / the read bandwidth measured in the same
-run (before and after; the lower is used, which favours the floor).
+run (before and after; the lower is used, which favours the floor); bytes as held
+(profiling.analysis.streamed_weight_bytes: packed panels, scales, column sums).
 
     python benchmarks/bench_weight_modes.py                         # DetailFlow-16 size, bf16, batch 1
     python benchmarks/bench_weight_modes.py --preset tiny --dtype fp32 --modes native w8a8
@@ -26,6 +27,7 @@ from detailflow_engine.loading import prepare_prior
 from detailflow_engine.pipeline import DetailFlowPipeline
 from detailflow_engine.presets import preset_configs, randomize_
 from detailflow_engine.prior import Prior
+from detailflow_engine.profiling.analysis import streamed_weight_bytes
 from detailflow_ref.gpt import Transformer
 from detailflow_ref.kv_generate import KVCachePeer, kv_cache_generate
 
@@ -33,12 +35,6 @@ try:
     from benchmarks._timing import read_bandwidth_gbs
 except ImportError:  # python benchmarks/bench_weight_modes.py: sys.path has this folder, not the root
     from _timing import read_bandwidth_gbs
-
-
-def streamed_bytes(prior) -> int:
-    """Bytes a decode step reads: every tensor of the state dict but the gathered embeddings, in
-    the format the kernels hold (the state dict is unpacked from it at the same size)."""
-    return sum(t.numel() * t.element_size() for n, t in prior.state_dict().items() if "embed" not in n)
 
 
 def main() -> None:
@@ -98,7 +94,7 @@ def main() -> None:
                   f"{(tokens[s] == tokens['native']).float().mean().item() * 100 if 'native' in tokens else float('nan'):.1f}% "
                   f"| - | - | - |")
             continue
-        nbytes = streamed_bytes(pipes[s].prior)
+        nbytes = streamed_weight_bytes(pipes[s].prior)
         floor = steps * nbytes / (bw * 1e9) / args.batch
         vs_native = f"{base / med[s]:.2f}x" if base else "-"
         vs_peer = f"{med['peer'] / med[s]:.2f}x" if "peer" in med else "-"
