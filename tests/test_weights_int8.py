@@ -90,25 +90,6 @@ def test_int4_teacher_forced_agrees_with_fp32(tiny_a, fp32_run, dtype):
     assert rel <= 0.35, f"int4 ({dtype}) max logit error {rel:.2%} of max |logit|"
 
 
-# The embedded default model, 10 images (labels 0..9), CFG 1.5, teacher-forced on the fp32
-# engine's greedy tokens, measured with benchmarks/accuracy_decode_gemm.py --default-model:
-# int4 fp32 / bf16 activations: argmax agreement 99.7% / 99.7%, max logit error 3.45% / 3.65%.
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_int4_default_model_agrees_with_fp32(dtype):
-    from detailflow_engine.assets import default_model_paths
-
-    path = default_model_paths()[0]
-    prior32 = load_prior(path, device="cpu", weights="native")
-    labels = torch.arange(10) % prior32.config.num_classes
-    tokens32, _ = DetailFlowPipeline(prior32, None).generate_tokens(labels.tolist(), cfg_scale=CFG, top_k=1)
-    logits32 = _teacher_forced(prior32, labels, tokens32)
-    logits = _teacher_forced(load_prior(path, device="cpu", dtype=dtype, weights="int4"), labels, tokens32)
-    tf = (logits.argmax(-1) == logits32.argmax(-1)).float().mean().item()
-    assert tf >= 0.97, f"int4 ({dtype}) teacher-forced argmax agreement {tf:.1%} < 97%"
-    rel = ((logits - logits32).abs().max() / logits32.abs().max()).item()
-    assert rel <= 0.07, f"int4 ({dtype}) max logit error {rel:.2%} of max |logit|"
-
-
 # w8a8 (int8's weights and int8 activations quantized per row at every call), measured with
 # benchmarks/accuracy_decode_gemm.py: tiny-a fp32 / bf16 activations: teacher-forced argmax
 # agreement 100% / 98.4%, max logit error 2.06% / 2.58% of max |logit|; the embedded default
@@ -127,8 +108,13 @@ def test_w8a8_teacher_forced_agrees_with_fp32(tiny_a, fp32_run, dtype, tf_min):
     assert rel <= 0.06, f"w8a8 ({dtype}) max logit error {rel:.2%} of max |logit|"
 
 
+# The embedded default model, 10 images (labels 0..9), CFG 1.5, teacher-forced on the fp32
+# engine's greedy tokens, measured with benchmarks/accuracy_decode_gemm.py --default-model:
+# int4 fp32 / bf16 activations: argmax agreement 99.7% / 99.7%, max logit error 3.45% / 3.65%;
+# w8a8 (numbers above) 99.8% / 99.5%, 1.23% / 1.20%.
+@pytest.mark.parametrize("weights,max_rel", [("int4", 0.07), ("w8a8", 0.04)])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_w8a8_default_model_agrees_with_fp32(dtype):
+def test_default_model_agrees_with_fp32(dtype, weights, max_rel):
     from detailflow_engine.assets import default_model_paths
 
     path = default_model_paths()[0]
@@ -136,8 +122,8 @@ def test_w8a8_default_model_agrees_with_fp32(dtype):
     labels = torch.arange(10) % prior32.config.num_classes
     tokens32, _ = DetailFlowPipeline(prior32, None).generate_tokens(labels.tolist(), cfg_scale=CFG, top_k=1)
     logits32 = _teacher_forced(prior32, labels, tokens32)
-    logits = _teacher_forced(load_prior(path, device="cpu", dtype=dtype, weights="w8a8"), labels, tokens32)
+    logits = _teacher_forced(load_prior(path, device="cpu", dtype=dtype, weights=weights), labels, tokens32)
     tf = (logits.argmax(-1) == logits32.argmax(-1)).float().mean().item()
-    assert tf >= 0.97, f"w8a8 ({dtype}) teacher-forced argmax agreement {tf:.1%} < 97%"
+    assert tf >= 0.97, f"{weights} ({dtype}) teacher-forced argmax agreement {tf:.1%} < 97%"
     rel = ((logits - logits32).abs().max() / logits32.abs().max()).item()
-    assert rel <= 0.04, f"w8a8 ({dtype}) max logit error {rel:.2%} of max |logit|"
+    assert rel <= max_rel, f"{weights} ({dtype}) max logit error {rel:.2%} of max |logit|"
