@@ -33,6 +33,7 @@ from detailflow_engine.loading import prepare_prior
 from detailflow_engine.pipeline import DetailFlowPipeline
 from detailflow_engine.presets import preset_configs, randomize_
 from detailflow_engine.prior import Prior
+from detailflow_engine.profiling.analysis import linear_weight_elems, streamed_weight_bytes
 from detailflow_engine.tokenizer import Tokenizer
 from detailflow_ref.generate import generate as ref_generate
 from detailflow_ref.kv_generate import KVCachePeer, kv_cache_generate
@@ -99,7 +100,7 @@ def flops_per_image(pipe, cfg_scale: float) -> tuple:
     CFG) + attention; the decoder its linears."""
     pc = pipe.prior.config
     rows = 2 if cfg_scale > 1 else 1
-    lin = sum(p.numel() for n, p in pipe.prior.state_dict().items() if p.dim() == 2 and "embed" not in n)
+    lin = linear_weight_elems(pipe.prior)
     positions = pc.block_size + 1
     attn = 4 * pc.n_layer * pc.dim * positions * positions / 2  # QK^T and PV over the causal half
     prior = rows * (2 * lin * positions + attn)
@@ -142,9 +143,7 @@ def main() -> None:
     if reference == "compile":
         ref_prior = torch.compile(ref_prior, dynamic=True)
     pcfg = pipe.prior.config
-    # streamed per step (embeddings are gathered, not streamed); int8 weights and scales are buffers
-    weight_bytes = sum(p.numel() * p.element_size() for n, p in pipe.prior.state_dict().items()
-                       if "embed" not in n)
+    weight_bytes = streamed_weight_bytes(pipe.prior)  # as held (packed); embeddings are gathered
     steps = len(pcfg.generation_plan())
     bw = read_bandwidth_gbs(str(device), nbytes=(2 << 30) if device.type == "cuda" else (512 << 20))
     tflops = matmul_tflops(device, dtype)

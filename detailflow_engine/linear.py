@@ -123,6 +123,12 @@ class DecodeLinear(nn.Module):
     def device(self) -> torch.device:
         return self._packed.device
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes this linear holds, all of them read by each call: panels, scales, column sums."""
+        p = self._packed
+        return sum(t.numel() * t.element_size() for t in (p.packed, p.kernel_scales, p.colsum) if t is not None)
+
     def _names(self) -> Tuple[str, ...]:
         return ("weight",) if self.weights == "native" else ("weight", "scales")
 

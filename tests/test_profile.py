@@ -243,3 +243,19 @@ def test_cli_cuda_without_gpu_exits_2():
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: --device cuda: no CUDA GPU is available"]
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+@pytest.mark.parametrize("weights", ["native", "int8", "w8a8"])
+def test_the_weight_floor_counts_the_packed_weights(tiny_a, weights):
+    """The floor's bytes per step are what the prior holds: a DecodeLinear has no parameters, so
+    its panels (+ scales, column sums) must be counted; tiny-a's 64-wide linears pad nothing but
+    w8a8's K to a multiple of 4 (already one), so the state dict's bytes are the same."""
+    from detailflow_engine.loading import load_prior
+    from detailflow_engine.profiling.analysis import linear_weight_elems, streamed_weight_bytes
+
+    prior = load_prior(tiny_a / "prior", device="cpu", weights=weights)
+    state = {n: t for n, t in prior.state_dict().items() if "embed" not in n and "cache" not in n}
+    extra = 4 * sum(m.out_features for m in prior.layers.modules() if getattr(m, "weights", None) == "w8a8")
+    assert streamed_weight_bytes(prior) == sum(t.numel() * t.element_size() for t in state.values()) + extra
+    assert linear_weight_elems(prior) == sum(t.numel() for n, t in state.items() if n.endswith("weight") and t.dim() == 2
+                                             and t.dtype != torch.uint8)

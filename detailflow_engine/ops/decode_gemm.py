@@ -390,12 +390,17 @@ def _validate(x, packed, out) -> None:
         raise TypeError(f"`packed` must be a PackedWeight (from pack_weight), got {type(packed).__name__}")
     if packed.is_w8a8:
         raise ValueError("`packed` is a w8a8 weight (pack_w8a8): multiply it with ops.decode_gemm_w8a8")
+    check_rows(x, packed, out, "float32 or bfloat16 (float16 too on CUDA)",
+               _CUDA_X_DTYPES if isinstance(x, Tensor) and x.device.type == "cuda" else _DTYPES)
+
+
+def check_rows(x, packed: PackedWeight, out, what: str, dtypes) -> None:
+    """x (..., K) of `dtypes` ("`x` must be <what> ...") on packed's device, and `out` (..., N)
+    of x's dtype and device or None; TypeError / ValueError naming the argument otherwise."""
     if not isinstance(x, Tensor):
         raise TypeError(f"`x` must be a torch.Tensor, got {type(x).__name__}")
-    dtypes = _CUDA_X_DTYPES if x.device.type == "cuda" else _DTYPES
     if x.dtype not in dtypes or x.dim() == 0 or x.shape[-1] != packed.K:
-        raise ValueError(f"`x` must be float32 or bfloat16 (float16 too on CUDA) of shape (..., K) with "
-                         f"K = {packed.K}, got {_shape(x)}")
+        raise ValueError(f"`x` must be {what} of shape (..., K) with K = {packed.K}, got {_shape(x)}")
     if x.device != packed.device:
         raise ValueError(f"`x` must be on the device of `packed` ({packed.device}), got {_shape(x)}")
     if out is not None:

@@ -37,7 +37,8 @@ import torch
 from torch import Tensor
 
 from detailflow_engine.ops import _dispatch
-from detailflow_engine.ops.decode_gemm import PANEL, PackedWeight, _shape, quantize_int8, unpack_panels
+from detailflow_engine.ops.decode_gemm import (PANEL, PackedWeight, _fix_strides, _shape, check_rows, quantize_int8,
+                                               unpack_panels)
 
 __all__ = ["pack_w8a8", "pack_w8a8_codes", "quantize_rows", "decode_gemm_w8a8", "decode_gemm_w8a8_ref",
            "force_portable", "MAX_K"]
@@ -109,19 +110,7 @@ def _validate(x, packed, out) -> None:
     if not isinstance(packed, PackedWeight) or not packed.is_w8a8:
         raise TypeError(f"`packed` must be a w8a8 PackedWeight (from pack_w8a8), got "
                         f"{type(packed).__name__}{'' if not isinstance(packed, PackedWeight) else ' of another format'}")
-    if not isinstance(x, Tensor):
-        raise TypeError(f"`x` must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _DTYPES or x.dim() == 0 or x.shape[-1] != packed.K:
-        raise ValueError(f"`x` must be float32 or bfloat16 of shape (..., K) with K = {packed.K}, got {_shape(x)}")
-    if x.device != packed.device:
-        raise ValueError(f"`x` must be on the device of `packed` ({packed.device}), got {_shape(x)}")
-    if out is not None:
-        if not isinstance(out, Tensor):
-            raise TypeError(f"`out` must be a torch.Tensor, got {type(out).__name__}")
-        want = (*x.shape[:-1], packed.N)
-        if tuple(out.shape) != want or out.dtype != x.dtype or out.device != x.device:
-            raise ValueError(f"`out` must be {str(x.dtype).replace('torch.', '')} of shape {want} "
-                             f"on {x.device}, got {_shape(out)}")
+    check_rows(x, packed, out, "float32 or bfloat16", _DTYPES)
 
 
 def _run(x, packed, scales, colsum, out) -> None:
@@ -168,17 +157,6 @@ def decode_gemm_w8a8(x: Tensor, packed: PackedWeight, *, out: Optional[Tensor] =
     if not direct:
         out.copy_(y2.view(out.shape))
     return out
-
-
-def _fix_strides(x, out):
-    """x with a unit last stride and row stride >= K; a destination likewise (ldx, ldy)."""
-    M, K = x.shape
-    if x.stride(1) != 1 or (M > 1 and x.stride(0) < K):
-        x = x.contiguous()
-    N = out.shape[1]
-    dst = out if out.stride(1) == 1 and (M == 1 or out.stride(0) >= N) else torch.empty(
-        (M, N), dtype=out.dtype, device=out.device)
-    return x, (x.stride(0) if M > 1 else K), dst, (dst.stride(0) if M > 1 else N)
 
 
 def _cpu_applies(x, packed, scales, colsum, out) -> bool:

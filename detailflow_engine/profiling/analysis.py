@@ -289,11 +289,17 @@ def best_floors(*measured: dict) -> dict:
     return best
 
 
+def _decode_linears(prior: torch.nn.Module) -> list:
+    from detailflow_engine.linear import DecodeLinear  # the engine layer, imported on use only
+
+    return [m for m in prior.modules() if isinstance(m, DecodeLinear)]
+
+
 def streamed_weight_bytes(prior: torch.nn.Module) -> int:
-    """Bytes read per prior step: every weight of the transformer and the output head (parameters and
-    buffers, so int8 weights and their scales count as stored); embeddings are gathered, not streamed,
-    and the KV cache is not a weight."""
-    total = 0
+    """Bytes read per prior step: every weight of the transformer and the output head as held (a
+    DecodeLinear's packed panels, scales and column sums; other parameters and buffers as stored);
+    embeddings are gathered, not streamed, and the KV cache is not a weight."""
+    total = sum(m.held_bytes for m in _decode_linears(prior))
     for name, t in list(prior.named_parameters()) + list(prior.named_buffers()):
         if "embed" in name or "cache" in name:
             continue
@@ -303,7 +309,8 @@ def streamed_weight_bytes(prior: torch.nn.Module) -> int:
 
 def linear_weight_elems(prior: torch.nn.Module) -> int:
     """Elements of the transformer's and the head's GEMM weights (2 FLOPs each per row)."""
-    return sum(p.numel() for n, p in prior.named_parameters() if p.dim() == 2 and "embed" not in n)
+    return (sum(m.in_features * m.out_features for m in _decode_linears(prior))
+            + sum(p.numel() for n, p in prior.named_parameters() if p.dim() == 2 and "embed" not in n))
 
 
 def stage_floors(floors: dict, *, plan, causal_num: int, rows: int, vocab: int, weight_bytes: int,

@@ -19,3 +19,19 @@ def gpu_kernel(entry: str):
                and hasattr(_dispatch.extension(), entry))
     skip = pytest.mark.skipif(not present, reason=f"CUDA device or _C.{entry} not available")
     return lambda fn: pytest.mark.gpu(skip(fn))
+
+
+def variant_fixture(entry: str, force_portable):
+    """A fixture running each test on this CPU's best loop ("best") and on the portable loop that
+    `force_portable(True)` forces ("portable"; skipped without `_C.<entry>`), then restoring it."""
+    @pytest.fixture(params=["best", "portable"])
+    def variant(request):
+        if request.param == "portable":
+            if not (_dispatch.has_cpu_kernels() and hasattr(_dispatch.extension(), entry)):
+                pytest.skip(f"needs the _C extension (_C.{entry})")
+            force_portable(True)
+        yield request.param
+        if request.param == "portable":
+            force_portable(False)
+
+    return variant

@@ -11,6 +11,7 @@ from detailflow_engine.linear import DecodeLinear, replace_linears
 from detailflow_engine.ops import _dispatch
 from detailflow_engine.ops.decode_gemm import (PANEL, decode_gemm, dequantize_int4, force_portable, nibbles_int4,
                                                pack_int4, pack_int4_nibbles, pack_int8, quantize_int4)
+from tests.ops._kernel_marks import variant_fixture
 
 F32, BF16 = torch.float32, torch.bfloat16
 needs_cpu_kernels = pytest.mark.skipif(
@@ -18,16 +19,7 @@ needs_cpu_kernels = pytest.mark.skipif(
     reason="the _C extension with the decode_gemm_int4 CPU kernel is not built")
 
 
-@pytest.fixture(params=["best", "portable"])
-def variant(request):
-    """Each test runs on this CPU's best inner loop and on the forced portable loops."""
-    if request.param == "portable":
-        if not (_dispatch.has_cpu_kernels() and hasattr(_dispatch.extension(), "decode_gemm_force_portable")):
-            pytest.skip("needs the _C extension")
-        force_portable(True)
-    yield request.param
-    if request.param == "portable":
-        force_portable(False)
+variant = variant_fixture("decode_gemm_force_portable", force_portable)
 
 
 def make(M, N, K, x_dtype=F32, seed=0):

@@ -12,22 +12,13 @@ from detailflow_engine.ops import _dispatch
 from detailflow_engine.ops.decode_gemm import PANEL, decode_gemm, quantize_int8
 from detailflow_engine.ops.decode_gemm_w8a8 import (MAX_K, decode_gemm_w8a8, decode_gemm_w8a8_ref, force_portable,
                                                     pack_w8a8, pack_w8a8_codes, quantize_rows)
-from tests.ops._kernel_marks import needs_cpu_kernel
+from tests.ops._kernel_marks import needs_cpu_kernel, variant_fixture
 
 F32, BF16 = torch.float32, torch.bfloat16
 needs_kernel = needs_cpu_kernel("decode_gemm_w8a8")
 
 
-@pytest.fixture(params=["best", "portable"])
-def variant(request):
-    """Each kernel test runs on this CPU's best inner loop and on the forced portable loop."""
-    if request.param == "portable":
-        if not (_dispatch.has_cpu_kernels() and hasattr(_dispatch.extension(), "decode_gemm_w8a8_force_portable")):
-            pytest.skip("needs the _C extension")
-        force_portable(True)
-    yield request.param
-    if request.param == "portable":
-        force_portable(False)
+variant = variant_fixture("decode_gemm_w8a8_force_portable", force_portable)
 
 
 def make(M, N, K, x_dtype=F32, seed=0):
