@@ -133,12 +133,12 @@ def _inference_prior(meta_prior: Prior, state: dict, device, dtype, mode: str, w
                      mapped: bool = False) -> Prior:
     """The one place the prior's linears become decode GEMMs (linear.py), whatever the mode:
 
-    - weights="int8" (or "int4", group-wise, or "w8a8", int8 activations too; the same linears): every
-      Linear of the transformer blocks (wqkv, wo, w1, w2, w3) is quantized
-      from the checkpoint's values (fp32 math), never cast first. Not quantized: the embeddings
+    - weights="int8" (or "int4", group-wise, or "w8a8", int8 activations too; the same linears):
+      every Linear of the transformer blocks (wqkv, wo, w1, w2, w3) is quantized from the
+      checkpoint's values (fp32 math), never cast first. Not quantized: the embeddings
       (a gather reads few rows; no bandwidth to save) and the output head (8192 x dim, under 3% of
       GPT-L's block weights but it writes the logits that sampling ranks directly).
-    - every float Linear left (all of them for "native", the output head for "int8") is packed
+    - every float Linear left (all of them for "native", the output head otherwise) is packed
       in `dtype` where a compiled decode_gemm serves its device (`packs_natively`; state-dict
       names and values unchanged), else stays an nn.Linear.
 
