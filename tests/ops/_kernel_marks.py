@@ -35,3 +35,20 @@ def variant_fixture(entry: str, force_portable):
             force_portable(False)
 
     return variant
+
+
+def check_variant_names(call, force_portable, best: str, flags_needed) -> None:
+    """`call()` (a one-shot kernel entry returning its inner loop's name) says `best` on a CPU
+    with every flag of `flags_needed` (/proc/cpuinfo), and "portable" once forced."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        flags = ""
+    if all(f" {flag}" in flags for flag in flags_needed):
+        assert call() == best
+    force_portable(True)
+    try:
+        assert call() == "portable"
+    finally:
+        force_portable(False)
