@@ -1,4 +1,4 @@
-"""Accuracy cost of the engine's weight modes: bf16, int8, int4 and w8a8 against fp32.
+"""Accuracy cost of the engine's weight modes: bf16, int8, int4, w8a8 and w4a8 against fp32.
 
 For each mode (dtype bf16 + native weights, dtype fp32 + int8 weights, dtype bf16 + int8
 weights) against the fp32 engine, on
@@ -41,7 +41,7 @@ from detailflow_engine.presets import preset_configs, randomize_  # noqa: E402
 from detailflow_engine.prior import Prior  # noqa: E402
 
 MODES = [("bf16", "native"), ("fp32", "int8"), ("bf16", "int8"), ("fp32", "int4"), ("bf16", "int4"),
-         ("fp32", "w8a8"), ("bf16", "w8a8")]
+         ("fp32", "w8a8"), ("bf16", "w8a8"), ("fp32", "w4a8"), ("bf16", "w4a8")]
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 

@@ -15,9 +15,10 @@ read of a 512 MB tensor measured in the same run (benchmarks/_timing.read_bandwi
 
 --low-precision: one DetailFlow-16 (GPT-L) block's five matrices (wqkv, wo, w1, w3, w2) per
 timed item, bf16 x, M in {2, 16, 128}, weights bf16 / int8 (per-row scales) / int4 (group 64
-and 128) / w8a8 (int8 weights and per-row int8 activations, VNNI: ops.decode_gemm_w8a8); GB/s
-counts each format's own bytes (int4: half a byte a weight + 4 bytes a group; w8a8: + 4 bytes a
-row of column sums),
+and 128) / w8a8 (int8 weights and per-row int8 activations, VNNI: ops.decode_gemm_w8a8) / w4a8
+(int4 group-64 weights and per-row int8 activations, VNNI: ops.decode_gemm_w4a8); GB/s counts each
+format's own bytes (int4, w4a8: half a byte a weight + 4 bytes a group; w8a8: + 4 bytes a row of
+column sums),
 "vs bf16" is the bf16 time over this format's at the same M, and the floor is the time to read
 the format's bytes at the plain read bandwidth measured in the same run (before and after).
 
@@ -43,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._timing import bench, read_bandwidth_gbs  # noqa: E402
 from detailflow_engine.ops import _dispatch  # noqa: E402
 from detailflow_engine.ops.decode_gemm import decode_gemm, pack_int4, pack_int8, pack_weight  # noqa: E402
+from detailflow_engine.ops.decode_gemm_w4a8 import decode_gemm_w4a8, pack_w4a8  # noqa: E402
 from detailflow_engine.ops.decode_gemm_w8a8 import decode_gemm_w8a8, pack_w8a8  # noqa: E402
 
 GPT_L = {"wqkv": (3072, 1024), "wo": (1024, 1024), "w1/w3": (2816, 1024), "w2": (1024, 2816),
@@ -131,7 +133,7 @@ def low_precision_main(args) -> None:
     print("|---|---|---|---|---|---|---|---|")
     fmts = {"bf16": lambda w: pack_weight(w.to(torch.bfloat16)), "int8": pack_int8,
             "int4-g64": lambda w: pack_int4(w, 64), "int4-g128": lambda w: pack_int4(w, 128),
-            "w8a8": lambda w: pack_w8a8(w, keep_source=False)}
+            "w8a8": lambda w: pack_w8a8(w, keep_source=False), "w4a8": lambda w: pack_w4a8(w, 64, keep_source=False)}
     nbytes = lambda p: sum(t.numel() * t.element_size() for t in (p.packed, p.kernel_scales, p.colsum)
                            if t is not None)
     ext = _dispatch.extension()
@@ -145,7 +147,7 @@ def low_precision_main(args) -> None:
             sets = [[make(torch.randn(*GPT_L[s]) * GPT_L[s][1] ** -0.5) for s in BLOCK] for _ in range(copies)]
             outs = [torch.empty(M, p.N, dtype=torch.bfloat16) for p in sets[0]]
             per = sum(nbytes(p) for p in sets[0])
-            gemm = decode_gemm_w8a8 if name == "w8a8" else decode_gemm
+            gemm = {"w8a8": decode_gemm_w8a8, "w4a8": decode_gemm_w4a8}.get(name, decode_gemm)
             t = bench(lambda: [gemm(x2 if p.K == 2816 else x, p, out=o)
                                for ps in sets for p, o in zip(ps, outs)], target_s=args.target_s).median_s / copies
             base = t if base is None else base
@@ -155,6 +157,10 @@ def low_precision_main(args) -> None:
                 y = torch.empty(1, p.N, dtype=torch.bfloat16)
                 loop = ext.decode_gemm_w8a8(x.data_ptr(), 1, p.K, p.K, 1, p.packed.data_ptr(), p.packed.numel(),
                                             p.kernel_scales.data_ptr(), p.colsum.data_ptr(), p.N, y.data_ptr(), p.N, 1)
+            elif p.is_w4a8:
+                y = torch.empty(1, p.N, dtype=torch.bfloat16)
+                loop = ext.decode_gemm_w4a8(x.data_ptr(), 1, p.K, p.K, 1, p.packed.data_ptr(), p.packed.numel(),
+                                            p.group_scales.data_ptr(), p.group_size, p.N, y.data_ptr(), p.N, 1)
             elif p.is_int4:
                 y = torch.empty(1, p.N, dtype=torch.bfloat16)
                 loop = ext.decode_gemm_int4(x.data_ptr(), 1, p.K, p.K, 1, p.packed.data_ptr(), p.packed.numel(),

@@ -67,7 +67,7 @@ def write_checkpoints(root: Path) -> tuple:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--modes", nargs="+", default=["bf16:native", "bf16:int8", "bf16:int4", "bf16:w8a8", "fp32:native", "fp32:int8"],
+    ap.add_argument("--modes", nargs="+", default=["bf16:native", "bf16:int8", "bf16:int4", "bf16:w8a8", "bf16:w4a8", "fp32:native", "fp32:int8"],
                     help="dtype:weights pairs")
     ap.add_argument("--encoder", choices=["default", "yes", "no"], default="default",
                     help="from_pretrained(encoder=...): default leaves the argument out")

@@ -2,7 +2,7 @@
 
 Same random weights at DetailFlow-16 size (GPT-L prior; `--preset`), same labels, CFG 1.45,
 greedy, batch `--batch` (default 1), activations in `--dtype` (default bf16). One engine per
-weights mode (native, int8, int4, w8a8) made from the same checkpoint values by `prepare_prior`,
+weights mode (native, int8, int4, w8a8, w4a8) made from the same checkpoint values by `prepare_prior`,
 and the plain-torch KV-cache peer (detailflow_ref.kv_generate, the reference's modules in the
 same dtype, nothing of ours on its path). The sides run round-robin, `--repeats` rounds, and
 each reports its median, so a drift of the shared machine hits them alike. Per mode: ms/img,

@@ -18,6 +18,7 @@
 #include "cache_attention.h"
 #include "code_search.h"
 #include "decode_gemm.h"
+#include "decode_gemm_w4a8.h"
 #include "decode_gemm_w8a8.h"
 #include "decode_layer.h"
 #include "group_sample.h"
@@ -284,6 +285,33 @@ static const char* decode_gemm_w8a8_cpu(uintptr_t x, int64_t M, int64_t K, int64
         reinterpret_cast<const X*>(x), M, K, ldx, reinterpret_cast<const int8_t*>(packed),
         reinterpret_cast<const float*>(scales), reinterpret_cast<const int32_t*>(colsum), N,
         reinterpret_cast<X*>(y), ldy, num_threads);
+  });
+  return variant;
+}
+
+// decode_gemm_w4a8: x (M, K) rows stride ldx, y (M, N) rows stride ldy (unit last strides), W4A8
+// packed weight of decode_gemm_w4a8.h (packed_numel bytes) with its (Np, ceil(K / group), 16)
+// fp32 group scales; returns the inner loop's name; see cpu/decode_gemm_w4a8.cpp.
+static const char* decode_gemm_w4a8_cpu(uintptr_t x, int64_t M, int64_t K, int64_t ldx, int dtype,
+                                        uintptr_t packed, int64_t packed_numel, uintptr_t group_scales,
+                                        int64_t group, int64_t N, uintptr_t y, int64_t ldy, int num_threads) {
+  DF_CHECK_PTR(x); DF_CHECK_PTR(packed); DF_CHECK_PTR(group_scales); DF_CHECK_PTR(y);
+  DF_CHECK_POSITIVE(M); DF_CHECK_POSITIVE(N); DF_CHECK_POSITIVE(K);
+  DF_CHECK(group >= 8 && group % 8 == 0 && group <= detailflow::cpu::kW4A8MaxGroup,
+           "group must be a multiple of 8 in [8, " << detailflow::cpu::kW4A8MaxGroup << "], got " << group);
+  DF_CHECK(M == 1 || (ldx >= K && ldy >= N), "row strides must be >= the row lengths, got ldx = "
+                                                 << ldx << " (K = " << K << "), ldy = " << ldy
+                                                 << " (N = " << N << ")");
+  const int64_t want = detailflow::cpu::decode_gemm_w4a8_packed_numel(N, K);
+  DF_CHECK(packed_numel == want, "packed must hold " << want << " bytes for N = " << N << ", K = " << K
+                                                     << ", got " << packed_numel);
+  const char* variant = nullptr;
+  py::gil_scoped_release release;
+  DF_DISPATCH_FLOAT(dtype, "decode_gemm_w4a8 x", [&] {
+    using X = scalar_t;
+    variant = detailflow::cpu::decode_gemm_w4a8<X>(
+        reinterpret_cast<const X*>(x), M, K, ldx, reinterpret_cast<const uint8_t*>(packed),
+        reinterpret_cast<const float*>(group_scales), group, N, reinterpret_cast<X*>(y), ldy, num_threads);
   });
   return variant;
 }
@@ -583,6 +611,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("decode_gemm_w8a8", &decode_gemm_w8a8_cpu, "decode_gemm with int8 W and per-row int8 x, VNNI (CPU)");
   m.def("decode_gemm_w8a8_force_portable", &detailflow::cpu::decode_gemm_w8a8_force_portable,
         "Force decode_gemm_w8a8's portable CPU loops (tests)");
+  m.def("decode_gemm_w4a8", &decode_gemm_w4a8_cpu, "decode_gemm with int4 W and per-row int8 x, VNNI (CPU)");
+  m.def("decode_gemm_w4a8_force_portable", &detailflow::cpu::decode_gemm_w4a8_force_portable,
+        "Force decode_gemm_w4a8's portable CPU loops (tests)");
   m.def("decode_layer", &decode_layer_cpu, "One prior layer for one decode step (CPU)");
   py::class_<DecodeLayerStack>(m, "DecodeLayerStack", "A prior's layers for decode steps, one call a step (CPU)")
       .def(py::init<int, int64_t, int64_t, int64_t, int64_t, const std::vector<StackLayerArg>&, uintptr_t>())

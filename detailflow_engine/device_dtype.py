@@ -18,10 +18,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # model (compute and s
 STORAGE_DTYPES = {**DTYPES, "fp16": torch.float16}  # convert --dtype: how a file stores the weights
 DEVICES = ("auto", "cpu", "cuda")  # the CLIs' --device choices (the API adds cuda:N)
 # The prior's weights modes (linear.DecodeLinear): "native" = in the model dtype; int8/int4 weight-only;
-# w8a8 = int8 weights and per-row int8 activations (ops.decode_gemm_w8a8).
-WEIGHT_MODES = ("native", "int8", "int4", "w8a8")
-WEIGHTS_HELP = ("prior weights: native (in --dtype), int8 or int4 weight-only, or w8a8 (int8 weights and "
-                "activations; default: native)")
+# w8a8 / w4a8 = int8 / int4 weights and per-row int8 activations (ops.decode_gemm_w8a8 / _w4a8).
+WEIGHT_MODES = ("native", "int8", "int4", "w8a8", "w4a8")
+WEIGHTS_HELP = ("prior weights: native (in --dtype), int8 or int4 weight-only, or w8a8 / w4a8 (int8 / int4 "
+                "weights, int8 activations; default: native)")
 
 
 def resolve_device(device: Union[str, torch.device, None]) -> torch.device:

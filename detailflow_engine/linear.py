@@ -23,6 +23,8 @@ byte, `scales` = fp32 (N, ceil(K / G)).
 w8a8 mode (weights="w8a8"): int8's weights and state dict, packed for VNNI, and the activations
 quantized to int8 per row at every call (ops.decode_gemm_w8a8): an integer dot product at twice
 the bf16 rate on the compute-bound group steps, at its own accuracy cost (benchmarks/README.md).
+w4a8 mode (weights="w4a8"): int4's weights and state dict, packed for VNNI, and the activations
+quantized as w8a8's (ops.decode_gemm_w4a8): half w8a8's bytes at its multiply rate.
 
 The torch path (F.linear on the unpacked weight, or on Q converted to x's dtype times the scales
 for int8) runs only where no compiled kernel serves the call: no extension, another device,
@@ -41,6 +43,7 @@ from detailflow_engine.ops import _dispatch
 from detailflow_engine.ops.decode_gemm import (INT4_GROUP, PackedWeight, _int4_nibbles, decode_gemm,
                                                dequantize_int4, nibbles_int4, pack_int4_nibbles, pack_weight,
                                                quantize_int4, quantize_int8)
+from detailflow_engine.ops.decode_gemm_w4a8 import decode_gemm_w4a8, decode_gemm_w4a8_ref, pack_w4a8_codes
 from detailflow_engine.ops.decode_gemm_w8a8 import decode_gemm_w8a8, decode_gemm_w8a8_ref, pack_w8a8_codes
 
 __all__ = ["DecodeLinear", "replace_linears", "packs_natively", "KERNEL_DTYPES", "WEIGHT_MODES"]
@@ -69,7 +72,7 @@ def packs_natively(device: torch.device, dtype: torch.dtype) -> bool:
 class DecodeLinear(nn.Module):
     """A bias-free nn.Linear whose calls run `decode_gemm`; it holds only the packed weight.
 
-    weights="native" packs the Linear's weight in its dtype; "int8" / "int4" / "w8a8" quantize it
+    weights="native" packs the Linear's weight in its dtype; "int8" / "int4" / "w8a8" / "w4a8" quantize it
     (see the module docstring). The Linear itself is not kept.
     """
 
@@ -81,9 +84,9 @@ class DecodeLinear(nn.Module):
             raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weights = weights
-        self.group_size = group_size if weights == "int4" else None
+        self.group_size = group_size if weights in ("int4", "w4a8") else None
         w = linear.weight.detach()
-        if weights == "int4":
+        if self.group_size is not None:
             q, scales = quantize_int4(w, group_size)
             self._pack(_int4_nibbles(q), scales)
         elif weights in ("int8", "w8a8"):
@@ -93,7 +96,9 @@ class DecodeLinear(nn.Module):
 
     def _pack(self, weight: torch.Tensor, scales: Optional[torch.Tensor]) -> None:
         """Hold (weight, scales) in the state dict's format as the packed layout only."""
-        if self.group_size is not None:
+        if self.weights == "w4a8":
+            self._packed = pack_w4a8_codes(weight, scales, self.in_features, self.group_size, keep_source=False)
+        elif self.group_size is not None:
             self._packed = pack_int4_nibbles(weight, scales, self.in_features, self.group_size, keep_source=False)
         elif self.weights == "w8a8":
             self._packed = pack_w8a8_codes(weight, scales, keep_source=False)
@@ -111,7 +116,7 @@ class DecodeLinear(nn.Module):
 
     @property
     def scales(self) -> Optional[torch.Tensor]:
-        """int8 / w8a8 (N,) / int4 (N, ceil(K / G)) float32 scales (int8: the kernel's own), None for native."""
+        """int8 / w8a8 (N,) / int4 / w4a8 (N, ceil(K / G)) float32 scales (int8: the kernel's own), None for native."""
         return self._packed.scales if self.weights != "native" else None
 
     @property
@@ -171,6 +176,8 @@ class DecodeLinear(nn.Module):
     def _torch(self, x: torch.Tensor) -> torch.Tensor:
         if self.weights == "w8a8":  # the op's own semantics (its torch entry), float16 included
             return decode_gemm_w8a8_ref(x, self.weight, self.scales)
+        if self.weights == "w4a8":
+            return decode_gemm_w4a8_ref(x, self.weight, self.scales, self.group_size)
         if self.group_size is not None:
             w = dequantize_int4(nibbles_int4(self.weight, self.in_features), self.scales, self.group_size)
             return F.linear(x.float(), w).to(x.dtype)
@@ -194,7 +201,9 @@ class DecodeLinear(nn.Module):
         packed = self.packed_for(x)
         if packed is None:
             return self._torch(x)
-        return decode_gemm_w8a8(x, packed) if packed.is_w8a8 else decode_gemm(x, packed)
+        if packed.is_w8a8:
+            return decode_gemm_w8a8(x, packed)
+        return decode_gemm_w4a8(x, packed) if packed.is_w4a8 else decode_gemm(x, packed)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias=False, "
@@ -210,8 +219,8 @@ def replace_linears(model: nn.Module, weights: str = "native",
     weights="native": only linears on a device with a compiled decode_gemm kernel (CPU, or CUDA
     with the CUDA build) are swapped; a no-op otherwise. weights="int8": every such linear is
     quantized, on any device (without a kernel its calls run the torch path on Q and scales);
-    weights="int4" likewise, group-wise int4 (group INT4_GROUP); weights="w8a8" int8 weights with
-    int8 activations.
+    weights="int4" likewise, group-wise int4 (group INT4_GROUP); weights="w8a8" / "w4a8" int8 /
+    int4 weights with int8 activations.
     """
     if weights not in WEIGHT_MODES:
         raise ValueError(f"weights must be one of {WEIGHT_MODES}, got {weights!r}")

@@ -26,7 +26,7 @@ from detailflow_engine.prior import Prior
 from detailflow_engine.tokenizer import ENCODER_PREFIXES, Tokenizer
 
 def resolve_weights(weights: Optional[str]) -> str:
-    """'native' (None too), 'int8', 'int4' or 'w8a8'; anything else is a ValueError naming the allowed values."""
+    """'native' (None too), 'int8', 'int4', 'w8a8' or 'w4a8'; anything else is a ValueError naming the allowed values."""
     if weights is None:
         return "native"
     if not isinstance(weights, str) or weights not in WEIGHT_MODES:
@@ -48,7 +48,7 @@ def _build(model, state: dict, device: torch.device, dtype: torch.dtype, where: 
     are handed back after its copy, so the checkpoint's pages never add up in resident memory.
     Bias-free linears for which `decode_mode(name)` gives a weights mode are never allocated as
     nn.Linear: each becomes a DecodeLinear of that mode made from its source values right there
-    ("native": packed in `dtype`; "int8"/"int4"/"w8a8": quantized in fp32 math), holding only the packed
+    ("native": packed in `dtype`; "int8"/"int4"/"w8a8"/"w4a8": quantized in fp32 math), holding only the packed
     layout. Non-finite source values are refused by key, before anything is cast.
     """
     check_state_dict(model.state_dict(), state, where=where)
@@ -133,7 +133,7 @@ def _inference_prior(meta_prior: Prior, state: dict, device, dtype, mode: str, w
                      mapped: bool = False) -> Prior:
     """The one place the prior's linears become decode GEMMs (linear.py), whatever the mode:
 
-    - weights="int8" (or "int4", group-wise, or "w8a8", int8 activations too; the same linears):
+    - weights="int8" (or "int4", group-wise, or "w8a8" / "w4a8", int8 activations too; the same linears):
       every Linear of the transformer blocks (wqkv, wo, w1, w2, w3) is quantized from the
       checkpoint's values (fp32 math), never cast first. Not quantized: the embeddings
       (a gather reads few rows; no bandwidth to save) and the output head (8192 x dim, under 3% of
@@ -165,7 +165,7 @@ def load_prior(path, ema: Optional[bool] = True, device=None, dtype=None, weight
     fp32 scales at load (weight-only: activations stay in ``dtype``, products accumulate in
     fp32; the embeddings and the output head stay in ``dtype``); "int4" likewise, group-wise
     int4; "w8a8" int8's weights with the activations into those linears quantized to int8 per
-    row at every call (VNNI integer products). They compose: dtype=bf16, weights=int8 is int8
+    row at every call (VNNI integer products); "w4a8" int4's weights with those activations. They compose: dtype=bf16, weights=int8 is int8
     weights with bf16 activations. Their accuracy cost is measured by
     benchmarks/accuracy_decode_gemm.py (table in benchmarks/README.md).
     """

@@ -82,8 +82,8 @@ class DetailFlowPipeline:
         Each path is a model folder, a .pt or a .safetensors file, or a Hugging Face repo id
         (``owner/name[@revision]``, e.g. ``ByteVisionLab/DetailFlow-16-GPT-L``; needs huggingface_hub;
         a path that exists locally always wins). ``weights``: "native" (the checkpoint's weights in
-        ``dtype``), "int8" / "int4" (weight-only decode GEMMs for the prior's blocks) or "w8a8"
-        (int8 weights and per-row int8 activations; see loading.load_prior). ``cuda_graphs``: on a
+        ``dtype``), "int8" / "int4" (weight-only decode GEMMs for the prior's blocks) or "w8a8" / "w4a8"
+        (int8 / int4 weights and per-row int8 activations; see loading.load_prior). ``cuda_graphs``: on a
         GPU, replay each decode step as a captured CUDA graph (default; same output, fewer launches).
         ``encoder=False``: load only the tokenizer's decoding half (a generate-only service; at
         DetailFlow-16 size 184M parameters fewer); ``pipe.tokenizer.encode`` then raises.

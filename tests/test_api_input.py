@@ -103,7 +103,7 @@ def test_settings_are_normalized_and_hashable():
     (dict(dtype="fp16"), r"dtype must be one of \['fp32', 'bf16'\], got 'fp16'"),
     (dict(dtype="float32"), r"dtype must be one of \['fp32', 'bf16'\], got 'float32'"),
     (dict(dtype=torch.float16), r"dtype must be one of \['fp32', 'bf16'\] .* got torch.float16"),
-    (dict(weights="int3"), r"weights must be one of \['native', 'int8', 'int4', 'w8a8'\], got 'int3'"),
+    (dict(weights="int3"), r"weights must be one of \['native', 'int8', 'int4', 'w8a8', 'w4a8'\], got 'int3'"),
 ])
 def test_bad_device_dtype_weights_are_named_before_loading(kwargs, match, monkeypatch):
     """Refused before any model path is resolved (a Hub download) or loaded."""

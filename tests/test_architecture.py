@@ -138,7 +138,7 @@ def test_prior_has_no_fused_ops_switch():
 # ------------------------------------------------------------------ memory: one copy of the weights
 
 
-@pytest.mark.parametrize("weights", ["native", "int8", "int4", "w8a8"])
+@pytest.mark.parametrize("weights", ["native", "int8", "int4", "w8a8", "w4a8"])
 def test_the_loaded_prior_holds_its_linears_once(tiny_a, weights):
     """Every linear of a loaded prior holds only its packed layout: no parameter, buffer or kept
     source beside the panels, and the tensors it holds add up to the panels' bytes (+ scales)."""

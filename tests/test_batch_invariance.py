@@ -16,7 +16,7 @@ from detailflow_engine.ops import _dispatch
 
 BATCHES = (1, 7, 25, 48, 96, 200)
 MODES = [("fp32", "native"), ("bf16", "native"), ("fp32", "int8"), ("bf16", "int8"), ("bf16", "int4"),
-         ("fp32", "w8a8"), ("bf16", "w8a8")]
+         ("fp32", "w8a8"), ("bf16", "w8a8"), ("fp32", "w4a8"), ("bf16", "w4a8")]
 
 needs_kernels = pytest.mark.skipif(not _dispatch.has_cpu_kernels(),
                                    reason="batch invariance needs the compiled decode_gemm (_C not built)")

@@ -245,7 +245,7 @@ def test_cli_cuda_without_gpu_exits_2():
     assert "Traceback" not in proc.stderr and proc.stdout == ""
 
 
-@pytest.mark.parametrize("weights", ["native", "int8", "w8a8"])
+@pytest.mark.parametrize("weights", ["native", "int8", "int4", "w8a8", "w4a8"])
 def test_the_weight_floor_counts_the_packed_weights(tiny_a, weights):
     """The floor's bytes per step are what the prior holds: a DecodeLinear has no parameters, so
     its panels (+ scales, column sums) must be counted; tiny-a's 64-wide linears pad nothing but
@@ -257,5 +257,6 @@ def test_the_weight_floor_counts_the_packed_weights(tiny_a, weights):
     state = {n: t for n, t in prior.state_dict().items() if "embed" not in n and "cache" not in n}
     extra = 4 * sum(m.out_features for m in prior.layers.modules() if getattr(m, "weights", None) == "w8a8")
     assert streamed_weight_bytes(prior) == sum(t.numel() * t.element_size() for t in state.values()) + extra
-    assert linear_weight_elems(prior) == sum(t.numel() for n, t in state.items() if n.endswith("weight") and t.dim() == 2
-                                             and t.dtype != torch.uint8)
+    # int4 / w4a8 state dicts hold two codes a byte
+    assert linear_weight_elems(prior) == sum(t.numel() * (2 if t.dtype == torch.uint8 else 1)
+                                             for n, t in state.items() if n.endswith("weight") and t.dim() == 2)

@@ -68,7 +68,7 @@ def test_int8_generation_agrees_with_fp32(tiny_a, fp32_run, dtype, free_min, tf_
 
 @pytest.mark.parametrize("bad", ["int3", "INT8", "", 8, "fp16"])
 def test_bad_weights_value(tiny_a, bad):
-    with pytest.raises(ValueError, match=r"weights must be one of \['native', 'int8', 'int4', 'w8a8'\]"):
+    with pytest.raises(ValueError, match=r"weights must be one of \['native', 'int8', 'int4', 'w8a8', 'w4a8'\]"):
         load_prior(tiny_a / "prior", device="cpu", weights=bad)
 
 

@@ -37,6 +37,7 @@
 #include "decode_gemm_w8a8.h"
 
 #include "avx512_store.h"
+#include "quantize_rows_int8.h"
 
 #include <omp.h>
 
@@ -62,38 +63,10 @@ constexpr int kVec = 4 * kP;              // bytes of one k4 step of one panel (
 constexpr int kMaxRows = 12;              // rows per tile: 2 x 12 accumulators + weights fit 32 zmm
 constexpr int64_t kItemPanels = 8;        // panels per dynamically scheduled work item
 constexpr int64_t kPrefetchBytes = 4096;  // software prefetch distance within a stream
-constexpr float kNoScale = std::numeric_limits<float>::quiet_NaN();
 
 std::atomic<bool> g_force_portable{false};
 
-// ------------------------------------------------------------------ quantization of x
-
-// The scale of a row from its max |x| and whether every value was finite.
-inline float row_scale(float amax, bool finite) { return finite ? amax / 127.0f : kNoScale; }
-
-// 1.5 * 2^23: (t + kRound) - kRound is t rounded to the nearest integer, ties to even, for
-// |t| < 2^22 (IEEE addition in the default rounding mode), as vcvtps2dq and torch.round do.
-constexpr float kRound = 12582912.0f;
-
-// Row m of x -> u = q + 128 in q_row[0, K) (128 = q 0 in [K, Kp)); returns s_x.
-template <typename X>
-float quantize_row_portable(const X* row, int64_t K, int64_t Kp, uint8_t* q_row) {
-  float amax = 0.0f;
-  bool finite = true;
-  for (int64_t k = 0; k < K; ++k) {
-    const float a = std::fabs(to_float(row[k]));
-    finite = finite && a <= FLT_MAX;  // false for inf and NaN
-    amax = a > amax ? a : amax;
-  }
-  const float s = row_scale(amax, finite);
-  const float safe = s > 0.0f ? s : 1.0f;  // NaN > 0 is false: a bad row quantizes to 0 below
-  for (int64_t k = 0; k < K; ++k) {
-    const float t = std::min(std::max(to_float(row[k]) / safe, -127.0f), 127.0f);
-    q_row[k] = finite ? static_cast<uint8_t>(static_cast<int>((t + kRound) - kRound) + 128) : 128;
-  }
-  for (int64_t k = K; k < Kp; ++k) q_row[k] = 128;
-  return s;
-}
+// ------------------------------------------------------------------ staging of x
 
 // Tile-major staging of the quantized rows (ldq = Kp bytes a row): the R rows of tile t are one
 // block of K4 x R words, xs[(t K4 + k4) R + r] = bytes 4 k4 .. 4 k4 + 3 of row t R + r.
@@ -138,43 +111,8 @@ void portable_panel(const int8_t* w, const uint32_t* xs, int64_t R, int64_t K4, 
 // ------------------------------------------------------------------ AVX-512 VNNI
 #if defined(__x86_64__)
 #define DF_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,prefer-vector-width=512")))
-#define DF_INLINE inline __attribute__((always_inline))
 
-DF_VNNI DF_INLINE __m512 load16(const float* p, __mmask16 mk) { return _mm512_maskz_loadu_ps(mk, p); }
-DF_VNNI DF_INLINE __m512 load16(const bf16* p, __mmask16 mk) {
-  const __m256i h = _mm256_maskz_loadu_epi16(mk, p);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));  // exact
-}
-
-DF_VNNI DF_INLINE __mmask16 tail_mask(int64_t n) {
-  return n >= kP ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1u);
-}
-
-// quantize_row_portable with 16 lanes: the same divisions, clamps and ties-to-even rounding.
-template <typename X>
-DF_VNNI float quantize_row_vnni(const X* row, int64_t K, int64_t Kp, uint8_t* q_row) {
-  __m512 vmax = _mm512_setzero_ps();
-  __mmask16 bad = 0;
-  const __m512 big = _mm512_set1_ps(FLT_MAX);
-  for (int64_t k = 0; k < K; k += kP) {
-    const __m512 a = _mm512_abs_ps(load16(row + k, tail_mask(K - k)));
-    bad |= _mm512_cmp_ps_mask(a, big, _CMP_NLE_UQ);  // inf or NaN
-    vmax = _mm512_max_ps(vmax, a);
-  }
-  const bool finite = bad == 0;
-  const float s = row_scale(_mm512_reduce_max_ps(vmax), finite);
-  const __m512 safe = _mm512_set1_ps(s > 0.0f ? s : 1.0f);
-  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
-  const __m512i bias = _mm512_set1_epi32(128);
-  for (int64_t k = 0; k < Kp; k += kP) {
-    const __mmask16 mk = tail_mask(Kp - k);
-    const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(load16(row + k, tail_mask(K - k)), safe), lo), hi);
-    __m512i u = _mm512_add_epi32(_mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), bias);
-    if (!finite) u = bias;
-    _mm_mask_storeu_epi8(q_row + k, mk, _mm512_cvtepi32_epi8(u));  // k >= K loaded 0: u = 128
-  }
-  return s;
-}
+using int8_rows::tail_mask;
 
 struct Job {
   const int8_t* w;     // first panel of the group
@@ -244,19 +182,8 @@ DF_VNNI void finish_tile_vnni(const int32_t* acc, int64_t rows, int64_t ldacc, i
 }
 #endif  // __x86_64__
 
-bool cpu_has_vnni() {
-#if defined(__x86_64__)
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-         __builtin_cpu_supports("avx512vnni");
-#else
-  return false;
-#endif
-}
-
 bool use_vnni() {
-  static const bool vnni = cpu_has_vnni();
+  static const bool vnni = int8_rows::cpu_has_vnni();
   return vnni && !g_force_portable.load(std::memory_order_relaxed);
 }
 
@@ -278,15 +205,7 @@ void run(const X* x, int64_t M, int64_t K, int64_t ldx, const int8_t* packed, co
   q.resize(static_cast<size_t>(M * Kp));
   xs.resize(static_cast<size_t>(count * R * K4));
   sx.resize(static_cast<size_t>(count * R));
-  for (int64_t m = 0; m < M; ++m) {
-#if defined(__x86_64__)
-    if (vnni) {
-      sx[m] = quantize_row_vnni(x + m * ldx, K, Kp, q.data() + m * Kp);
-      continue;
-    }
-#endif
-    sx[m] = quantize_row_portable(x + m * ldx, K, Kp, q.data() + m * Kp);
-  }
+  for (int64_t m = 0; m < M; ++m) sx[m] = int8_rows::quantize_row(x, m, ldx, K, Kp, q.data(), vnni);
   stage_tiles(q.data(), M, K4, R, xs.data());
   const uint32_t* xsp = xs.data();
   const float* sxp = sx.data();

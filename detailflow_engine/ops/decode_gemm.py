@@ -77,19 +77,26 @@ class PackedWeight:
     packed: Tensor  # CPU: the panel layout in the module docstring; CUDA: the row-major weight
     N: int
     K: int
-    kernel_scales: Optional[Tensor] = None  # int8: (N,) float32; int4: the (Np, ceil(K / G), 16) panel layout
-    group_size: Optional[int] = None  # int4 only: k per group scale
+    kernel_scales: Optional[Tensor] = None  # int8: (N,) float32; int4 / w4a8: the (Np, ceil(K / G), 16) panel layout
+    group_size: Optional[int] = None  # int4 / w4a8: k per group scale
     colsum: Optional[Tensor] = None  # w8a8 only: (N,) int32 sum_k Q[n, k] (ops.decode_gemm_w8a8)
+    int8_activations: bool = False  # int4 codes in the w4a8 layout (ops.decode_gemm_w4a8): x is quantized too
     source: Optional[Tuple[Tensor, Optional[Tensor]]] = field(default=None, repr=False, compare=False)
 
     @property
     def is_int4(self) -> bool:
-        return self.group_size is not None
+        """int4 weight-only (decode_gemm); see is_w4a8 for int4 weights with int8 activations."""
+        return self.group_size is not None and not self.int8_activations
+
+    @property
+    def is_w4a8(self) -> bool:
+        """int4 codes in the VNNI nibble layout, for decode_gemm_w4a8 (activations quantized too)."""
+        return self.group_size is not None and self.int8_activations
 
     @property
     def is_int8(self) -> bool:
         """int8 weight-only (decode_gemm); see is_w8a8 for int8 weights with int8 activations."""
-        return self.kernel_scales is not None and not self.is_int4 and not self.is_w8a8
+        return self.kernel_scales is not None and self.group_size is None and not self.is_w8a8
 
     @property
     def is_w8a8(self) -> bool:
@@ -107,20 +114,24 @@ class PackedWeight:
 
     @property
     def group_scales(self) -> Optional[Tensor]:
-        return self.kernel_scales if self.is_int4 else None
+        return self.kernel_scales if self.group_size is not None else None
 
     @property
     def weight(self) -> Tensor:
         """The (N, K) float weight, the int8 codes Q (N, K), or the int4 nibbles (N, ceil(K / 2))
-        row-major: the source itself, or unpacked from the panels (a new tensor)."""
+        row-major (int4 and w4a8): the source itself, or unpacked from the panels (a new tensor)."""
         if self.source is not None:
             return self.source[0]
+        if self.is_w4a8:
+            from detailflow_engine.ops.decode_gemm_w4a8 import unpack_w4a8
+
+            return unpack_w4a8(self.packed, self.N, self.K)
         return unpack_panels(self.packed, self.N, -(-self.K // 2) if self.is_int4 else self.K)
 
     @property
     def scales(self) -> Optional[Tensor]:
-        """int8 / w8a8: (N,) float32; int4: (N, ceil(K / G)) float32; float weights: None."""
-        if self.source is not None or not self.is_int4:
+        """int8 / w8a8: (N,) float32; int4 / w4a8: (N, ceil(K / G)) float32; float weights: None."""
+        if self.source is not None or self.group_size is None:
             return self.source[1] if self.source is not None else self.kernel_scales
         return unpack_group_scales(self.kernel_scales, self.N)
 
@@ -129,8 +140,8 @@ class PackedWeight:
         return replace(self, source=None)
 
     def dequantized(self) -> Tensor:
-        """The weight as float32 (N, K): W itself, scales[:, None] * Q for int8 / w8a8, group-wise for int4."""
-        if self.is_int4:
+        """The weight as float32 (N, K): W itself, scales[:, None] * Q for int8 / w8a8, group-wise for int4 / w4a8."""
+        if self.group_size is not None:
             return dequantize_int4(nibbles_int4(self.weight, self.K), self.scales, self.group_size)
         w = self.weight.float()
         return w * self.scales[:, None] if self.scales is not None else w
@@ -157,16 +168,16 @@ def unpack_group_scales(group_scales: Tensor, N: int) -> Tensor:
 
 
 # Kernel formats of a packed weight (= csrc/include/packed_weight.h PackedFormat).
-PACKED_FORMATS = {"dense": 0, "int4": 1, "w8a8": 2}
+PACKED_FORMATS = {"dense": 0, "int4": 1, "w8a8": 2, "w4a8": 3}
 
 
 def kernel_descriptor(p: PackedWeight) -> Tuple[int, int, int, int, int, int, int, int, int]:
     """What a fused CPU kernel (ops.decode_layer) needs to stream `p`, as csrc/bindings.cpp
     PackedArg: (packed address, numel, dtype code, scales address or 0, N, K, format code,
-    column sums address or 0, int4 group or 0). int4 and w8a8 panels are bytes (the int8 code).
+    column sums address or 0, int4 / w4a8 group or 0). int4, w8a8 and w4a8 panels are bytes (the int8 code).
     The addresses are valid while `p` lives."""
     codes = _dispatch.DTYPE_CODES
-    fmt = "int4" if p.is_int4 else "w8a8" if p.is_w8a8 else "dense"
+    fmt = "int4" if p.is_int4 else "w8a8" if p.is_w8a8 else "w4a8" if p.is_w4a8 else "dense"
     dtype = codes[torch.int8] if fmt != "dense" else codes[p.packed.dtype]
     scales = p.kernel_scales.data_ptr() if p.kernel_scales is not None else 0
     return (p.packed.data_ptr(), p.packed.numel(), dtype, scales, p.N, p.K, PACKED_FORMATS[fmt],
@@ -388,8 +399,9 @@ def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
 def _validate(x, packed, out) -> None:
     if not isinstance(packed, PackedWeight):
         raise TypeError(f"`packed` must be a PackedWeight (from pack_weight), got {type(packed).__name__}")
-    if packed.is_w8a8:
-        raise ValueError("`packed` is a w8a8 weight (pack_w8a8): multiply it with ops.decode_gemm_w8a8")
+    if packed.is_w8a8 or packed.is_w4a8:
+        fmt = "w8a8" if packed.is_w8a8 else "w4a8"
+        raise ValueError(f"`packed` is a {fmt} weight (pack_{fmt}): multiply it with ops.decode_gemm_{fmt}")
     check_rows(x, packed, out, "float32 or bfloat16 (float16 too on CUDA)",
                _CUDA_X_DTYPES if isinstance(x, Tensor) and x.device.type == "cuda" else _DTYPES)
 

@@ -16,7 +16,7 @@ each of those ops is a few microseconds of work and the Python between them cost
 Backends (see `_dispatch`): CPU `_C` (csrc/cpu/decode_layer.cpp: the whole layer in one
 extension call, reusing the decode_gemm and cache_attention kernels as C++ functions) where
 every linear is a DecodeLinear with a packed weight for y (any weights mode: float32, bfloat16,
-int8, int4, w8a8; ops.decode_gemm.kernel_descriptor), y is
+int8, int4, w8a8, w4a8; ops.decode_gemm.kernel_descriptor), y is
 float32 or bfloat16 and nobody traces the call; on CUDA the composition (the per-op wrappers
 pick the CUDA kernels); then the torch entry, the composition again (with
 DETAILFLOW_BACKEND=torch its ops take their torch references).
@@ -51,6 +51,7 @@ from detailflow_engine.ops.add_rmsnorm import add_rmsnorm, add_rmsnorm_ref
 from detailflow_engine.ops.add_rmsnorm import tolerance as add_rmsnorm_tolerance
 from detailflow_engine.ops.cache_attention import cache_attention, cache_attention_ref
 from detailflow_engine.ops.decode_gemm import decode_gemm_ref, kernel_descriptor
+from detailflow_engine.ops.decode_gemm_w4a8 import decode_gemm_w4a8_ref
 from detailflow_engine.ops.decode_gemm_w8a8 import decode_gemm_w8a8_ref
 from detailflow_engine.ops.rope_qkv import rope_qkv, rope_qkv_ref
 
@@ -58,7 +59,7 @@ __all__ = ["LayerWeights", "LayerStack", "decode_layer", "decode_layers", "decod
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # any backend (float16: CUDA)
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
-# packed weights the CPU kernel streams: float32, bf16, int8 (weight-only and w8a8), int4 nibbles
+# packed weights the CPU kernel streams: float32, bf16, int8 (weight-only and w8a8), int4 nibbles (int4, w4a8)
 _PACKED_DTYPES = (torch.float32, torch.bfloat16, torch.int8, torch.uint8)
 _HAS_KERNEL = _dispatch.has_cpu_kernels() and hasattr(_dispatch.extension(), "decode_layer")
 
@@ -453,6 +454,8 @@ def _torch_only_composition(h, y, w, k_cache, v_cache, freqs, start, eps):
         p = lin.packed_for(x)
         if p.is_w8a8:
             return decode_gemm_w8a8_ref(x, p.weight, p.scales)
+        if p.is_w4a8:
+            return decode_gemm_w4a8_ref(x, p.weight, p.scales, p.group_size)
         return decode_gemm_ref(x, p.dequantized()) if p.is_int4 else decode_gemm_ref(x, p.weight, p.scales)
 
     b, n, dim = y.shape
@@ -470,7 +473,7 @@ def _selfcheck(backend, reference, device) -> None:
     B, n, H, d, F_, L = 2, 4, 3, 16, 40, 12
     dim = H * d
     for dtype, mode in ((torch.float32, "native"), (torch.bfloat16, "native"), (torch.float32, "int8"),
-                        (torch.bfloat16, "int4"), (torch.bfloat16, "w8a8")):
+                        (torch.bfloat16, "int4"), (torch.bfloat16, "w8a8"), (torch.float32, "w4a8")):
         def linear(k_in, k_out):
             lin = torch.nn.Linear(k_in, k_out, bias=False)
             with torch.no_grad():

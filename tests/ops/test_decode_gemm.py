@@ -304,7 +304,7 @@ def test_int8_packed_layout_and_strides(M, N, K):
 
 
 @needs_cpu_kernels
-@pytest.mark.parametrize("weights", ["native", "int8", "int4", "w8a8"])
+@pytest.mark.parametrize("weights", ["native", "int8", "int4", "w8a8", "w4a8"])
 def test_decode_linear_holds_only_the_packed_layout(weights):
     """Weights held once: a DecodeLinear has no parameter or buffer beside its packed panels
     (and the kernel's scales), its state dict is unpacked from them exactly, and .to(bf16)
@@ -368,7 +368,7 @@ def test_decode_linear_int8(dtype):
             ref = decode_gemm_ref(x.float(), q, s)
             tol = 2 ** -7 * ref.abs() + 1e-5 if dtype == BF16 else 1e-5 + 1e-6 * ref.abs().max()
             assert y.dtype == dtype and ((y.float() - ref).abs() <= tol).all()
-    with pytest.raises(ValueError, match=r"weights must be one of \('native', 'int8', 'int4', 'w8a8'\)"):
+    with pytest.raises(ValueError, match=r"weights must be one of \('native', 'int8', 'int4', 'w8a8', 'w4a8'\)"):
         DecodeLinear(nn.Linear(3, 4, bias=False), weights="int3")
 
 

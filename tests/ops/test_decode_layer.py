@@ -70,7 +70,7 @@ def max_err(a, b) -> float:
 SHAPES = [(1, 1, 1, 16, 40), (2, 4, 3, 16, 40), (7, 1, 3, 64, 96), (2, 4, 8, 32, 768), (1, 8, 2, 64, 200)]
 
 
-@pytest.mark.parametrize("weights", ["native", "int8", "int4", "w8a8"])
+@pytest.mark.parametrize("weights", ["native", "int8", "int4", "w8a8", "w4a8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("start", [0, 9])
 @pytest.mark.parametrize("B,n,H,d,F", SHAPES)
@@ -100,7 +100,7 @@ def test_matches_composition(B, n, H, d, F, start, dtype, weights):
         assert t.shape == (B, n, dim) and t.dtype == dtype and t.is_contiguous()
 
 
-@pytest.mark.parametrize("weights", ["native", "int8", "int4", "w8a8"])
+@pytest.mark.parametrize("weights", ["native", "int8", "int4", "w8a8", "w4a8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bit_identical_without_the_silu(dtype, weights):
     """With w1 = 0 the SiLU (the one op whose exp differs from torch's) outputs exact zeros, so
@@ -118,7 +118,7 @@ def test_bit_identical_without_the_silu(dtype, weights):
         assert torch.equal(a, b), f"{name}: max difference {max_err(a, b):.3g} (expected the same bits)"
 
 
-@pytest.mark.parametrize("weights", ["native", "int4", "w8a8"])
+@pytest.mark.parametrize("weights", ["native", "int4", "w8a8", "w4a8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_row_gets_the_same_bits_alone_and_in_a_batch(dtype, weights):
     B, n, H, d, F = 7, 4, 3, 16, 40
@@ -278,7 +278,7 @@ def layer_by_layer(h, y, stack, freqs, start, layer_fn):
 @pytest.mark.parametrize("B,n,start", [(1, 1, 0), (2, 4, 5), (3, 8, 8)])
 def test_a_stack_gives_the_bits_of_one_fused_call_a_layer(B, n, start, dtype):
     """One extension call for all layers (in place after the first) = decode_layer on each in turn."""
-    stack = make_stack([(dtype, "native"), (dtype, "int8"), (dtype, "int4"), (dtype, "w8a8")], B=B)
+    stack = make_stack([(dtype, "native"), (dtype, "int8"), (dtype, "int4"), (dtype, "w8a8"), (dtype, "w4a8")], B=B)
     h, y, _, _, freqs = make_inputs(B, n, 48, 3, 16, dtype, seed=7)
     each = clone_caches(stack)
     assert stack.kernel_for(y) is not None

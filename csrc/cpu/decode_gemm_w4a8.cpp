@@ -1,0 +1,307 @@
+// decode_gemm_w4a8 (CPU): y = x @ W^T with int4 weights (group-wise scales) AND int8 activations
+// (W4A8), for the few rows of a decode step, on AVX-512 VNNI (vpdpbusd).
+//
+// Formula (decode_gemm_w4a8.h; the torch reference decode_gemm_w4a8_ref computes the same):
+//   s_x[m], q[m, k]          per-row int8 activations, exactly as decode_gemm_w8a8
+//   acc[m, n, g]             = sum_{k in group g} q[m, k] Q[n, k]       int32, exact
+//   f = 0; f = f + float(acc[m, n, g]) * s_w[n, g] for g = 0, 1, ...     fp32, in g order
+//   y[m, n] = f * s_x[m]                                                rounded once to x's dtype
+//
+// Why: int4 weight-only ends in vdpbf16ps (32 multiply-adds an instruction) like every
+// weight-only format, so at M = 16, where a decode step is compute-bound, it cannot beat bf16.
+// This kernel reads half a byte a weight (half of w8a8's) and multiplies with vpdpbusd (64 an
+// instruction) as w8a8 does. Every sum is exact or in a fixed order, so no tiling, thread split
+// or batch changes a bit: a row's result depends on that row only (batch-invariant by construction).
+//
+// vpdpbusd multiplies UNSIGNED bytes by signed bytes: the weights are the unsigned operand, as
+// their stored nibbles n = Q + 8 in [1, 15] (an AND and a shift from the packed byte), the
+// activations the signed one (q in [-127, 127]); sum n q = sum Q q + 8 sum q, so each group's
+// accumulator starts at -8 sum_{k in g} q[m, k] (computed with the quantization).
+//
+// Layout (decode_gemm_w4a8.h): panels of 16 output rows; one 64-byte vector holds 8 consecutive
+// k, the low nibbles k 0-3 and the high nibbles k 4-7 of 16 rows. x is quantized once per call
+// on the calling thread into tile-major words (4 s8 of one row) and per-group corrections.
+// Inner loop per k8: NP weight loads, 3 NP unpacking ops, 2 MT broadcasts, 2 MT x NP vpdpbusd;
+// per group: MT x NP conversions, multiplies and adds into fp32 accumulators held in registers.
+// Tiles: M <= 6 one tile over panel pairs (NP = 2); larger M tiles of <= 12 rows, one panel at a
+// time (NP = 1), the panel's later tiles reading it from L1/L2. N panels are split across
+// threads in dynamic items of 8 panels, as decode_gemm.
+//
+// Variants (chosen at run time; the binary runs on any x86-64):
+//   - avx512-vnni  CPU with avx512f/bw/vl/dq + avx512_vnni: the loop above.
+//   - portable     any other CPU (or decode_gemm_w4a8_force_portable): plain loops, the same
+//                  integer sums and the same fp32 operations in the same order; the same bits.
+// This file is compiled with -ffp-contract=off (CMakeLists.txt): no multiply-add is fused.
+//
+// Test:  python -m pytest tests/ops/test_decode_gemm_w4a8.py -q
+// Bench: python benchmarks/bench_decode_gemm.py --low-precision   (the w4a8 rows)
+#include "decode_gemm_w4a8.h"
+
+#include "avx512_store.h"
+#include "quantize_rows_int8.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace detailflow::cpu {
+namespace {
+
+constexpr int kP = static_cast<int>(kDecodePanel);
+constexpr int kVec = 4 * kP;              // bytes of one k8 step of one panel (one zmm)
+constexpr int kQuadRows = 2;              // NP = 4: 4 x 2 int32 + 4 x 2 fp32 accumulators
+constexpr int kPairRows = 6;              // NP = 2: 2 x 6 int32 + 2 x 6 fp32 accumulators
+constexpr int kMaxRows = 12;              // NP = 1: 12 + 12 accumulators (+ 4 more zmm: fits 32)
+constexpr int64_t kItemPanels = 8;        // panels per dynamically scheduled work item
+constexpr int64_t kPrefetchBytes = 4096;  // software prefetch distance within a stream
+
+std::atomic<bool> g_force_portable{false};
+
+// ------------------------------------------------------------------ staging of x
+
+struct Staged {
+  const uint32_t* xs;   // tile-major words: xs[(t K4 + k4) R + r] = s8 q of row t R + r, k 4 k4 .. 4 k4 + 3
+  const int32_t* corr;  // corr[(t ng + g) R + r] = -8 sum_{k in g} q of row t R + r
+  const float* sx;      // row scales
+};
+
+// u8 codes u = q + 128 (M rows of Kp bytes) -> the tile staging of Staged.
+void stage(const uint8_t* u, int64_t M, int64_t K8, int64_t R, int64_t group, int64_t ng, uint32_t* xs,
+           int32_t* corr) {
+  const int64_t K4 = 2 * K8, Kp = 8 * K8;
+  for (int64_t m = 0; m < M; ++m) {
+    const uint8_t* src = u + m * Kp;
+    const int64_t t = m / R, r = m % R;
+    uint32_t* dst = xs + t * K4 * R + r;
+    for (int64_t k4 = 0; k4 < K4; ++k4) {
+      uint32_t w;
+      std::memcpy(&w, src + 4 * k4, 4);
+      dst[k4 * R] = w ^ 0x80808080u;  // u - 128 per byte: the s8 codes
+    }
+    for (int64_t g = 0; g < ng; ++g) {
+      int32_t s = 0;
+      for (int64_t k = g * group, e = std::min(Kp, (g + 1) * group); k < e; ++k) s += static_cast<int32_t>(src[k]) - 128;
+      corr[(t * ng + g) * R + r] = -8 * s;
+    }
+  }
+}
+
+// ------------------------------------------------------------------ portable loop
+
+// One panel x `rows` rows of one tile: f[r][j] of the formula (before the row scale).
+void portable_panel(const uint8_t* w, const float* gs, const uint32_t* xs, const int32_t* corr, int64_t R,
+                    int64_t K8, int64_t G8, int64_t ng, int64_t rows, float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float f[kP] = {};
+    for (int64_t g = 0; g < ng; ++g) {
+      int32_t acc[kP];
+      for (int j = 0; j < kP; ++j) acc[j] = corr[g * R + r];
+      for (int64_t k8 = g * G8, e = std::min(K8, (g + 1) * G8); k8 < e; ++k8) {
+        const uint8_t* wk = w + k8 * kVec;
+        int8_t q[8];
+        std::memcpy(q, xs + 2 * k8 * R + r, 4);
+        std::memcpy(q + 4, xs + (2 * k8 + 1) * R + r, 4);
+        for (int j = 0; j < kP; ++j)
+          for (int t = 0; t < 4; ++t) {
+            const uint8_t b = wk[4 * j + t];
+            acc[j] += static_cast<int32_t>(b & 15) * q[t] + static_cast<int32_t>(b >> 4) * q[4 + t];
+          }
+      }
+      for (int j = 0; j < kP; ++j) f[j] = f[j] + static_cast<float>(acc[j]) * gs[g * kP + j];
+    }
+    std::memcpy(out + r * kP, f, sizeof(f));
+  }
+}
+
+// ------------------------------------------------------------------ AVX-512 VNNI
+#if defined(__x86_64__)
+#define DF_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,prefer-vector-width=512")))
+
+using int8_rows::tail_mask;
+
+struct Job {
+  const uint8_t* w;      // first panel
+  int64_t pstride;       // bytes from one panel to the next (K8 * 64)
+  const float* gs;       // the first panel's group scales (ng x 16)
+  int64_t gstride;       // floats from one panel's scales to the next (ng * 16)
+  const uint32_t* xs;    // the tile's staged words (K4 x R)
+  const int32_t* corr;   // the tile's corrections (ng x R)
+  int64_t R, K8, G8, ng;
+  int64_t prefetch;      // bytes from each weight load to the line prefetched with it
+};
+using MicroFn = void (*)(const Job&, float*);
+
+// MT rows x NP panels, the whole K: out[(m NP + p) 16 + j] = f of the formula.
+template <int MT, int NP>
+DF_VNNI void micro(const Job& j, float* out) {
+  __m512 f[MT][NP];
+#pragma GCC unroll 12
+  for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) f[m][p] = _mm512_setzero_ps();
+  const __m512i nib = _mm512_set1_epi8(0x0f);
+  for (int64_t g = 0; g < j.ng; ++g) {
+    __m512i acc[MT][NP];
+#pragma GCC unroll 12
+    for (int m = 0; m < MT; ++m) {
+      const __m512i c = _mm512_set1_epi32(j.corr[g * j.R + m]);
+#pragma GCC unroll 4
+      for (int p = 0; p < NP; ++p) acc[m][p] = c;
+    }
+    const int64_t e = std::min(j.K8, (g + 1) * j.G8);
+    for (int64_t k8 = g * j.G8; k8 < e; ++k8) {
+      __m512i lo[NP], hi[NP];
+#pragma GCC unroll 4
+      for (int p = 0; p < NP; ++p) {
+        const uint8_t* wp = j.w + p * j.pstride + k8 * kVec;
+        _mm_prefetch(reinterpret_cast<const char*>(wp) + j.prefetch, _MM_HINT_T0);
+        const __m512i v = _mm512_loadu_si512(wp);
+        lo[p] = _mm512_and_si512(v, nib);
+        hi[p] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+      }
+      const uint32_t* x0 = j.xs + 2 * k8 * j.R;
+      const uint32_t* x1 = x0 + j.R;
+#pragma GCC unroll 12
+      for (int m = 0; m < MT; ++m) {
+        const __m512i b0 = _mm512_set1_epi32(static_cast<int>(x0[m]));
+#pragma GCC unroll 4
+        for (int p = 0; p < NP; ++p) acc[m][p] = _mm512_dpbusd_epi32(acc[m][p], lo[p], b0);
+        const __m512i b1 = _mm512_set1_epi32(static_cast<int>(x1[m]));
+#pragma GCC unroll 4
+        for (int p = 0; p < NP; ++p) acc[m][p] = _mm512_dpbusd_epi32(acc[m][p], hi[p], b1);
+      }
+    }
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) {
+      const __m512 s = _mm512_loadu_ps(j.gs + p * j.gstride + g * kP);
+#pragma GCC unroll 12
+      for (int m = 0; m < MT; ++m) f[m][p] = _mm512_add_ps(f[m][p], _mm512_mul_ps(_mm512_cvtepi32_ps(acc[m][p]), s));
+    }
+  }
+#pragma GCC unroll 12
+  for (int m = 0; m < MT; ++m)
+#pragma GCC unroll 4
+    for (int p = 0; p < NP; ++p) _mm512_storeu_ps(out + (m * NP + p) * kP, f[m][p]);
+}
+
+template <int NP, size_t... I>
+constexpr std::array<MicroFn, sizeof...(I)> micro_row(std::index_sequence<I...>) {
+  return {{&micro<static_cast<int>(I) + 1, NP>...}};
+}
+
+MicroFn micro_for(int np, int mt) {
+  static constexpr auto r1 = micro_row<1>(std::make_index_sequence<kMaxRows>());
+  static constexpr auto r2 = micro_row<2>(std::make_index_sequence<kPairRows>());
+  static constexpr auto r4 = micro_row<4>(std::make_index_sequence<kQuadRows>());
+  return np == 4 ? r4[mt - 1] : np == 2 ? r2[mt - 1] : r1[mt - 1];
+}
+
+// y = f * s_x, 16 columns at a time (the portable finish's multiply and rounding).
+template <typename Y>
+DF_VNNI void finish_tile_vnni(const float* f, int64_t rows, int64_t ldf, int64_t ncols, const float* sx, Y* y,
+                              int64_t ldy) {
+  for (int64_t c = 0; c < ncols; c += kP) {
+    const __mmask16 mk = tail_mask(ncols - c);
+    for (int64_t r = 0; r < rows; ++r)
+      store16(y + r * ldy + c, _mm512_mul_ps(_mm512_loadu_ps(f + r * ldf + c), _mm512_set1_ps(sx[r])), mk);
+  }
+}
+#endif  // __x86_64__
+
+template <typename Y>
+void finish_tile(const float* f, int64_t rows, int64_t ldf, int64_t ncols, const float* sx, Y* y, int64_t ldy) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < ncols; ++j) store_float(f[r * ldf + j] * sx[r], y + r * ldy + j);
+}
+
+bool use_vnni() {
+  static const bool vnni = int8_rows::cpu_has_vnni();
+  return vnni && !g_force_portable.load(std::memory_order_relaxed);
+}
+
+template <typename X>
+void run(const X* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* packed, const float* gscales, int64_t group,
+         int64_t N, X* y, int64_t ldy, int num_threads, bool vnni) {
+  const int64_t K8 = (K + 7) / 8, Kp = 8 * K8, K4 = 2 * K8, G8 = group / 8;
+  const int64_t ng = (K + group - 1) / group;
+  const int64_t pstride = K8 * kVec, gstride = ng * kP;
+  const int64_t panels = (N + kP - 1) / kP;
+  // Few rows: one tile over panel pairs; more: tiles of <= 12 rows, one panel at a time
+  // (M = 16 -> 2 x 8, M = 128 -> 11 x 12).
+  const bool pairs = M <= kPairRows;
+  const int64_t count = pairs ? 1 : (M + kMaxRows - 1) / kMaxRows;
+  const int64_t R = (M + count - 1) / count;
+
+  thread_local std::vector<uint8_t> u;      // (M, Kp) u8 codes, row-major
+  thread_local std::vector<uint32_t> xs;    // Staged.xs
+  thread_local std::vector<int32_t> corr;   // Staged.corr
+  thread_local std::vector<float> sx;       // (count R) row scales
+  u.resize(static_cast<size_t>(M * Kp));
+  xs.resize(static_cast<size_t>(count * R * K4));
+  corr.assign(static_cast<size_t>(count * R * ng), 0);
+  sx.resize(static_cast<size_t>(count * R));
+  for (int64_t m = 0; m < M; ++m) sx[m] = int8_rows::quantize_row(x, m, ldx, K, Kp, u.data(), vnni);
+  stage(u.data(), M, K8, R, group, ng, xs.data(), corr.data());
+  const Staged st{xs.data(), corr.data(), sx.data()};
+
+  const int64_t items = (panels + kItemPanels - 1) / kItemPanels;
+  const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, items)));
+#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  for (int64_t item = 0; item < items; ++item) {
+    const int64_t p0 = item * kItemPanels, p1 = std::min(panels, p0 + kItemPanels);
+    alignas(64) float f[kMaxRows * kP];  // >= 4 x kQuadRows and 2 x kPairRows tiles too
+    for (int64_t p = p0; p < p1;) {
+      const int np = !vnni || !pairs ? 1 : M <= kQuadRows && p + 3 < p1 ? 4 : p + 1 < p1 ? 2 : 1;
+      const int64_t ncols = std::min<int64_t>(np * kP, N - p * kP);
+      for (int64_t ti = 0; ti < count; ++ti) {
+        const int64_t m0 = ti * R, rows = std::min(R, M - m0);
+        const uint32_t* tile = st.xs + ti * R * K4;
+        const int32_t* tcorr = st.corr + ti * R * ng;
+#if defined(__x86_64__)
+        if (vnni) {
+          // Several tiles: only the first pass over a panel comes from DRAM; the last one
+          // prefetches the next panel, the others stay in their stream.
+          const bool next = count > 1 && ti + 1 == count;
+          const Job job{packed + p * pstride, pstride, gscales + p * gstride, gstride, tile, tcorr,
+                        R, K8, G8, ng, next ? np * pstride : kPrefetchBytes};
+          micro_for(np, static_cast<int>(rows))(job, f);
+          finish_tile_vnni(f, rows, np * kP, ncols, st.sx + m0, y + m0 * ldy + p * kP, ldy);
+          continue;
+        }
+#endif
+        portable_panel(packed + p * pstride, gscales + p * gstride, tile, tcorr, R, K8, G8, ng, rows, f);
+        finish_tile(f, rows, kP, ncols, st.sx + m0, y + m0 * ldy + p * kP, ldy);
+      }
+      p += np;
+    }
+  }
+}
+
+}  // namespace
+
+void decode_gemm_w4a8_force_portable(bool on) { g_force_portable.store(on, std::memory_order_relaxed); }
+
+template <typename X>
+const char* decode_gemm_w4a8(const X* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* packed,
+                             const float* group_scales, int64_t group, int64_t N, X* y, int64_t ldy,
+                             int num_threads) {
+  const bool vnni = use_vnni();
+  run<X>(x, M, K, ldx, packed, group_scales, group, N, y, ldy, num_threads, vnni);
+  return vnni ? "avx512-vnni" : "portable";
+}
+
+template const char* decode_gemm_w4a8<float>(const float*, int64_t, int64_t, int64_t, const uint8_t*, const float*,
+                                             int64_t, int64_t, float*, int64_t, int);
+template const char* decode_gemm_w4a8<bf16>(const bf16*, int64_t, int64_t, int64_t, const uint8_t*, const float*,
+                                            int64_t, int64_t, bf16*, int64_t, int);
+
+}  // namespace detailflow::cpu
