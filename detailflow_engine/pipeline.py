@@ -19,7 +19,7 @@ import torch
 from detailflow_engine.cuda_graphs import StepGraphs
 from detailflow_engine.loading import load_prior, load_tokenizer, resolve_device, resolve_dtype, resolve_weights
 from detailflow_engine.ops import _dispatch
-from detailflow_engine.ops.group_sample import group_sample
+from detailflow_engine.ops.group_sample import GroupSampler
 from detailflow_engine.outputs import to_uint8
 from detailflow_engine.prior import Prior
 from detailflow_engine.sampling_settings import SamplingSettings, checked_labels, label_list, seed_list
@@ -210,16 +210,16 @@ class DetailFlowPipeline:
             self.prior.setup_caches(rows.shape[0])
             tokens = torch.zeros(rows.shape[0], T, dtype=torch.int64, device=self.device)
             # (cond rows [, null rows]) x B x T: one write a step gives the null rows the same tokens
-            # (they continue the same images); a step's positions are a slice of one arange
-            per_image, all_positions = tokens.view(-1, B, T), torch.arange(T, device=self.device)
+            # (they continue the same images)
+            per_image = tokens.view(-1, B, T)
+            sampler = GroupSampler(seed_t, T, temperature=temperature, top_k=int(top_k), top_p=float(top_p))
             step_logits = []
             for step in plan:
                 logits = self._step_logits(rows, tokens, step)  # (rows, n, V) fp32
                 if return_step_logits:
                     step_logits.append(logits.clone())
-                new = group_sample(logits, seed_t, all_positions[step.start:step.stop],
-                                   cfg_scale=cfg_scale_for_step(cfg_scale, step.group_index, num_groups, gradual_cfg),
-                                   temperature=temperature, top_k=int(top_k), top_p=float(top_p))
+                new = sampler(logits, step.start, step.stop,
+                              cfg_scale_for_step(cfg_scale, step.group_index, num_groups, gradual_cfg))
                 per_image[:, :, step.start:step.stop] = new
                 if callback is not None:
                     prefix = tokens[:B, :step.stop].clone()

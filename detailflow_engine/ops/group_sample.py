@@ -51,7 +51,7 @@ from torch import Tensor
 from detailflow_engine.ops import _dispatch
 from detailflow_engine.ops.interop import dlpack_interop
 
-__all__ = ["group_sample", "group_sample_ref", "group_sample_probs_ref", "philox4x32_10",
+__all__ = ["group_sample", "GroupSampler", "group_sample_ref", "group_sample_probs_ref", "philox4x32_10",
            "sample_u24", "tolerance", "MAX_VOCAB"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -325,6 +325,47 @@ def group_sample(logits: Tensor, seeds: Tensor, positions: Tensor, *, cfg_scale:
         else torch.ops.detailflow.group_sample.default  # eager: skip the custom-op layers (~20 us)
     tokens, logprobs = op(*args)
     return (tokens, logprobs) if return_logprobs else tokens
+
+
+class GroupSampler:
+    """`group_sample` for the steps of one generation: the seeds and the settings that stay fixed
+    are checked once (as group_sample checks them) and the positions are slices of one arange,
+    so a step checks only its logits and its CFG scale: the same op and bits, 13-22 us less a step
+    (a batch-1 step of the embedded model is ~1 ms).
+
+        sampler = GroupSampler(seeds, T, temperature=..., top_k=..., top_p=...)
+        tokens = sampler(logits, start, stop, cfg_scale)   # positions [start, stop) of T
+    """
+
+    def __init__(self, seeds: Tensor, num_positions: int, *, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0):
+        if isinstance(num_positions, bool) or not isinstance(num_positions, int) or not 1 <= num_positions <= 1 << 32:
+            raise ValueError(f"`num_positions` must be an int in [1, 2^32], got {num_positions!r}")
+        if not isinstance(seeds, Tensor):
+            raise TypeError(f"`seeds` must be a torch.Tensor, got {type(seeds).__name__}")
+        positions = torch.arange(num_positions, device=seeds.device)
+        probe = torch.empty((seeds.shape[0] if seeds.dim() == 1 else 1, 1, 1), device=seeds.device)
+        _validate(probe, seeds, positions[:1], 1.0, temperature, top_k, top_p)  # all but logits and cfg
+        self.seeds, self.positions = seeds, positions
+        self.temperature, self.top_k, self.top_p = float(temperature), int(top_k), float(top_p)
+
+    def __call__(self, logits: Tensor, start: int, stop: int, cfg_scale: float) -> Tensor:
+        """Tokens (B, stop - start) int64 for the logits (R, stop - start, V) of positions [start, stop)."""
+        B = self.seeds.shape[0]
+        if (not isinstance(logits, Tensor) or logits.dtype not in _DTYPES or logits.dim() != 3
+                or logits.shape[0] not in (B, 2 * B) or not 0 <= start < stop <= self.positions.shape[0]
+                or logits.shape[1] != stop - start or not 1 <= logits.shape[2] <= MAX_VOCAB
+                or logits.device != self.seeds.device):
+            raise ValueError(f"`logits` must be float32, bfloat16 or float16 of shape ({B} or {2 * B}, "
+                             f"{stop - start}, V) on {self.seeds.device} for positions [{start}, {stop}) of "
+                             f"{self.positions.shape[0]}, got "
+                             f"{_dispatch.describe(logits) if isinstance(logits, Tensor) else type(logits).__name__}")
+        if _real("cfg_scale", cfg_scale) < 0:
+            raise ValueError(f"`cfg_scale` must be >= 0, got {cfg_scale}")
+        positions = self.positions[start:stop]
+        args = (logits, self.seeds, positions, float(cfg_scale), self.temperature, self.top_k, self.top_p)
+        op = _run if _dispatch.plain_eager(logits, self.seeds, positions) else torch.ops.detailflow.group_sample.default
+        return op(*args)[0]
 
 
 def _cpu_impl(logits: Tensor, seeds: Tensor, positions: Tensor, st: _Settings) -> Tuple[Tensor, Tensor]:

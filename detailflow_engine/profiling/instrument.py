@@ -2,7 +2,7 @@
 
 Nothing here edits the engine or the reference models: while a profile runs, `instrument_engine`
 and `instrument_reference` wrap methods on the model *instances* (and a few call-site globals of
-our modules, e.g. ``pipeline.group_sample``) in ``torch.profiler.record_function`` ranges and
+our modules, e.g. ``pipeline.GroupSampler.__call__``) in ``torch.profiler.record_function`` ranges and
 put everything back on exit. Stage ranges may nest (the decoder range holds the VQ-lookup one);
 the analysis charges each stage its exclusive time.
 
@@ -81,6 +81,11 @@ class Ranges:
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.open: List[str] = []  # names of the ranges entered and not yet left, innermost last
+
+    @property
+    def innermost(self) -> Optional[str]:
+        return self.open[-1] if self.open else None
 
     @contextlib.contextmanager
     def __call__(self, name: str) -> Iterator[None]:
@@ -89,12 +94,14 @@ class Ranges:
         timer = _TIMER[0]
         if timer is not None:
             timer.enter()
+        self.open.append(name)
         try:
             with record_function(name):
                 yield
                 if self.cuda:
                     torch.cuda.synchronize()
         finally:
+            self.open.pop()
             if timer is not None:
                 timer.exit(name)
 
@@ -184,14 +191,18 @@ def _in_range(ranges: Ranges, name_of: Callable[..., str]) -> Callable[[Callable
     def make(fn):
         @functools.wraps(fn)
         def wrapped(*args, **kwargs):
-            with ranges(name_of(*args, **kwargs)):
+            name = name_of(*args, **kwargs)
+            if ranges.innermost == name:  # inside its own stage already (step_logits -> forward_step):
+                return fn(*args, **kwargs)  # one range, not a nested copy (the same exclusive times)
+            with ranges(name):
                 return fn(*args, **kwargs)
         return wrapped
     return make
 
 
-def _counted(counters: Counters, op: str, stage: str = None, ranges: Ranges = None) -> Callable[[Callable], Callable]:
-    cost = OP_COSTS[op]
+def _counted(counters: Counters, op: str, stage: str = None, ranges: Ranges = None,
+             cost: Optional[Callable[..., Tuple[float, float]]] = None) -> Callable[[Callable], Callable]:
+    cost = cost or OP_COSTS[op]
 
     def make(fn):
         @functools.wraps(fn)
@@ -252,7 +263,8 @@ def instrument_engine(pipe, counters: Counters) -> Iterator[None]:
         p.wrap(prior, "step_embeddings", _in_range(ranges, lambda labels, tokens, start, stop: by_start(start)))
         p.wrap(prior, "forward_step", _in_range(ranges, lambda x, start, *a, **k: by_start(start)))
         _wrap_norms(p, prior)
-        p.wrap(pipeline_mod, "group_sample", _counted(counters, "group_sample", "sampling", ranges))
+        p.wrap(pipeline_mod.GroupSampler, "__call__", _counted(
+            counters, "group_sample", "sampling", ranges, cost=lambda sampler, logits, *a: _group_sample_cost(logits)))
         p.wrap(linear_mod, "decode_gemm", _counted(counters, "decode_gemm"))
         p.wrap(prior_mod, "cache_attention", _counted(counters, "cache_attention"))
         if pipe.tokenizer is not None:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from detailflow_engine.ops import _dispatch
-from detailflow_engine.ops.group_sample import (group_sample, group_sample_probs_ref, group_sample_ref,
+from detailflow_engine.ops.group_sample import (GroupSampler, group_sample, group_sample_probs_ref, group_sample_ref,
                                                 philox4x32_10, sample_u24, tolerance)
 
 needs_cpu = pytest.mark.skipif(not (_dispatch.has_cpu_kernels()
@@ -781,3 +781,47 @@ def test_cuda_distribution_matches_softmax(kw):
     chi2 = float(((counts[live] - expected) ** 2 / expected).sum())
     df = int(live.sum()) - 1
     assert chi2 < _chi2_critical(df), f"chi2 = {chi2:.1f} (df {df}); counts {counts.tolist()}"
+
+
+# ---------------------------------------------------------------------------------------------
+# GroupSampler: one generation's steps, checked once
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 0.9), (0.0, 0, 1.0), (1.3, 1, 1.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_group_sampler_equals_group_sample(temperature, top_k, top_p, dtype):
+    """Each step's tokens are group_sample's on the same logits, seeds and positions (CFG and not)."""
+    g = torch.Generator().manual_seed(4)
+    seeds = torch.tensor([7, -3, 2 ** 40], dtype=torch.int64)
+    sampler = GroupSampler(seeds, 30, temperature=temperature, top_k=top_k, top_p=top_p)
+    for start, stop, rows, cfg in ((0, 1, 6, 1.45), (1, 2, 6, 0.0), (5, 13, 6, 3.0), (22, 30, 3, 1.0)):
+        logits = torch.randn(rows, stop - start, 97, generator=g).to(dtype)
+        want = group_sample(logits, seeds, torch.arange(start, stop), cfg_scale=cfg, temperature=temperature,
+                            top_k=top_k, top_p=top_p)
+        assert torch.equal(sampler(logits, start, stop, cfg), want)
+
+
+@pytest.mark.parametrize("make,exc,match", [
+    (lambda: GroupSampler(torch.tensor([1]), 0), ValueError, "num_positions"),
+    (lambda: GroupSampler([1], 4), TypeError, "`seeds` must be a torch.Tensor"),
+    (lambda: GroupSampler(torch.tensor([1.0]), 4), ValueError, "`seeds` must be int64"),
+    (lambda: GroupSampler(torch.tensor([1]), 4, temperature=-1.0), ValueError, "temperature"),
+    (lambda: GroupSampler(torch.tensor([1]), 4, top_k=True), TypeError, "top_k"),
+    (lambda: GroupSampler(torch.tensor([1]), 4, top_p=0.0), ValueError, "top_p"),
+])
+def test_group_sampler_checks_its_settings(make, exc, match):
+    with pytest.raises(exc, match=match):
+        make()
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda s: s(torch.randn(2, 2, 9), 0, 1, 1.0), "`logits` must be .* shape \\(1 or 2, 1, V\\)"),
+    (lambda s: s(torch.randn(3, 1, 9), 0, 1, 1.0), "shape \\(1 or 2, 1, V\\)"),
+    (lambda s: s(torch.randn(2, 1, 9, dtype=torch.float64), 0, 1, 1.0), "float32, bfloat16 or float16"),
+    (lambda s: s(torch.randn(2, 2, 9), 3, 5, 1.0), r"positions \[3, 5\) of 4"),
+    (lambda s: s(torch.randn(2, 1, 9), 0, 1, -1.0), "`cfg_scale` must be >= 0"),
+    (lambda s: s(torch.randn(2, 1, 9), 0, 1, float("nan")), "`cfg_scale` must be finite"),
+    (lambda s: s("logits", 0, 1, 1.0), "got str"),
+])
+def test_group_sampler_checks_each_step(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(GroupSampler(torch.tensor([1]), 4))
