@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field, replace
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -507,6 +507,41 @@ def decode_gemm(x: Tensor, packed: PackedWeight, *, out: Optional[Tensor] = None
     return out
 
 
+def matmul_rows(x: Tensor, packed: PackedWeight, out: Optional[Tensor], run: Callable[[Tensor, Tensor], None]) -> Tensor:
+    """The body the activation-quantizing wrappers (decode_gemm_w8a8 / _w4a8) share: x (..., K) as
+    (M, K) rows, `out` (..., N) made when None, `run(x2, y2)` writing the rows into y2 (a view of a
+    contiguous `out`, else a buffer copied back). Arguments are checked by the caller."""
+    N = packed.N
+    x2 = x if x.dim() == 2 else x.reshape(-1, packed.K)
+    if out is None:
+        out = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
+    if x2.shape[0] == 0:
+        return out
+    direct = out.is_contiguous()
+    y2 = out.view(-1, N) if direct else torch.empty((x2.shape[0], N), dtype=x.dtype, device=x.device)
+    run(x2, y2)
+    if not direct:
+        out.copy_(y2.view(out.shape))
+    return out
+
+
+def grouped_cpu_impl(binding: str) -> Callable:
+    """The CPU entry of an op over group-scaled nibble panels (decode_gemm_int4, decode_gemm_w4a8):
+    both bindings take (x, M, K, ldx, dtype, packed, numel, group scales, group, N, y, ldy, threads)."""
+    def impl(x, packed, group_scales, out, group_size) -> None:
+        M, K = x.shape
+        N = out.shape[1]
+        x, ldx, dst, ldy = _fix_strides(x, out)
+        getattr(_dispatch.extension(), binding)(
+            x.data_ptr(), M, K, ldx, _dispatch.DTYPE_CODES[x.dtype], packed.data_ptr(), packed.numel(),
+            group_scales.data_ptr(), group_size, N, dst.data_ptr(), ldy, _dispatch.num_threads())
+        if dst is not out:
+            out.copy_(dst)
+
+    impl.__name__ = impl.__qualname__ = f"{binding}_cpu_impl"
+    return impl
+
+
 def _fix_strides(x, out):
     """x and a destination with a unit last stride and row stride >= the row length (what the
     kernels read/write); returns (x, ldx, dst, ldy)."""
@@ -611,15 +646,7 @@ def _int4_cpu_applies(x, packed, group_scales, out, group_size) -> bool:
             and packed.is_contiguous() and group_scales.is_contiguous() and group_scales.device.type == "cpu")
 
 
-def _int4_cpu_impl(x, packed, group_scales, out, group_size) -> None:
-    M, K = x.shape
-    N = out.shape[1]
-    x, ldx, dst, ldy = _fix_strides(x, out)
-    _dispatch.extension().decode_gemm_int4(
-        x.data_ptr(), M, K, ldx, _dispatch.DTYPE_CODES[x.dtype], packed.data_ptr(), packed.numel(),
-        group_scales.data_ptr(), group_size, N, dst.data_ptr(), ldy, _dispatch.num_threads())
-    if dst is not out:
-        out.copy_(dst)
+_int4_cpu_impl = grouped_cpu_impl("decode_gemm_int4")
 
 
 def _int4_torch_impl(x, packed, group_scales, out, group_size) -> None:

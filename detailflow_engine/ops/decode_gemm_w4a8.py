@@ -40,8 +40,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from detailflow_engine.ops import _dispatch
-from detailflow_engine.ops.decode_gemm import (INT4_GROUP, PANEL, PackedWeight, _fix_strides, _int4_nibbles, _shape,
-                                               check_rows, nibbles_int4, quantize_int4, unpack_group_scales)
+from detailflow_engine.ops.decode_gemm import (INT4_GROUP, PANEL, PackedWeight, _int4_nibbles, _shape, check_rows,
+                                               grouped_cpu_impl, matmul_rows, nibbles_int4, quantize_int4,
+                                               unpack_group_scales)
 from detailflow_engine.ops.decode_gemm_w8a8 import quantize_rows
 
 __all__ = ["pack_w4a8", "pack_w4a8_codes", "unpack_w4a8", "decode_gemm_w4a8", "decode_gemm_w4a8_ref",
@@ -163,23 +164,16 @@ def decode_gemm_w4a8(x: Tensor, packed: PackedWeight, *, out: Optional[Tensor] =
         (..., N) in x's dtype; `out` if given.
     """
     _validate(x, packed, out)
-    N, K = packed.N, packed.K
-    x2 = x if x.dim() == 2 else x.reshape(-1, K)
-    if out is None:
-        out = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
-    if x2.shape[0] == 0:
-        return out
-    direct = out.is_contiguous()
-    y2 = out.view(-1, N) if direct else torch.empty((x2.shape[0], N), dtype=x.dtype, device=x.device)
-    args = (x2, packed.packed, packed.kernel_scales, y2)
-    if _dispatch.plain_eager(*args):  # the op's body minus the custom op's Python layers
-        _run(*args, packed.group_size)
-        torch.autograd.graph.increment_version(y2)
-    else:
-        torch.ops.detailflow.decode_gemm_w4a8.default(*args[:3], packed.group_size, y2)
-    if not direct:
-        out.copy_(y2.view(out.shape))
-    return out
+
+    def run(x2, y2):
+        args = (x2, packed.packed, packed.kernel_scales, y2)
+        if _dispatch.plain_eager(*args):  # the op's body minus the custom op's Python layers
+            _run(*args, packed.group_size)
+            torch.autograd.graph.increment_version(y2)
+        else:
+            torch.ops.detailflow.decode_gemm_w4a8.default(*args[:3], packed.group_size, y2)
+
+    return matmul_rows(x, packed, out, run)
 
 
 def _cpu_applies(x, packed, group_scales, out, group_size) -> bool:
@@ -189,15 +183,7 @@ def _cpu_applies(x, packed, group_scales, out, group_size) -> bool:
             and group_scales.device.type == "cpu")
 
 
-def _cpu_impl(x, packed, group_scales, out, group_size) -> None:
-    M, K = x.shape
-    N = out.shape[1]
-    x, ldx, dst, ldy = _fix_strides(x, out)
-    _dispatch.extension().decode_gemm_w4a8(
-        x.data_ptr(), M, K, ldx, _dispatch.DTYPE_CODES[x.dtype], packed.data_ptr(), packed.numel(),
-        group_scales.data_ptr(), group_size, N, dst.data_ptr(), ldy, _dispatch.num_threads())
-    if dst is not out:
-        out.copy_(dst)
+_cpu_impl = grouped_cpu_impl("decode_gemm_w4a8")
 
 
 def _torch_impl(x, packed, group_scales, out, group_size) -> None:

@@ -37,8 +37,8 @@ import torch
 from torch import Tensor
 
 from detailflow_engine.ops import _dispatch
-from detailflow_engine.ops.decode_gemm import (PANEL, PackedWeight, _fix_strides, _shape, check_rows, quantize_int8,
-                                               unpack_panels)
+from detailflow_engine.ops.decode_gemm import (PANEL, PackedWeight, _fix_strides, _shape, check_rows, matmul_rows,
+                                               quantize_int8, unpack_panels)
 
 __all__ = ["pack_w8a8", "pack_w8a8_codes", "quantize_rows", "decode_gemm_w8a8", "decode_gemm_w8a8_ref",
            "force_portable", "MAX_K"]
@@ -140,23 +140,16 @@ def decode_gemm_w8a8(x: Tensor, packed: PackedWeight, *, out: Optional[Tensor] =
         (..., N) in x's dtype; `out` if given.
     """
     _validate(x, packed, out)
-    N, K = packed.N, packed.K
-    x2 = x if x.dim() == 2 else x.reshape(-1, K)
-    if out is None:
-        out = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
-    if x2.shape[0] == 0:
-        return out
-    direct = out.is_contiguous()
-    y2 = out.view(-1, N) if direct else torch.empty((x2.shape[0], N), dtype=x.dtype, device=x.device)
-    args = (x2, packed.packed, packed.kernel_scales, packed.colsum, y2)
-    if _dispatch.plain_eager(*args):  # the op's body minus the custom op's Python layers
-        _run(*args)
-        torch.autograd.graph.increment_version(y2)
-    else:
-        torch.ops.detailflow.decode_gemm_w8a8.default(*args)
-    if not direct:
-        out.copy_(y2.view(out.shape))
-    return out
+
+    def run(x2, y2):
+        args = (x2, packed.packed, packed.kernel_scales, packed.colsum, y2)
+        if _dispatch.plain_eager(*args):  # the op's body minus the custom op's Python layers
+            _run(*args)
+            torch.autograd.graph.increment_version(y2)
+        else:
+            torch.ops.detailflow.decode_gemm_w8a8.default(*args)
+
+    return matmul_rows(x, packed, out, run)
 
 
 def _cpu_applies(x, packed, scales, colsum, out) -> bool:
