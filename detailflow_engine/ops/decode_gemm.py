@@ -308,23 +308,31 @@ def dequantize_int4(q: Tensor, scales: Tensor, group_size: int) -> Tensor:
     return q.float() * scales.float().repeat_interleave(group_size, dim=1)[:, :K]
 
 
+def check_int4_codes(nibbles, scales, K, group_size: int) -> Tuple[Tensor, Tensor]:
+    """The int4 state-dict tensors checked: nibbles (N, ceil(K / 2)) uint8 with N >= 1, K >= 1, and
+    scales (N, ceil(K / G)) fp32 on their device (ValueError naming the argument); returned
+    detached and contiguous."""
+    N = nibbles.shape[0] if isinstance(nibbles, Tensor) and nibbles.dim() == 2 else -1
+    if (not isinstance(nibbles, Tensor) or nibbles.dtype != torch.uint8 or nibbles.dim() != 2 or N == 0
+            or isinstance(K, bool) or not isinstance(K, int) or K < 1 or nibbles.shape[1] != -(-K // 2)):
+        raise ValueError(f"`nibbles` must be uint8 of shape (N, ceil(K / 2)) with N >= 1 for K = {K}, got "
+                         f"{_shape(nibbles) if isinstance(nibbles, Tensor) else type(nibbles).__name__}")
+    ng = -(-K // group_size)
+    if (not isinstance(scales, Tensor) or scales.dtype != torch.float32 or tuple(scales.shape) != (N, ng)
+            or scales.device != nibbles.device):
+        raise ValueError(f"`scales` must be float32 of shape ({N}, {ng}) on {nibbles.device}, got "
+                         f"{_shape(scales) if isinstance(scales, Tensor) else type(scales).__name__}")
+    return nibbles.detach().contiguous(), scales.detach().contiguous()
+
+
 def pack_int4_nibbles(nibbles: Tensor, scales: Tensor, K: int, group_size: int, *,
                       keep_source: bool = True) -> PackedWeight:
     """An int4 PackedWeight from nibbles (N, ceil(K / 2)) uint8 and scales (N, ceil(K / G)) fp32
     (a state dict's int4 tensors): the panel copies of both are made here; the originals are
     kept unless `keep_source=False`."""
     G = _check_group(group_size)
-    N = nibbles.shape[0] if isinstance(nibbles, Tensor) and nibbles.dim() == 2 else -1
-    if (not isinstance(nibbles, Tensor) or nibbles.dtype != torch.uint8 or nibbles.dim() != 2 or N == 0
-            or isinstance(K, bool) or not isinstance(K, int) or nibbles.shape[1] != -(-K // 2)):
-        raise ValueError(f"`nibbles` must be uint8 of shape (N, ceil(K / 2)) with N >= 1 for K = {K}, got "
-                         f"{_shape(nibbles) if isinstance(nibbles, Tensor) else type(nibbles).__name__}")
-    ng = -(-K // G)
-    if (not isinstance(scales, Tensor) or scales.dtype != torch.float32 or tuple(scales.shape) != (N, ng)
-            or scales.device != nibbles.device):
-        raise ValueError(f"`scales` must be float32 of shape ({N}, {ng}) on {nibbles.device}, got "
-                         f"{_shape(scales) if isinstance(scales, Tensor) else type(scales).__name__}")
-    nibbles, scales = nibbles.detach().contiguous(), scales.detach().contiguous()
+    nibbles, scales = check_int4_codes(nibbles, scales, K, G)
+    N, ng = scales.shape
     if nibbles.device.type == "cuda":  # the kernel reads the row-major nibbles
         packed = nibbles
     else:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from detailflow_engine.ops import _dispatch
-from detailflow_engine.ops.decode_gemm import (INT4_GROUP, PANEL, PackedWeight, _int4_nibbles, _shape, check_rows,
+from detailflow_engine.ops.decode_gemm import (INT4_GROUP, PANEL, PackedWeight, _int4_nibbles, check_int4_codes, check_rows,
                                                grouped_cpu_impl, matmul_rows, nibbles_int4, quantize_int4,
                                                unpack_group_scales)
 from detailflow_engine.ops.decode_gemm_w8a8 import quantize_rows
@@ -66,17 +66,8 @@ def pack_w4a8_codes(nibbles: Tensor, scales: Tensor, K: int, group_size: int = I
     nibble = even k, Q + 8) and scales (N, ceil(K / G)) fp32. The VNNI nibble panels and the
     panel group scales are made here; the originals are kept (not copied) unless `keep_source=False`."""
     G = _check_group(group_size)
-    N = nibbles.shape[0] if isinstance(nibbles, Tensor) and nibbles.dim() == 2 else -1
-    if (not isinstance(nibbles, Tensor) or nibbles.dtype != torch.uint8 or nibbles.dim() != 2 or N == 0
-            or isinstance(K, bool) or not isinstance(K, int) or K < 1 or nibbles.shape[1] != -(-K // 2)):
-        raise ValueError(f"`nibbles` must be uint8 of shape (N, ceil(K / 2)) with N >= 1 for K = {K}, got "
-                         f"{_shape(nibbles) if isinstance(nibbles, Tensor) else type(nibbles).__name__}")
-    ng = -(-K // G)
-    if (not isinstance(scales, Tensor) or scales.dtype != torch.float32 or tuple(scales.shape) != (N, ng)
-            or scales.device != nibbles.device):
-        raise ValueError(f"`scales` must be float32 of shape ({N}, {ng}) on {nibbles.device}, got "
-                         f"{_shape(scales) if isinstance(scales, Tensor) else type(scales).__name__}")
-    nibbles, scales = nibbles.detach().contiguous(), scales.detach().contiguous()
+    nibbles, scales = check_int4_codes(nibbles, scales, K, G)
+    N, ng = scales.shape
     np_, k8 = -(-N // PANEL), -(-K // 8)
     with torch.no_grad():
         n = nibbles_int4(nibbles, K).to(torch.uint8) + 8  # (N, K) in [0, 15]
