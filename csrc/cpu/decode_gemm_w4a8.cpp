@@ -23,9 +23,9 @@
 // on the calling thread into tile-major words (4 s8 of one row) and per-group corrections.
 // Inner loop per k8: NP weight loads, 3 NP unpacking ops, 2 MT broadcasts, 2 MT x NP vpdpbusd;
 // per group: MT x NP conversions, multiplies and adds into fp32 accumulators held in registers.
-// Tiles: M <= 6 one tile over panel pairs (NP = 2); larger M tiles of <= 12 rows, one panel at a
-// time (NP = 1), the panel's later tiles reading it from L1/L2. N panels are split across
-// threads in dynamic items of 8 panels, as decode_gemm.
+// Tiles: M <= 2 one tile over 4 panels at a time (NP = 4), M <= 6 over panel pairs (NP = 2);
+// larger M tiles of <= 12 rows, one panel at a time (NP = 1), the panel's later tiles reading it
+// from L1/L2. N panels are split across threads in dynamic items of 8 panels, as decode_gemm.
 //
 // Variants (chosen at run time; the binary runs on any x86-64):
 //   - avx512-vnni  CPU with avx512f/bw/vl/dq + avx512_vnni: the loop above.
@@ -235,7 +235,7 @@ void run(const X* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* packed, c
   const int64_t ng = (K + group - 1) / group;
   const int64_t pstride = K8 * kVec, gstride = ng * kP;
   const int64_t panels = (N + kP - 1) / kP;
-  // Few rows: one tile over panel pairs; more: tiles of <= 12 rows, one panel at a time
+  // Few rows: one tile over panel quads (M <= 2) or pairs; more: tiles of <= 12 rows, one panel at a time
   // (M = 16 -> 2 x 8, M = 128 -> 11 x 12).
   const bool pairs = M <= kPairRows;
   const int64_t count = pairs ? 1 : (M + kMaxRows - 1) / kMaxRows;
