@@ -1,4 +1,4 @@
-"""Shared by the compiled-kernel tests: skip marks for the `_C` entry points a test needs."""
+"""Shared by the compiled-kernel tests: skip marks for the `_C` entry points a test needs, and checks.
 from __future__ import annotations
 
 import pytest
@@ -52,3 +52,21 @@ def check_variant_names(call, force_portable, best: str, flags_needed) -> None:
         assert call() == "portable"
     finally:
         force_portable(False)
+
+
+def random_problem(M, N, K, x_dtype=torch.float32, seed=0):
+    """x (M, K) in x_dtype and a float32 weight (N, K), Gaussian, from one seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(M, K, generator=g).to(x_dtype), torch.randn(N, K, generator=g)
+
+
+def check_exact_call(op, x, packed, want, out=None):
+    """y = op(x, packed, out=out) is `want` bit for bit (NaN where want is NaN), of x's dtype and
+    shape (..., N), and is `out` when one is given; returns y. For the exact-integer decode GEMMs."""
+    y = op(x, packed, out=out)
+    if out is not None:
+        assert y is out
+    assert y.shape == (*x.shape[:-1], packed.N) and y.dtype == x.dtype
+    assert torch.equal(y, want) or (torch.isnan(y) == torch.isnan(want)).all() and torch.equal(
+        y.nan_to_num(), want.nan_to_num()), f"max diff {(y.float() - want.float()).abs().max().item():.3g}"
+    return y

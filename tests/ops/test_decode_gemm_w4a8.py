@@ -14,7 +14,8 @@ from detailflow_engine.ops.decode_gemm import (PANEL, _int4_nibbles, decode_gemm
 from detailflow_engine.ops.decode_gemm_w4a8 import (MAX_GROUP, decode_gemm_w4a8, decode_gemm_w4a8_ref, force_portable,
                                                     pack_w4a8, pack_w4a8_codes, unpack_w4a8)
 from detailflow_engine.ops.decode_gemm_w8a8 import quantize_rows
-from tests.ops._kernel_marks import check_variant_names, needs_cpu_kernel, variant_fixture
+from tests.ops._kernel_marks import (check_exact_call, check_variant_names, needs_cpu_kernel, random_problem,
+                                    variant_fixture)
 
 F32, BF16 = torch.float32, torch.bfloat16
 needs_kernel = needs_cpu_kernel("decode_gemm_w4a8")
@@ -23,21 +24,12 @@ needs_kernel = needs_cpu_kernel("decode_gemm_w4a8")
 variant = variant_fixture("decode_gemm_w4a8_force_portable", force_portable)
 
 
-def make(M, N, K, x_dtype=F32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(M, K, generator=g).to(x_dtype), torch.randn(N, K, generator=g)
+make = random_problem
 
 
 def check(x, packed, out=None):
     """The kernel's bits == the reference's (exact integer sums, one fp32 order: no tolerance)."""
-    want = decode_gemm_w4a8_ref(x, packed.weight, packed.scales, packed.group_size)
-    y = decode_gemm_w4a8(x, packed, out=out)
-    if out is not None:
-        assert y is out
-    assert y.shape == (*x.shape[:-1], packed.N) and y.dtype == x.dtype
-    assert torch.equal(y, want) or (torch.isnan(y) == torch.isnan(want)).all() and torch.equal(
-        y.nan_to_num(), want.nan_to_num()), f"max diff {(y.float() - want.float()).abs().max().item():.3g}"
-    return y
+    return check_exact_call(decode_gemm_w4a8, x, packed, decode_gemm_w4a8_ref(x, packed.weight, packed.scales, packed.group_size), out)
 
 
 def test_reference_is_the_formula():
