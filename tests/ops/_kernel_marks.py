@@ -1,4 +1,4 @@
-"""Shared by the compiled-kernel tests: skip marks for the `_C` entry points a test needs, and checks.
+"""Shared by the compiled-kernel tests: skip marks for the `_C` entry points a test needs, and checks."""
 from __future__ import annotations
 
 import pytest
