@@ -22,6 +22,7 @@
 #include "decode_gemm_w8a8.h"
 #include "decode_layer.h"
 #include "group_sample.h"
+#include "prior_step.h"
 #include "vq_lookup.h"
 #if DETAILFLOW_HAS_CUDA
 #include "cache_attention_cuda.h"
@@ -399,11 +400,9 @@ using StackLayerArg = std::tuple<std::array<PackedArg, 5>, uintptr_t, uintptr_t,
 
 // decode_layers: every layer of a prior for one decode step in one call (ops/decode_layer.py's
 // LayerStack builds it once). The layers' weights, norms and caches are checked here once; a step
-// passes only its activations. Layer 0 reads (h, y) and writes (h_out, y_out); the later layers
-// run in place on (h_out, y_out): cpu::decode_layer reads each row of h in full before writing
-// that row, and y only in its first GEMM, so the bits are those of one decode_layer call a layer.
-// With a first_norm (its address, else 0), run() may take y = 0: then y = rmsnorm(h) * first_norm
-// is computed first, into y_out (the first layer's attention_norm, as add_rmsnorm computes it).
+// passes only its activations (cpu::decode_layers: layer 0 reads (h, y), the later layers run in
+// place on (h_out, y_out)). With a first_norm (its address, else 0), run() may take y = 0: then
+// y = rmsnorm(h) * first_norm is computed first, into y_out (the first layer's attention_norm).
 class DecodeLayerStack {
  public:
   DecodeLayerStack(int dtype, int64_t B, int64_t H, int64_t d, int64_t L_max, const std::vector<StackLayerArg>& layers,
@@ -417,7 +416,10 @@ class DecodeLayerStack {
              "unsupported dtype code " << dtype << " (expected float32 or bfloat16)");
     for (const auto& [weights, ffn_norm, next_norm, k_cache, v_cache] : layers) {
       DF_CHECK_PTR(ffn_norm); DF_CHECK_PTR(next_norm); DF_CHECK_PTR(k_cache); DF_CHECK_PTR(v_cache);
-      layers_.push_back({layer_weight_views(weights, H * d), ffn_norm, next_norm, k_cache, v_cache});
+      const LayerWeightViews w = layer_weight_views(weights, H * d);
+      layers_.push_back({w.wqkv, w.wo, w.w1, w.w3, w.w2, reinterpret_cast<const void*>(ffn_norm),
+                         reinterpret_cast<const void*>(next_norm), reinterpret_cast<void*>(k_cache),
+                         reinterpret_cast<void*>(v_cache)});
     }
   }
 
@@ -428,38 +430,119 @@ class DecodeLayerStack {
            int64_t n, int64_t start, double eps, int sum_lanes, int num_threads) const {
     check_decode_step(h, ldh, y, ldy, h_out, y_out, freqs, B_, n, H_, d_, L_max_, start, sum_lanes);
     DF_CHECK(y != 0 || first_norm_ != 0, "y is a null pointer and the stack has no first_norm");
-    const int64_t dim = H_ * d_;
     py::gil_scoped_release release;
     DF_DISPATCH_FLOAT(dtype_, "decode_layers", [&] {
       using T = scalar_t;
-      if (y == 0) {
-        detailflow::cpu::rmsnorm_rows(reinterpret_cast<const T*>(h), ldh, reinterpret_cast<const T*>(first_norm_),
-                                      B_ * n, dim, static_cast<float>(eps), sum_lanes, reinterpret_cast<T*>(y_out));
-        y = y_out;
-        ldy = dim;
-      }
-      for (size_t i = 0; i < layers_.size(); ++i) {
-        const Layer& l = layers_[i];
-        const bool first = i == 0;
-        detailflow::cpu::decode_layer(
-            layer_args<scalar_t>(first ? h : h_out, first ? ldh : dim, first ? y : y_out, first ? ldy : dim, h_out,
-                                 y_out, l.weights, l.ffn_norm, l.next_norm, freqs, l.k_cache, l.v_cache, B_, n, H_,
-                                 d_, L_max_, start, eps, scale_, sum_lanes),
-            num_threads);
-      }
+      detailflow::cpu::decode_layers<T>(layers_, reinterpret_cast<const T*>(first_norm_), reinterpret_cast<const T*>(h),
+                                        ldh, reinterpret_cast<const T*>(y), ldy, reinterpret_cast<T*>(h_out),
+                                        reinterpret_cast<T*>(y_out), reinterpret_cast<const float*>(freqs), B_, n, H_,
+                                        d_, L_max_, start, static_cast<float>(eps), static_cast<float>(scale_),
+                                        sum_lanes, num_threads);
     });
   }
 
+  int dtype() const { return dtype_; }
+  int64_t batch() const { return B_; }
+  int64_t heads() const { return H_; }
+  int64_t head_dim() const { return d_; }
+  int64_t max_len() const { return L_max_; }
+  double scale() const { return scale_; }
+  uintptr_t first_norm() const { return first_norm_; }
+  const std::vector<detailflow::cpu::StackLayer>& layers() const { return layers_; }
+
  private:
-  struct Layer {
-    LayerWeightViews weights;
-    uintptr_t ffn_norm, next_norm, k_cache, v_cache;
-  };
   int dtype_;
   int64_t B_, H_, d_, L_max_;
   double scale_;  // softmax 1 / sqrt(d), as the Python wrapper computes it for decode_layer
   uintptr_t first_norm_;
-  std::vector<Layer> layers_;
+  std::vector<detailflow::cpu::StackLayer> layers_;
+};
+
+// prior_step: one decode step of a prior -- embeddings, every layer of a DecodeLayerStack (which
+// must have a first_norm), the output head -- in one call (ops/prior_step.py's PriorStepWeights
+// builds it once a generation). Tables are (rows, dim) contiguous in the stack's dtype; freqs_cis
+// the prior's fp32 (freq_rows, d / 2, 2) rotary table. A step passes its labels, tokens and the
+// fp32 logits it fills; every id it reads is checked against its table first.
+class PriorStep {
+ public:
+  PriorStep(const DecodeLayerStack& stack, uintptr_t cls, int64_t cls_rows, uintptr_t tok, int64_t vocab,
+            uintptr_t spe, int64_t spe_rows, int64_t causal_num, int64_t group_size, const PackedArg& head,
+            uintptr_t freqs_cis, int64_t freq_rows)
+      : stack_(stack), cls_(cls), tok_(tok), spe_(spe), cls_rows_(cls_rows), vocab_(vocab), spe_rows_(spe_rows),
+        causal_num_(causal_num), group_size_(group_size), freqs_cis_(freqs_cis), freq_rows_(freq_rows),
+        head_(packed_view(head, vocab, stack.heads() * stack.head_dim(), "head")) {
+    DF_CHECK_PTR(cls); DF_CHECK_PTR(tok); DF_CHECK_PTR(freqs_cis);
+    DF_CHECK(stack.first_norm() != 0, "the stack must have a first_norm (layer 0's attention_norm)");
+    DF_CHECK_POSITIVE(cls_rows); DF_CHECK_POSITIVE(vocab); DF_CHECK_NONNEG(spe_rows);
+    DF_CHECK_NONNEG(causal_num); DF_CHECK_POSITIVE(group_size); DF_CHECK_POSITIVE(freq_rows);
+    DF_CHECK(spe_rows >= group_size - 1, "spe_rows must be >= group_size - 1 = " << group_size - 1 << ", got "
+                                                                                  << spe_rows);
+    DF_CHECK(spe_rows == 0 || spe != 0, "spe is a null pointer");
+  }
+
+  // logits (B, n, vocab) fp32 contiguous of positions [start, start + n); labels (B,) int64,
+  // tokens (B, num_tokens) int64 with rows stride ldt.
+  void run(uintptr_t labels, uintptr_t tokens, int64_t ldt, int64_t num_tokens, int64_t start, int64_t n,
+           uintptr_t logits, double eps, int sum_lanes, int num_threads) {
+    step(labels, tokens, ldt, num_tokens, start, n, logits, eps, sum_lanes, num_threads, nullptr, 0, 0);
+  }
+
+  // run(), then the step's tokens drawn from the logits by group_sample (the arguments of
+  // group_sample_cpu for `batch` images; the rows are batch or 2 batch with CFG) and written into
+  // `tokens` at columns [start, start + n) of every row of each image (start + n <= num_tokens).
+  // positions: the step's n positions. last_sample_seconds then holds the draw's time.
+  void run_sampled(uintptr_t labels, uintptr_t tokens, int64_t ldt, int64_t num_tokens, int64_t start, int64_t n,
+                   uintptr_t logits, double eps, int sum_lanes, int num_threads, uintptr_t seeds,
+                   uintptr_t positions, int64_t batch, double cfg_scale, double temperature, int64_t top_k,
+                   int64_t top_p24, bool greedy) {
+    const int64_t V = vocab_;
+    const detailflow::cpu::GroupSampleParams p = group_sample_params(
+        logits, stack_.batch(), n, V, {n * V, V, 1}, seeds, positions, batch, cfg_scale, temperature, top_k,
+        top_p24, greedy, tokens);
+    DF_CHECK(start + n <= num_tokens, "the step's tokens go to columns [" << start << ", " << start + n
+                                          << ") but tokens has " << num_tokens << " columns");
+    step(labels, tokens, ldt, num_tokens, start, n, logits, eps, sum_lanes, num_threads, &p, seeds, positions);
+  }
+
+  double last_sample_seconds() const { return last_sample_seconds_; }
+
+ private:
+  void step(uintptr_t labels, uintptr_t tokens, int64_t ldt, int64_t num_tokens, int64_t start, int64_t n,
+            uintptr_t logits, double eps, int sum_lanes, int num_threads,
+            const detailflow::cpu::GroupSampleParams* sample, uintptr_t seeds, uintptr_t positions) {
+    DF_CHECK_PTR(labels); DF_CHECK_PTR(tokens); DF_CHECK_PTR(logits);
+    DF_CHECK_POSITIVE(n); DF_CHECK_NONNEG(start); DF_CHECK_NONNEG(num_tokens);
+    DF_CHECK_NONNEG(ldt);
+    DF_CHECK(start + n <= stack_.max_len(), "start + n must be <= L_max, got " << start << " + " << n << " > "
+                                                                                << stack_.max_len());
+    DF_CHECK(start + n <= freq_rows_, "start + n must be <= the rotary table's " << freq_rows_ << " rows, got "
+                                                                                 << start << " + " << n);
+    DF_CHECK(sum_lanes >= 1 && sum_lanes <= 16, "sum_lanes must be in [1, 16], got " << sum_lanes);
+    DF_DISPATCH_FLOAT(stack_.dtype(), "prior_step", [&] {
+      using T = scalar_t;
+      const detailflow::cpu::PriorStepArgs<T> a{
+          {reinterpret_cast<const T*>(cls_), cls_rows_, reinterpret_cast<const T*>(tok_), vocab_,
+           reinterpret_cast<const T*>(spe_), spe_rows_, causal_num_, group_size_, stack_.heads() * stack_.head_dim()},
+          &stack_.layers(), reinterpret_cast<const T*>(stack_.first_norm()), head_,
+          reinterpret_cast<const float*>(freqs_cis_), reinterpret_cast<const int64_t*>(labels),
+          reinterpret_cast<const int64_t*>(tokens), ldt, num_tokens, reinterpret_cast<float*>(logits),
+          stack_.batch(), n, stack_.heads(), stack_.head_dim(), stack_.max_len(), start, static_cast<float>(eps),
+          static_cast<float>(stack_.scale()), sum_lanes, sample, reinterpret_cast<const int64_t*>(seeds),
+          reinterpret_cast<const int64_t*>(positions), reinterpret_cast<int64_t*>(tokens)};
+      const std::string bad = detailflow::cpu::step_index_error(a);
+      DF_CHECK(bad.empty(), bad);
+      py::gil_scoped_release release;
+      last_sample_seconds_ = detailflow::cpu::prior_step(a, num_threads);
+    });
+  }
+
+  const DecodeLayerStack& stack_;  // kept alive by the Python object (py::keep_alive)
+  uintptr_t cls_, tok_, spe_;
+  int64_t cls_rows_, vocab_, spe_rows_, causal_num_, group_size_;
+  uintptr_t freqs_cis_;
+  int64_t freq_rows_;
+  detailflow::cpu::PackedWeightView head_;
+  double last_sample_seconds_ = 0.0;
 };
 
 #if DETAILFLOW_HAS_CUDA  // the CUDA kernels' bindings
@@ -619,6 +702,13 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<int, int64_t, int64_t, int64_t, int64_t, const std::vector<StackLayerArg>&, uintptr_t>())
       .def("__len__", &DecodeLayerStack::size)
       .def("run", &DecodeLayerStack::run, "One decode step through every layer");
+  py::class_<PriorStep>(m, "PriorStep", "A prior's decode step: embeddings, every layer, the head, one call (CPU)")
+      .def(py::init<const DecodeLayerStack&, uintptr_t, int64_t, uintptr_t, int64_t, uintptr_t, int64_t, int64_t,
+                    int64_t, const PackedArg&, uintptr_t, int64_t>(),
+           py::keep_alive<1, 2>())
+      .def("run", &PriorStep::run, "One decode step: fp32 logits of its positions")
+      .def("run_sampled", &PriorStep::run_sampled, "One decode step, its tokens drawn and written")
+      .def_property_readonly("last_sample_seconds", &PriorStep::last_sample_seconds);
   m.def("group_sample", &group_sample_cpu, "CFG + temperature + top-k/top-p + Philox draw (CPU)");
 #if DETAILFLOW_HAS_CUDA
   m.def("decode_gemm_cuda", &decode_gemm_cuda, "y = x @ W^T for few rows, W row-major or int8 (CUDA)");

@@ -27,6 +27,8 @@ import torch.nn as nn
 
 from detailflow_engine.config import PriorConfig
 from detailflow_engine.ops.decode_layer import LayerStack, LayerWeights, decode_layers
+from detailflow_engine.ops.group_sample import GroupSampler
+from detailflow_engine.ops.prior_step import PriorStepWeights, StepEmbeddings, prior_step, step_embeddings_ref
 from detailflow_engine.schedule import Step
 from detailflow_engine.rotary import precompute_freqs_cis_2d
 
@@ -128,7 +130,9 @@ class Prior(nn.Module):
         # to the old buffers' addresses (cuda_graphs.StepGraphs) sees that it went stale.
         self.cache_epoch = 0
         self._stack: Optional[LayerStack] = None  # what forward_step's layers read (see layer_stack)
+        self._step: Optional[PriorStepWeights] = None  # what step_logits reads (see step_weights)
         self._stack_epoch = -1
+        self._stack_key: tuple = ()  # _weights_key() when the stack was built
         self.register_load_state_dict_post_hook(_drop_layer_stack)
 
     @property
@@ -156,47 +160,50 @@ class Prior(nn.Module):
         self.cache_batch = batch
         self.cache_epoch += 1
 
+    def step_tables(self) -> StepEmbeddings:
+        """The input embedding tables and the positions' layout, as ops.prior_step reads them."""
+        c = self.config
+        return StepEmbeddings(self.cls_embedding.embedding_table.weight, self.tok_embeddings.weight,
+                              self.spe_tok_embeddings.special_embeddings.weight, c.causal_num, c.group_size)
+
     def step_embeddings(self, labels: torch.Tensor, tokens: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Input embeddings of sequence positions [start, stop) -> (B, stop - start, dim).
 
         labels: (B,) class ids (null rows carry num_classes); tokens: (B, T) tokens so far.
         """
-        c, g = self.config.causal_num, self.config.group_size
-        parts = []
-        q = start
-        while q < stop:
-            if q == 0:
-                parts.append(self.cls_embedding.embedding_table(labels)[:, None])
-                q += 1
-            elif q <= c:
-                end = min(stop, c + 1)
-                parts.append(self.tok_embeddings(tokens[:, q - 1:end - 1]))
-                q = end
-            elif q < c + g:
-                end = min(stop, c + g)
-                spe = self.spe_tok_embeddings.special_embeddings.weight[q - c - 1:end - c - 1]
-                parts.append(spe[None].expand(labels.shape[0], -1, -1))
-                q = end
-            else:
-                parts.append(self.tok_embeddings(tokens[:, q - g:stop - g]))
-                q = stop
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return step_embeddings_ref(self.step_tables(), labels, tokens, start, stop)
 
-    def step_logits(self, labels: torch.Tensor, tokens: torch.Tensor, step: Step) -> torch.Tensor:
-        """Logits (B, n, V) fp32 of one decode step: embed its positions, run them through the cache."""
-        return self.forward_step(self.step_embeddings(labels, tokens, step.start, step.stop), step.start)
+    def step_logits(self, labels: torch.Tensor, tokens: torch.Tensor, step: Step,
+                    sampler: Optional[GroupSampler] = None, cfg_scale: float = 1.0) -> torch.Tensor:
+        """Logits (B, n, V) fp32 of one decode step: embed its positions, run them through the
+        cache, the head (ops.prior_step: one extension call on the CPU kernel). With a sampler:
+        also the step's tokens drawn at cfg_scale and written into `tokens` (in the same call)."""
+        return prior_step(self.step_weights(step.start), labels, tokens, step.start, step.stop, sampler, cfg_scale)
+
+    def step_weights(self, start: int) -> PriorStepWeights:
+        """What ops.prior_step reads: the layer stack (layer_stack(start)) with the embeddings,
+        the head and the rotary table; rebuilt whenever the stack is."""
+        stack = self.layer_stack(start)
+        if self._step is None or self._step.stack is not stack:
+            self._step = PriorStepWeights(self.step_tables(), stack, self.output, self.freqs_cis, self.config.norm_eps)
+        return self._step
 
     def _apply(self, fn, recurse=True):
         self._stack = None  # it points into the tensors that .to() / .cuda() replace
         return super()._apply(fn, recurse)
 
     def layer_stack(self, start: int) -> LayerStack:
-        """Every layer's weights and KV cache as ops.decode_layers reads them. Built at each
-        generation's first step (start 0), after setup_caches reallocates and after the prior's
-        load_state_dict or .to(); reused by the generation's later steps otherwise, so a module
-        swapped or reloaded on its own must wait for the next generation (its cached keys and
-        values would not match the new weights anyway)."""
-        if start == 0 or self._stack is None or self._stack_epoch != self.cache_epoch:
+        """Every layer's weights and KV cache as ops.decode_layers reads them. Checked at each
+        generation's first step (start 0) and rebuilt when any module, packed weight, parameter
+        storage or cache it reads was replaced (`_weights_key`), after setup_caches reallocates and
+        after the prior's load_state_dict or .to(); reused by the generation's later steps
+        otherwise, so a module swapped or reloaded on its own must wait for the next generation
+        (its cached keys and values would not match the new weights anyway)."""
+        stale = self._stack is None or self._stack_epoch != self.cache_epoch
+        if start == 0 and not stale:
+            key = self._weights_key()
+            stale = key != self._stack_key
+        if stale:
             if self.layers[0].attention.kv_cache is None:
                 raise RuntimeError("the prior has no KV cache: call setup_caches(batch) before forward_step")
             nexts = [layer.attention_norm for layer in self.layers[1:]] + [self.norm]
@@ -205,7 +212,35 @@ class Prior(nn.Module):
                                      [c.k_cache for c in caches], [c.v_cache for c in caches],
                                      first_norm=self.layers[0].attention_norm.weight)
             self._stack_epoch = self.cache_epoch
+            self._stack_key = self._weights_key()
         return self._stack
+
+    def _weights_key(self) -> tuple:
+        """What a step's kernels hold the addresses of: the linears and their packed weights, the
+        norm, embedding and cache storages, the rotary table. ids are safe to compare: the stack
+        keeps every object of the key it was built with alive. Read through the modules' own
+        dicts (nn.Module.__getattr__ costs ~1 us a lookup, and this runs every generation)."""
+        key = []
+
+        def linear(mod):
+            return id(mod), id(mod.__dict__.get("_packed"))
+
+        def weight(norm):
+            return norm._parameters["weight"].data_ptr()
+
+        for layer in self._modules["layers"]:
+            parts = layer._modules
+            attn, ffn = parts["attention"]._modules, parts["feed_forward"]._modules
+            cache = parts["attention"].kv_cache
+            for lin in (attn["wqkv"], attn["wo"], ffn["w1"], ffn["w3"], ffn["w2"]):
+                key += linear(lin)
+            key += (weight(parts["attention_norm"]), weight(parts["ffn_norm"]), id(cache),
+                    id(cache._buffers["k_cache"]) if cache is not None else 0)
+        m = self._modules
+        key += (weight(m["norm"]), *linear(m["output"]), weight(m["tok_embeddings"]),
+                weight(m["cls_embedding"]._modules["embedding_table"]),
+                weight(m["spe_tok_embeddings"]._modules["special_embeddings"]), self.freqs_cis.data_ptr())
+        return tuple(key)
 
     def forward_step(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """Run new positions [start, start + n) through the model; x: (B, n, dim) -> logits (B, n, V) fp32."""

@@ -73,3 +73,40 @@ def test_a_prior_that_ran_steps_can_be_deep_copied(tiny_a):
     twin = copy.deepcopy(prior)
     assert twin.layer_stack(3) is not prior.layer_stack(3)
     assert torch.equal(teacher_forced_logits(twin, labels, codes), want)
+
+
+def test_the_stack_is_kept_across_generations_until_something_it_reads_is_replaced(tiny_a):
+    """Checked at every generation's first step: reused while nothing changed, rebuilt after a swapped
+    linear, a parameter given new storage or a submodule reloaded on its own, and the next
+    generation then reads the new weights."""
+    from detailflow_engine.linear import DecodeLinear
+
+    prior = load_prior(tiny_a / "prior")
+    labels, codes = _inputs(prior)
+    teacher_forced_logits(prior, labels, codes)
+    stack = prior.layer_stack(0)
+    assert prior.layer_stack(0) is stack and prior.step_weights(0).stack is stack
+    new_state = _perturbed(prior.state_dict())
+    changed = dict(prior.state_dict())
+
+    def expected(*keys):
+        for k in keys:
+            changed[k] = new_state[k]
+        fresh = load_prior(tiny_a / "prior")
+        fresh.load_state_dict(changed)
+        return teacher_forced_logits(fresh, labels, codes)
+
+    lin = torch.nn.Linear(prior.config.ffn_hidden, prior.config.dim, bias=False)  # a linear swapped
+    with torch.no_grad():
+        lin.weight.copy_(new_state["layers.1.feed_forward.w2.weight"])
+    prior.layers[1].feed_forward.w2 = DecodeLinear(lin)
+    assert prior.layer_stack(0) is not stack
+    assert torch.equal(teacher_forced_logits(prior, labels, codes), expected("layers.1.feed_forward.w2.weight"))
+    stack = prior.layer_stack(0)
+    prior.norm.weight.data = new_state["norm.weight"].clone()  # new storage
+    assert prior.layer_stack(0) is not stack
+    assert torch.equal(teacher_forced_logits(prior, labels, codes), expected("norm.weight"))
+    stack = prior.layer_stack(0)
+    prior.layers[0].attention.wqkv.load_state_dict({"weight": new_state["layers.0.attention.wqkv.weight"]})
+    assert prior.layer_stack(0) is not stack  # a new packed weight
+    assert torch.equal(teacher_forced_logits(prior, labels, codes), expected("layers.0.attention.wqkv.weight"))

@@ -267,8 +267,36 @@ void rmsnorm_rows(const T* h, int64_t ldh, const T* weight, int64_t M, int64_t d
   pw.add_rmsnorm(h, ldh, nullptr, weight, M, dim, eps, sum_lanes, nullptr, y, work.data());
 }
 
+template <typename T>
+void decode_layers(const std::vector<StackLayer>& layers, const T* first_norm, const T* h, int64_t ldh, const T* y,
+                   int64_t ldy, T* h_out, T* y_out, const float* freqs, int64_t B, int64_t n, int64_t H, int64_t d,
+                   int64_t L_max, int64_t start, float eps, float scale, int sum_lanes, int num_threads) {
+  const int64_t dim = H * d;
+  if (y == nullptr) {
+    rmsnorm_rows(h, ldh, first_norm, B * n, dim, eps, sum_lanes, y_out);
+    y = y_out;
+    ldy = dim;
+  }
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const StackLayer& l = layers[i];
+    const bool first = i == 0;
+    decode_layer<T>({first ? h : h_out, first ? ldh : dim, first ? y : y_out, first ? ldy : dim, h_out, y_out, l.wqkv,
+                     l.wo, l.w1, l.w3, l.w2, static_cast<const T*>(l.ffn_norm), static_cast<const T*>(l.next_norm),
+                     freqs, static_cast<T*>(l.k_cache), static_cast<T*>(l.v_cache), B, n, H, d, L_max, start, eps,
+                     scale, sum_lanes},
+                    num_threads);
+  }
+}
+
 template void decode_layer<float>(const DecodeLayerArgs<float>&, int);
 template void decode_layer<bf16>(const DecodeLayerArgs<bf16>&, int);
+#define DF_DECODE_LAYERS(T)                                                                                 \
+  template void decode_layers<T>(const std::vector<StackLayer>&, const T*, const T*, int64_t, const T*, int64_t, T*, \
+                                 T*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, float, \
+                                 int, int);
+DF_DECODE_LAYERS(float)
+DF_DECODE_LAYERS(bf16)
+#undef DF_DECODE_LAYERS
 template void rmsnorm_rows<float>(const float*, int64_t, const float*, int64_t, int64_t, float, int, float*);
 template void rmsnorm_rows<bf16>(const bf16*, int64_t, const bf16*, int64_t, int64_t, float, int, bf16*);
 

@@ -126,7 +126,7 @@ def register(op: str, name: str, fn: Callable, applies: Optional[Callable[..., b
 _SELFCHECKS: Dict[str, Callable[["Backend", Callable, torch.device], None]] = {}
 _CHECKED: Dict[tuple, bool] = {}  # (op, backend, device type, index) -> passed
 OP_MODULES = ("decode_gemm", "decode_gemm_w8a8", "cache_attention", "group_sample", "vq_lookup", "code_search",
-              "add_rmsnorm", "rope_qkv", "decode_layer")
+              "add_rmsnorm", "rope_qkv", "decode_layer", "prior_step")
 
 
 def register_selfcheck(op: str, check: Callable[["Backend", Callable, torch.device], None]) -> None:

@@ -346,8 +346,17 @@ class GroupSampler:
         positions = torch.arange(num_positions, device=seeds.device)
         probe = torch.empty((seeds.shape[0] if seeds.dim() == 1 else 1, 1, 1), device=seeds.device)
         _validate(probe, seeds, positions[:1], 1.0, temperature, top_k, top_p)  # all but logits and cfg
-        self.seeds, self.positions = seeds, positions
+        self.seeds, self.positions = seeds.contiguous(), positions
         self.temperature, self.top_k, self.top_p = float(temperature), int(top_k), float(top_p)
+
+    def settings(self, R: int, V: int, cfg_scale: float) -> _Settings:
+        """The kernel's settings for logits of R rows (B, or 2B: CFG) and V tokens at `cfg_scale`
+        (checked as a call checks it): what a fused caller (ops.prior_step) hands the kernel."""
+        if _real("cfg_scale", cfg_scale) < 0:
+            raise ValueError(f"`cfg_scale` must be >= 0, got {cfg_scale}")
+        if not 1 <= V <= MAX_VOCAB:
+            raise ValueError(f"V must be in [1, {MAX_VOCAB}], got {V}")
+        return _settings(R, self.seeds.shape[0], V, cfg_scale, self.temperature, self.top_k, self.top_p)
 
     def __call__(self, logits: Tensor, start: int, stop: int, cfg_scale: float) -> Tensor:
         """Tokens (B, stop - start) int64 for the logits (R, stop - start, V) of positions [start, stop)."""

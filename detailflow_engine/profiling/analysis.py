@@ -5,7 +5,10 @@ trace viewer shows) rather than `prof.events()`, whose Python-side parsing costs
 
 Stage times are exclusive: a stage range nested in another (VQ lookup inside decoder, the
 prior's embedding inside a step) is charged to itself only, so the stages plus "unattributed"
-(loop overhead, CFG mixing in the reference loop, ...) add up to the run's root range.
+(loop overhead, CFG mixing in the reference loop, ...) add up to the run's root range. Work of
+one stage done inside another's extension call (the draw of the engine's CPU prior_step) is
+timed by the kernel and moved to its stage and op (Counters.charge), so the tables keep one
+sampling row whichever way the engine samples.
 
 Per-op rows walk the event tree under the root: the outermost event of a known kind takes its
 whole (inclusive) time -- our kernels (`detailflow::*`), torch GEMMs, attention, norms -- and any
@@ -207,6 +210,10 @@ def op_rows(root: Node, counters=None) -> List[dict]:
         add(PYTHON_ROW, "python", max(own, 0.0), 0)
 
     visit(root)
+    for _, _, outer_op, op, seconds in (counters.charges if counters is not None else ()):
+        if outer_op in acc:  # time a kernel measured inside itself for another op (prior_step's draw)
+            acc[outer_op]["us"] -= seconds * 1e6
+            add(op, "ours", seconds * 1e6, 1)
     rows = []
     for row in acc.values():
         secs = row["us"] / 1e6
@@ -237,6 +244,10 @@ def analyze(trace: dict, run: str, wall_s: float, timer=None, counters=None) -> 
     """A run's exported Chrome trace -> its stages and ops; `timer`: the unprofiled run's stage times."""
     root = find_root(trace, run)
     stages, calls = stage_times(root)
+    for outer, stage, _, _, seconds in (counters.charges if counters is not None else ()):
+        stages[outer] -= seconds * 1e6  # a kernel's own time for another stage (prior_step's draw)
+        stages[stage] += seconds * 1e6
+        calls[stage] += 1
     timed = {s: timer.times.get(STAGE_PREFIX + s, 0.0) for s in STAGES} if timer is not None else {}
     return RunProfile(run, root.dur, wall_s, stages, calls, op_rows(root, counters), timed, gpu_kernels(trace))
 

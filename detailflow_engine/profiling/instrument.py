@@ -7,13 +7,14 @@ put everything back on exit. Stage ranges may nest (the decoder range holds the 
 the analysis charges each stage its exclusive time.
 
 It also counts the bytes and FLOPs our kernels move (weights streamed by decode_gemm, the KV cache
-read by cache_attention, logits read by group_sample, ...), so the per-op table can print GB/s.
+read by cache_attention, logits read by group_sample, everything a prior_step reads, ...), so the per-op table can print GB/s.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
 import time
+import weakref
 from collections import defaultdict
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -52,6 +53,14 @@ class StageTimer:
 
     def enter(self) -> None:
         self._stack.append([time.perf_counter(), 0.0])
+
+    def charge(self, name: str, seconds: float) -> None:
+        """A range of `name` that lasted `seconds` inside the innermost open one, timed by a kernel
+        (work of another stage done inside one extension call: prior_step's draw)."""
+        self.times[name] += seconds
+        self.calls[name] += 1
+        if self._stack:
+            self._stack[-1][1] += seconds
 
     def exit(self, name: str) -> None:
         start, nested = self._stack.pop()
@@ -113,11 +122,19 @@ class Counters:
         self.active = False
         self.bytes: Dict[str, float] = defaultdict(float)
         self.flops: Dict[str, float] = defaultdict(float)
+        self.charges: List[Tuple[str, str, str, str, float]] = []
 
     def reset(self, active: bool) -> None:
         self.active = active
         self.bytes.clear()
         self.flops.clear()
+        self.charges.clear()
+
+    def charge(self, outer_stage: str, stage: str, outer_op: str, op: str, seconds: float) -> None:
+        """`seconds` of `stage` / `op` spent inside a range of `outer_stage` / `outer_op`, timed by
+        the kernel itself (the profiler cannot see into one extension call); the analysis moves them."""
+        if self.active:
+            self.charges.append((outer_stage, stage, outer_op, op, seconds))
 
     def add(self, op: str, nbytes: float, flops: float = 0.0) -> None:
         if self.active:
@@ -159,7 +176,38 @@ def _code_search_cost(latents, codebook, *a, **k) -> Tuple[float, float]:
     return _nbytes(codebook) + _nbytes(latents), 2.0 * n * codebook.numel()
 
 
+def _linear_bytes(lin) -> int:
+    held = getattr(lin, "held_bytes", None)  # a DecodeLinear: its packed layout
+    return held if held is not None else _nbytes(lin.weight)
+
+
+_WEIGHT_COSTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # PriorStepWeights -> (bytes, params)
+
+
+def _weights_cost(w) -> Tuple[int, int]:
+    """(bytes, multiply-adds a row) of a PriorStepWeights' linears, once per object: the profile
+    counts every step, and summing 30 linears a step would be the profiler's cost, charged to Python."""
+    cost = _WEIGHT_COSTS.get(w)
+    if cost is None:
+        linears = [lin for layer in w.stack.layers for lin in layer.linears()] + [w.head]
+        cost = _WEIGHT_COSTS[w] = (sum(_linear_bytes(lin) for lin in linears),
+                                   sum(lin.in_features * lin.out_features for lin in linears))
+    return cost
+
+
+def _prior_step_cost(w, labels, tokens, start, stop, *a, **k) -> Tuple[float, float]:
+    """Every layer's and the head's weights, the keys and values attended to, the logits written."""
+    stack, n = w.stack, int(stop) - int(start)
+    B, _, dim = stack.like.shape
+    weights, params = _weights_cost(w)
+    vocab = w.embeddings.tok_table.shape[0]
+    kv = 2 * B * int(stop) * dim * stack.k_caches[0].element_size() * len(stack)
+    flops = 2.0 * B * n * params + 4.0 * B * n * int(stop) * dim * len(stack)
+    return weights + kv + 4 * B * n * vocab, flops
+
+
 OP_COSTS: Dict[str, Callable[..., Tuple[float, float]]] = {
+    "prior_step": _prior_step_cost,
     "decode_gemm": _decode_gemm_cost, "cache_attention": _cache_attention_cost,
     "group_sample": _group_sample_cost, "vq_lookup": _vq_lookup_cost, "code_search": _code_search_cost}
 
@@ -217,6 +265,30 @@ def _counted(counters: Counters, op: str, stage: str = None, ranges: Ranges = No
     return make
 
 
+def _with_its_draw(counters: Counters, stage_of: Callable[[int], str]) -> Callable[[Callable], Callable]:
+    """prior_step counted (its bytes and FLOPs), and the draw its CPU kernel makes in the same call
+    (timed inside the kernel: PriorStepWeights.last_sample_seconds) charged to the sampling stage
+    and the group_sample op, as a separate sampler call would be."""
+    def make(fn):
+        @functools.wraps(fn)
+        def wrapped(w, labels, tokens, start, stop, sampler=None, cfg_scale=1.0):
+            if counters.active:
+                counters.add("detailflow::prior_step", *_prior_step_cost(w, labels, tokens, start, stop))
+            w.last_sample_seconds = None
+            logits = fn(w, labels, tokens, start, stop, sampler, cfg_scale)
+            seconds = w.last_sample_seconds
+            if seconds is not None:
+                timer = _TIMER[0]
+                if timer is not None:
+                    timer.charge(stage_range("sampling"), seconds)
+                counters.charge(stage_of(start), "sampling", "detailflow::prior_step", "detailflow::group_sample",
+                                seconds)
+                counters.add("detailflow::group_sample", *_group_sample_cost(logits))
+            return logits
+        return wrapped
+    return make
+
+
 def _wrap_norms(p: Patcher, model: torch.nn.Module) -> None:
     """RMSNorm is a few elementwise aten ops: a range makes it one 'norm' row of the op table."""
     for mod in model.modules():
@@ -259,13 +331,14 @@ def instrument_engine(pipe, counters: Counters) -> Iterator[None]:
         def by_start(start: int) -> str:
             return stage_range(prior_stage(start, c))
 
-        p.wrap(prior, "step_logits", _in_range(ranges, lambda labels, tokens, step: by_start(step.start)))
+        p.wrap(prior, "step_logits", _in_range(ranges, lambda labels, tokens, step, *a, **k: by_start(step.start)))
         p.wrap(prior, "step_embeddings", _in_range(ranges, lambda labels, tokens, start, stop: by_start(start)))
         p.wrap(prior, "forward_step", _in_range(ranges, lambda x, start, *a, **k: by_start(start)))
         _wrap_norms(p, prior)
         p.wrap(pipeline_mod.GroupSampler, "__call__", _counted(
             counters, "group_sample", "sampling", ranges, cost=lambda sampler, logits, *a: _group_sample_cost(logits)))
         p.wrap(linear_mod, "decode_gemm", _counted(counters, "decode_gemm"))
+        p.wrap(prior_mod, "prior_step", _with_its_draw(counters, lambda start: prior_stage(start, c)))
         p.wrap(prior_mod, "cache_attention", _counted(counters, "cache_attention"))
         if pipe.tokenizer is not None:
             p.wrap(pipe.tokenizer, "decode", _in_range(ranges, lambda *a, **k: stage_range("decoder")))
