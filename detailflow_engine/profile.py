@@ -47,6 +47,7 @@ from detailflow_engine import cli
 from detailflow_engine.cli import Parser, UsageError, settings_from_args
 from detailflow_engine.device_dtype import DEVICES, DTYPES, WEIGHT_MODES, WEIGHTS_HELP
 from detailflow_engine.profiling import analysis
+from detailflow_engine.ops._dispatch import profiler_range
 from detailflow_engine.profiling.instrument import (RUN_PREFIX, Counters, Ranges, StageTimer, instrument_engine,
                                                     instrument_reference, profile_ranges, sampling_range,
                                                     stage_range, timing)
@@ -270,7 +271,7 @@ def run_engine(pipe, labels, args, settings: SamplingSettings, counters: Counter
         counters.reset(active=True)
         with quiet_profiler_stderr(), \
                 torch.profiler.profile(activities=_activities(device), record_shapes=True) as prof:
-            with torch.profiler.record_function(RUN_PREFIX + "engine"):
+            with profiler_range(RUN_PREFIX + "engine"):
                 tokens, images = once()
                 _sync(device)
         counters.active = False
@@ -297,7 +298,7 @@ def run_reference(ref_prior, ref_tok, labels, args, settings: SamplingSettings, 
         wall, timer = _timed(once, device, args.reference_repeats)
         with quiet_profiler_stderr(), \
                 torch.profiler.profile(activities=_activities(device), record_shapes=True) as prof:
-            with torch.profiler.record_function(RUN_PREFIX + "reference"):
+            with profiler_range(RUN_PREFIX + "reference"):
                 tokens, images = once()
                 _sync(device)
     return prof, wall, timer, tokens, images

@@ -264,3 +264,17 @@ def test_the_weight_floor_counts_the_packed_weights(tiny_a, weights):
     # int4 / w4a8 state dicts hold two codes a byte
     assert linear_weight_elems(prior) == sum(t.numel() * (2 if t.dtype == torch.uint8 else 1)
                                              for n, t in state.items() if n.endswith("weight") and t.dim() == 2)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_profiler_ranges_are_named_in_the_trace_either_way(fast, monkeypatch):
+    """profiler_range: torch's RecordFunctionFast, or record_function where a torch lacks it."""
+    if not fast:
+        monkeypatch.setattr(_dispatch, "_FAST_RANGE", None)
+    elif _dispatch._FAST_RANGE is None:
+        pytest.skip("this torch has no RecordFunctionFast")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with _dispatch.profiler_range("stage::probe"):
+            torch.zeros(3).sum()
+    names = [e.name for e in prof.events()]
+    assert names.count("stage::probe") == 1

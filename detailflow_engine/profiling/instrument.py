@@ -2,7 +2,7 @@
 
 Nothing here edits the engine or the reference models: while a profile runs, `instrument_engine`
 and `instrument_reference` wrap methods on the model *instances* (and a few call-site globals of
-our modules, e.g. ``pipeline.GroupSampler.__call__``) in ``torch.profiler.record_function`` ranges and
+our modules, e.g. ``pipeline.GroupSampler.__call__``) in torch.profiler ranges (`_dispatch.profiler_range`) and
 put everything back on exit. Stage ranges may nest (the decoder range holds the VQ-lookup one);
 the analysis charges each stage its exclusive time.
 
@@ -19,9 +19,9 @@ from collections import defaultdict
 from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
-from torch.profiler import record_function
 
 from detailflow_engine.ops import _dispatch
+from detailflow_engine.ops._dispatch import profiler_range
 
 # Stage display names, in table order; the range of stage s is STAGE_PREFIX + s.
 STAGES = ("prior: class step", "prior: single steps", "prior: group steps", "sampling", "VQ lookup",
@@ -105,7 +105,7 @@ class Ranges:
             timer.enter()
         self.open.append(name)
         try:
-            with record_function(name):
+            with profiler_range(name):
                 yield
                 if self.cuda:
                     torch.cuda.synchronize()
@@ -299,7 +299,7 @@ def _wrap_norms(p: Patcher, model: torch.nn.Module) -> None:
 def _plain_range(name: str, fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        with record_function(name):
+        with profiler_range(name):
             return fn(*args, **kwargs)
     return wrapped
 

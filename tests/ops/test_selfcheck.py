@@ -98,7 +98,8 @@ def test_real_cpu_kernels_pass_their_selfchecks(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         chosen = _dispatch.selfcheck("cpu")
-    for op in ("decode_gemm", "cache_attention", "group_sample", "vq_lookup", "code_search"):
+    for op in ("decode_gemm", "cache_attention", "group_sample", "vq_lookup", "code_search", "decode_layer",
+               "prior_step"):
         assert chosen[op] == "cpu", chosen
 
 
