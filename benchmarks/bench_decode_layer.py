@@ -12,10 +12,11 @@ ratio. Rows = B * n: 2 = batch 1 with CFG and one position, 8 / 16 = one group o
 
 --model: the embedded default model (`DetailFlowPipeline.from_pretrained()`), batch 1, CFG
 1.45, greedy, generation + decode, in one process, the sides interleaved `--repeats` times
-(median): the engine as it runs (decode_layers: all layers in one extension call a step), the
-engine calling the fused kernel once a layer through decode_layer (the path before
-decode_layers), the engine with the per-op composition in its place (the one table entry
-swapped, all other ops unchanged), the plain-torch KV-cache peer
+(median): the engine as it runs (ops.prior_step: embeddings, all layers, head and draw in one
+extension call a step), the engine with prior_step on its composition (decode_layers: all
+layers in one call, the rest in Python: the path before prior_step), the fused kernel once a
+layer through decode_layer (the path before decode_layers), the per-op composition in its
+place (table entries swapped, all other ops unchanged), the plain-torch KV-cache peer
 (detailflow_ref.kv_generate) and the official-semantics reference (detailflow_ref.generate),
 both on the same weights in the engine's dtype, and the ratios.
 """
@@ -35,7 +36,7 @@ import torch  # noqa: E402
 
 from benchmarks._timing import bench  # noqa: E402
 from detailflow_engine.linear import DecodeLinear  # noqa: E402
-from detailflow_engine.ops import _dispatch, decode_layer as dl  # noqa: E402
+from detailflow_engine.ops import _dispatch, decode_layer as dl, prior_step as ps  # noqa: E402
 
 # (name, dim, n_head, ffn hidden, group size)
 SIZES = (("default", 256, 8, 768, 4), ("detailflow16", 1024, 16, 2816, 8))
@@ -44,12 +45,21 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 @contextlib.contextmanager
 def cpu_entry(fn):
-    """decode_layer's CPU entry swapped for `fn` for the duration."""
+    """decode_layer's CPU entry swapped for `fn` for the duration, and prior_step on its
+    composition (whose decode_layers call takes that entry; prior_step's own kernel would bypass it)."""
     _dispatch.register("decode_layer", "cpu", fn, applies=dl._cpu_applies)
+    _dispatch.register("prior_step", "cpu", ps.prior_step_ref, applies=ps._cpu_applies)
     try:
         yield
     finally:
         _dispatch.register("decode_layer", "cpu", dl._cpu_impl, applies=dl._cpu_applies)
+        _dispatch.register("prior_step", "cpu", ps._cpu_impl, applies=ps._cpu_applies)
+
+
+def stack_path():
+    """decode_layers (all layers, one extension call) with the embeddings, head and sampler around
+    it in Python: the prior's path before prior_step."""
+    return cpu_entry(dl._cpu_impl)
 
 
 def per_op_path():
@@ -124,6 +134,10 @@ def bench_model(repeats: int, cfg_scale: float) -> None:
     def engine():
         return pipe.generate(labels, cfg_scale=cfg_scale, top_k=1).tokens
 
+    def engine_stack():
+        with stack_path():
+            return engine()
+
     def engine_per_op():
         with per_op_path():
             return engine()
@@ -144,7 +158,8 @@ def bench_model(repeats: int, cfg_scale: float) -> None:
             ref_tok.decode_code(toks)
         return toks
 
-    sides = {"engine (fused layers)": engine, "engine (one fused call a layer)": engine_layer_by_layer,
+    sides = {"engine (prior_step: one call a step)": engine, "engine (decode_layers: one call for the layers)":
+             engine_stack, "engine (one fused call a layer)": engine_layer_by_layer,
              "engine (per-op)": engine_per_op, "plain-torch KV cache": peer_run, "official semantics": official}
     interleaved(sides, repeats, f"embedded default model, batch 1, CFG {cfg_scale}, greedy, generation + decode, fp32")
 
@@ -163,6 +178,10 @@ def bench_detailflow16(repeats: int, cfg_scale: float) -> None:
     def fused():
         return pipe.generate_tokens([3], cfg_scale=cfg_scale, top_k=1)[0]
 
+    def stack():
+        with stack_path():
+            return fused()
+
     def per_op():
         with per_op_path():
             return fused()
@@ -171,8 +190,8 @@ def bench_detailflow16(repeats: int, cfg_scale: float) -> None:
         with layer_by_layer_path():
             return fused()
 
-    sides = {"engine (fused layers)": fused, "engine (one fused call a layer)": layer_by_layer,
-             "engine (per-op)": per_op}
+    sides = {"engine (prior_step: one call a step)": fused, "engine (decode_layers: one call for the layers)": stack,
+             "engine (one fused call a layer)": layer_by_layer, "engine (per-op)": per_op}
     interleaved(sides, repeats, f"DetailFlow-16 size (random weights), batch 1, CFG {cfg_scale}, greedy, "
                                 f"prior tokens only, fp32")
 

@@ -20,7 +20,7 @@ from detailflow_engine.cuda_graphs import StepGraphs
 from detailflow_engine.loading import load_prior, load_tokenizer, resolve_device, resolve_dtype, resolve_weights
 from detailflow_engine.ops import _dispatch
 from detailflow_engine.ops.group_sample import GroupSampler
-from detailflow_engine.ops.prior_step import write_step_tokens
+from detailflow_engine.ops.prior_step import StepRunner, write_step_tokens
 from detailflow_engine.outputs import to_uint8
 from detailflow_engine.prior import Prior
 from detailflow_engine.sampling_settings import SamplingSettings, checked_labels, label_list, seed_list
@@ -211,11 +211,12 @@ class DetailFlowPipeline:
             self.prior.setup_caches(rows.shape[0])
             tokens = torch.zeros(rows.shape[0], T, dtype=torch.int64, device=self.device)
             sampler = GroupSampler(seed_t, T, temperature=temperature, top_k=int(top_k), top_p=float(top_p))
+            run = StepRunner(self.prior.step_weights, rows, tokens, sampler)
             step_logits = []
             for step in plan:
                 # (rows, n, V) fp32; the step's tokens are in `tokens` after it, in the null rows too
                 # (they continue the same images)
-                logits = self._sampled_step(rows, tokens, step, sampler,
+                logits = self._sampled_step(run, step,
                                             cfg_scale_for_step(cfg_scale, step.group_index, num_groups, gradual_cfg))
                 if return_step_logits:
                     step_logits.append(logits.clone())
@@ -225,18 +226,18 @@ class DetailFlowPipeline:
             out = tokens[:B].clone()
         return (out, seeds, step_logits) if return_step_logits else (out, seeds)
 
-    def _sampled_step(self, rows: torch.Tensor, tokens: torch.Tensor, step: Step, sampler: GroupSampler,
-                      cfg_scale: float) -> torch.Tensor:
-        """One decode step: its logits, and its tokens drawn and written into `tokens`. On the GPU
-        (CUDA graphs on) a graph replay, then the sampler; else the eager step, which samples in the
-        same call (ops.prior_step: one extension call on the CPU). A replayed step returns a static
-        buffer that the next step overwrites: consume it first."""
+    def _sampled_step(self, run: StepRunner, step: Step, cfg_scale: float) -> torch.Tensor:
+        """One decode step: its logits, and its tokens drawn and written into `run.tokens`. On the
+        GPU (CUDA graphs on) a graph replay, then the sampler; else the eager step, which samples
+        in the same call (ops.prior_step.StepRunner: one extension call on the CPU). The logits are
+        a buffer that a later step overwrites (a replay's, or the runner's): consume them first."""
+        rows, tokens = run.labels, run.tokens
         if not (self.cuda_graphs and rows.is_cuda):
-            return self.prior.step_logits(rows, tokens, step, sampler, cfg_scale)
+            return run(step.start, step.stop, cfg_scale)
         if self._step_graphs is None or not self._step_graphs.fits(self.prior):
             self._step_graphs = StepGraphs(self.prior)
         logits = self._step_graphs.run(rows, tokens, step)
-        write_step_tokens(tokens, sampler(logits, step.start, step.stop, cfg_scale), step.start, step.stop)
+        write_step_tokens(tokens, run.sampler(logits, step.start, step.stop, cfg_scale), step.start, step.stop)
         return logits
 
     @torch.inference_mode()

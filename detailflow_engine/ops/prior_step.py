@@ -38,7 +38,7 @@ from detailflow_engine.ops import _dispatch
 from detailflow_engine.ops.decode_layer import LayerStack, _torch_sum_lanes, decode_layers
 from detailflow_engine.ops.group_sample import GroupSampler
 
-__all__ = ["StepEmbeddings", "PriorStepWeights", "prior_step", "prior_step_ref", "step_embeddings_ref",
+__all__ = ["StepEmbeddings", "PriorStepWeights", "StepRunner", "prior_step", "prior_step_ref", "step_embeddings_ref",
            "write_step_tokens"]
 
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
@@ -258,25 +258,34 @@ def _cpu_impl(w: PriorStepWeights, labels: Tensor, tokens: Tensor, start: int, s
     source = tokens if tokens.stride(1) == 1 or tokens.shape[1] == 1 else tokens.contiguous()
     B, n = labels.shape[0], stop - start
     logits = torch.empty((B, n, w.embeddings.tok_table.shape[0]), dtype=torch.float32)
+    step = (labels.data_ptr(), source.data_ptr(), source.stride(0), source.shape[1], start, n)
+    draw = None
+    if writes:
+        st = sampler.settings(B, logits.shape[2], cfg_scale)
+        draw = (sampler.seeds.data_ptr(), sampler.positions.data_ptr() + 8 * start, sampler.seeds.shape[0],
+                st.cfg_scale, st.temperature, st.top_k, st.top_p24, st.greedy)
+    _call_kernel(w, step, logits, draw, tokens)
+    if sampler is not None and not writes:  # tokens the kernel cannot write in place: the sampler, then the write
+        write_step_tokens(tokens, sampler(logits, start, stop, cfg_scale), start, stop)
+    return logits
+
+
+def _call_kernel(w: PriorStepWeights, step: tuple, logits: Tensor, draw: Optional[tuple], tokens: Tensor) -> None:
+    """The extension's PriorStep on `step` (labels, tokens, ldt, num_tokens, start, n addresses and
+    sizes) into `logits`; with `draw` (seeds, positions of the step, images, the sampler's settings)
+    also the tokens drawn and written. Bumps the versions of what it wrote."""
     kernel = w.kernel()
-    args = (labels.data_ptr(), source.data_ptr(), source.stride(0), source.shape[1], start, n, logits.data_ptr(),
-            w.eps, _torch_sum_lanes(), _dispatch.num_threads())
     try:
-        if writes:
-            st = sampler.settings(B, logits.shape[2], cfg_scale)
-            kernel.run_sampled(*args, sampler.seeds.data_ptr(), sampler.positions.data_ptr() + 8 * start,
-                               sampler.seeds.shape[0], st.cfg_scale, st.temperature, st.top_k, st.top_p24, st.greedy)
+        if draw is None:
+            kernel.run(*step, logits.data_ptr(), w.eps, _torch_sum_lanes(), _dispatch.num_threads())
         else:
-            kernel.run(*args)
+            kernel.run_sampled(*step, logits.data_ptr(), w.eps, _torch_sum_lanes(), _dispatch.num_threads(), *draw)
     except ValueError as e:  # an id outside its table, found before anything was read or written
         raise ValueError(str(e).split(": ", 1)[-1]) from None
     torch.autograd.graph.increment_version(w.stack.caches)
-    if writes:
+    if draw is not None:
         torch.autograd.graph.increment_version(tokens)
         w.last_sample_seconds = kernel.last_sample_seconds
-    elif sampler is not None:  # tokens the kernel cannot write in place: the sampler, then the write
-        write_step_tokens(tokens, sampler(logits, start, stop, cfg_scale), start, stop)
-    return logits
 
 
 _dispatch.register("prior_step", "cpu", _cpu_impl, applies=_cpu_applies)
@@ -284,6 +293,70 @@ _dispatch.register("prior_step", "cpu", _cpu_impl, applies=_cpu_applies)
 # so that a CUDA prior does not warn of a torch fallback).
 _dispatch.register("prior_step", "cuda", prior_step_ref, applies=lambda w, labels, tokens: labels.is_cuda)
 _dispatch.register("prior_step", "torch", prior_step_ref)
+
+
+class StepRunner:
+    """`prior_step` with a sampler for the steps of one generation, checked and dispatched once.
+
+        run = StepRunner(prior.step_weights, labels, tokens, sampler)
+        logits = run(start, stop, cfg_scale)  # tokens[:, start:stop] written, as prior_step writes them
+
+    The weights (`weights_of(start)`, the prior's step_weights), labels, tokens and sampler are
+    checked and the backend picked when the weights object is first seen (a prior rebuilds it
+    after a reload or new caches: the runner follows); a step then checks only its positions.
+    On the CPU kernel a step is the one extension call: its logits land in a buffer per step
+    length that the next step of that length overwrites (consume them first, as a CUDA-graph
+    replay's), and the sampler's settings are computed once per CFG scale. Same op and bits as
+    prior_step; other backends (or a swapped table entry) run through their entry as it would.
+    """
+
+    def __init__(self, weights_of: Callable[[int], PriorStepWeights], labels: Tensor, tokens: Tensor,
+                 sampler: GroupSampler):
+        if not isinstance(sampler, GroupSampler):
+            raise TypeError(f"`sampler` must be a GroupSampler, got {type(sampler).__name__}")
+        self.weights_of, self.labels, self.tokens, self.sampler = weights_of, labels, tokens, sampler
+        self.weights: Optional[PriorStepWeights] = None
+
+    def _bind(self, w: PriorStepWeights) -> None:
+        labels, tokens, sampler = self.labels, self.tokens, self.sampler
+        stop = min(tokens.shape[1], sampler.positions.shape[0]) if isinstance(tokens, Tensor) else 1
+        _validate(w, labels, tokens, 0, max(1, stop), sampler)  # everything but a step's positions
+        self.backend = _dispatch.pick("prior_step", w, labels, tokens)
+        self.limit = min(w.stack.L_max, w.freqs_cis.shape[0], tokens.shape[1], sampler.positions.shape[0])
+        fast = (self.backend.fn is _cpu_impl and (tokens.stride(1) == 1 or tokens.shape[1] == 1)
+                and labels.is_contiguous())
+        self.kernel = w.kernel() if fast else None  # set: each step calls it directly (_call_kernel)
+        self._buffers: dict = {}
+        self._settings: dict = {}
+        self._static = (labels.data_ptr(), tokens.data_ptr(), tokens.stride(0), tokens.shape[1])
+        self._draw = (sampler.seeds.data_ptr(), sampler.positions.data_ptr(), sampler.seeds.shape[0])
+        self.weights = w
+
+    def __call__(self, start: int, stop: int, cfg_scale: float) -> Tensor:
+        w = self.weights_of(start)
+        if w is not self.weights:
+            self._bind(w)
+        if self.kernel is None:
+            return self.backend.fn(w, self.labels, self.tokens, start, stop, self.sampler, cfg_scale)
+        if not (type(start) is int and type(stop) is int and 0 <= start < stop <= self.limit):
+            _validate(w, self.labels, self.tokens, start, stop, self.sampler)  # raises naming the problem
+        n = stop - start
+        logits = self._buffers.get(n)
+        if logits is None:
+            logits = self._buffers[n] = torch.empty((self.labels.shape[0], n, w.embeddings.tok_table.shape[0]),
+                                                    dtype=torch.float32)
+        st = self._settings.get(cfg_scale)
+        if st is None:
+            st = self._settings[cfg_scale] = self.sampler.settings(self.labels.shape[0], logits.shape[2], cfg_scale)
+        seeds, positions, images = self._draw
+        draw = (seeds, positions + 8 * start, images, st.cfg_scale, st.temperature, st.top_k, st.top_p24, st.greedy)
+        step = self._static + (start, n)
+        if _dispatch.PROFILE_RANGES:
+            with _dispatch.profiler_range("detailflow::prior_step"):
+                _call_kernel(w, step, logits, draw, self.tokens)
+        else:
+            _call_kernel(w, step, logits, draw, self.tokens)
+        return logits
 
 
 def _selfcheck(backend, reference, device) -> None:

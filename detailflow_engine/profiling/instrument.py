@@ -265,26 +265,46 @@ def _counted(counters: Counters, op: str, stage: str = None, ranges: Ranges = No
     return make
 
 
+def _counted_step(counters: Counters, stage: str, w, labels, tokens, start: int, stop: int,
+                  call: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """One prior step, `call()`, counted (its bytes and FLOPs), and the draw its CPU kernel makes in
+    the same call (timed inside the kernel: PriorStepWeights.last_sample_seconds) charged to the
+    sampling stage and the group_sample op, as a separate sampler call would be."""
+    _weights_cost(w)  # summed once a PriorStepWeights, in the warm-up runs: not inside the profiled one
+    if counters.active:
+        counters.add("detailflow::prior_step", *_prior_step_cost(w, labels, tokens, start, stop))
+    w.last_sample_seconds = None
+    logits = call()
+    seconds = w.last_sample_seconds
+    if seconds is not None:
+        timer = _TIMER[0]
+        if timer is not None:
+            timer.charge(stage_range("sampling"), seconds)
+        counters.charge(stage, "sampling", "detailflow::prior_step", "detailflow::group_sample", seconds)
+        counters.add("detailflow::group_sample", *_group_sample_cost(logits))
+    return logits
+
+
 def _with_its_draw(counters: Counters, stage_of: Callable[[int], str]) -> Callable[[Callable], Callable]:
-    """prior_step counted (its bytes and FLOPs), and the draw its CPU kernel makes in the same call
-    (timed inside the kernel: PriorStepWeights.last_sample_seconds) charged to the sampling stage
-    and the group_sample op, as a separate sampler call would be."""
+    """ops.prior_step as the prior calls it, through _counted_step."""
     def make(fn):
         @functools.wraps(fn)
         def wrapped(w, labels, tokens, start, stop, sampler=None, cfg_scale=1.0):
-            if counters.active:
-                counters.add("detailflow::prior_step", *_prior_step_cost(w, labels, tokens, start, stop))
-            w.last_sample_seconds = None
-            logits = fn(w, labels, tokens, start, stop, sampler, cfg_scale)
-            seconds = w.last_sample_seconds
-            if seconds is not None:
-                timer = _TIMER[0]
-                if timer is not None:
-                    timer.charge(stage_range("sampling"), seconds)
-                counters.charge(stage_of(start), "sampling", "detailflow::prior_step", "detailflow::group_sample",
-                                seconds)
-                counters.add("detailflow::group_sample", *_group_sample_cost(logits))
-            return logits
+            return _counted_step(counters, stage_of(start), w, labels, tokens, start, stop,
+                                 lambda: fn(w, labels, tokens, start, stop, sampler, cfg_scale))
+        return wrapped
+    return make
+
+
+def _runner_steps(counters: Counters, ranges: Ranges, range_of: Callable[[int], str],
+                  stage_of: Callable[[int], str]) -> Callable[[Callable], Callable]:
+    """StepRunner.__call__ (the pipeline's steps) in its prior stage's range, through _counted_step."""
+    def make(fn):
+        @functools.wraps(fn)
+        def wrapped(runner, start, stop, cfg_scale):
+            with ranges(range_of(start)):
+                return _counted_step(counters, stage_of(start), runner.weights_of(start), runner.labels,
+                                     runner.tokens, start, stop, lambda: fn(runner, start, stop, cfg_scale))
         return wrapped
     return make
 
@@ -339,6 +359,9 @@ def instrument_engine(pipe, counters: Counters) -> Iterator[None]:
             counters, "group_sample", "sampling", ranges, cost=lambda sampler, logits, *a: _group_sample_cost(logits)))
         p.wrap(linear_mod, "decode_gemm", _counted(counters, "decode_gemm"))
         p.wrap(prior_mod, "prior_step", _with_its_draw(counters, lambda start: prior_stage(start, c)))
+        # the pipeline's steps: a StepRunner call each, in its stage's range, counted as prior_step
+        p.wrap(pipeline_mod.StepRunner, "__call__", _runner_steps(counters, ranges, by_start,
+                                                                  lambda start: prior_stage(start, c)))
         p.wrap(prior_mod, "cache_attention", _counted(counters, "cache_attention"))
         if pipe.tokenizer is not None:
             p.wrap(pipe.tokenizer, "decode", _in_range(ranges, lambda *a, **k: stage_range("decoder")))

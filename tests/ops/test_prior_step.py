@@ -364,3 +364,78 @@ def test_the_sampling_binding_checks_its_arguments(tiny_a):
         bad[i] = value
         with pytest.raises(ValueError, match=match):
             kernel.run_sampled(*bad)
+
+
+# --- StepRunner: the steps of one generation ----------------------------------------------------
+
+def test_the_runner_draws_what_prior_step_draws_and_follows_new_weights(tiny_a):
+    from detailflow_engine.ops.group_sample import GroupSampler
+    from detailflow_engine.ops.prior_step import StepRunner
+
+    a, b = _prior(tiny_a, batch=6), _prior(tiny_a, batch=6)
+    labels, seeds = torch.tensor([1, 4, 9]), torch.tensor([5, 0, 123456789])
+    want, want_logits = _sampled_generation(b, labels, seeds, prior_step, 1.45, SAMPLINGS[1])
+    T = a.config.block_size
+    rows = torch.cat([labels, torch.full_like(labels, a.null_class)])
+    tokens = torch.full((6, T), 7, dtype=torch.long)
+    run = StepRunner(a.step_weights, rows, tokens, GroupSampler(seeds, T, **SAMPLINGS[1]))
+    logits = []
+    with torch.inference_mode():
+        for s in a.config.generation_plan():
+            logits.append(run(s.start, s.stop, 1.45).clone())  # a buffer the next step of its length reuses
+            assert run.kernel is not None  # the CPU kernel, called directly
+    assert torch.equal(tokens, want) and torch.equal(torch.cat(logits, dim=1), want_logits)
+    first = run.weights
+    a.setup_caches(5)  # new caches: new step weights, which the runner binds at its next step
+    a.setup_caches(6)
+    tokens.fill_(7)
+    with torch.inference_mode():
+        for s in a.config.generation_plan():
+            run(s.start, s.stop, 1.45)
+    assert run.weights is not first and torch.equal(tokens, want)
+
+
+def test_the_runner_checks_positions_and_arguments(tiny_a):
+    from detailflow_engine.ops.group_sample import GroupSampler
+    from detailflow_engine.ops.prior_step import StepRunner
+
+    prior = _prior(tiny_a, batch=2)
+    labels, codes = _inputs(prior, 2)
+    run = StepRunner(prior.step_weights, labels, codes, GroupSampler(torch.tensor([3]), 16))
+    with torch.inference_mode():
+        run(0, 1, 1.5)
+        with pytest.raises(ValueError, match=r"0 <= start < stop <= 16"):
+            run(15, 17, 1.5)
+        with pytest.raises(ValueError, match="`cfg_scale` must be >= 0"):
+            run(1, 2, -1.0)
+    with pytest.raises(TypeError, match="`sampler` must be a GroupSampler"):
+        StepRunner(prior.step_weights, labels, codes, None)
+    bad = StepRunner(prior.step_weights, labels[:1], codes, GroupSampler(torch.tensor([3]), 16))
+    with pytest.raises(ValueError, match=r"`labels` must be int64 \(2,\)"):
+        bad(0, 1, 1.5)
+
+
+def test_the_runner_takes_a_swapped_table_entry(tiny_a, monkeypatch):
+    """A CPU entry swapped in the table (the benchmarks' composition side) serves the runner's steps."""
+    from detailflow_engine.ops.group_sample import GroupSampler
+    from detailflow_engine.ops.prior_step import StepRunner
+
+    monkeypatch.setattr(_dispatch, "_TABLE", dict(_dispatch._TABLE))
+    calls = []
+
+    def composition(*args):
+        calls.append(args[3])
+        return prior_step_ref(*args)
+
+    _dispatch.register("prior_step", "cpu", composition, applies=ps._cpu_applies)
+    a, b = _prior(tiny_a, batch=2), _prior(tiny_a, batch=2)
+    labels, seeds = torch.tensor([2]), torch.tensor([11])
+    want, _ = _sampled_generation(b, labels, seeds, prior_step_ref, 1.45, SAMPLINGS[0])
+    rows = torch.tensor([2, a.null_class])
+    tokens = torch.full((2, 16), 7, dtype=torch.long)
+    run = StepRunner(a.step_weights, rows, tokens, GroupSampler(seeds, 16))
+    with torch.inference_mode():
+        for s in a.config.generation_plan():
+            run(s.start, s.stop, 1.45)
+    assert run.kernel is None and calls == [s.start for s in a.config.generation_plan()]
+    assert torch.equal(tokens, want)
