@@ -164,3 +164,26 @@ def codebook_parser(doc: str, dtype_help: str):
     p.add_argument("--target-s", type=float, default=0.5, help="timing budget per measurement")
     p.add_argument("--threads", type=int, default=None, help="torch and OpenMP threads (default: torch's)")
     return p
+
+
+def run_model_bench(doc: str, unit: str, kernel_line: str, per_unit: Callable[[float], None],
+                    model: Callable[[int, float], None], detailflow16: Callable[[int, float], None]) -> None:
+    """The command line of the fused-step benchmarks (bench_decode_layer, bench_prior_step): the
+    per-`unit` table unless --skip-<unit>s, then --model and --detailflow16 end to end."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--model", action="store_true", help="also time the embedded model end to end")
+    ap.add_argument("--detailflow16", action="store_true", help="also time DetailFlow-16 size (random weights)")
+    ap.add_argument(f"--skip-{unit}s", dest="skip", action="store_true", help=f"no per-{unit} table")
+    ap.add_argument("--repeats", type=int, default=5, help="--model / --detailflow16: interleaved runs per side")
+    ap.add_argument("--cfg-scale", type=float, default=1.45)
+    ap.add_argument("--target-s", type=float, default=0.3, help=f"per-{unit} timing: seconds per measurement")
+    args = ap.parse_args()
+    print(f"# cpu x{torch.get_num_threads()}, {kernel_line}")
+    if not args.skip:
+        per_unit(args.target_s)
+    if args.model:
+        model(args.repeats, args.cfg_scale)
+    if args.detailflow16:
+        detailflow16(args.repeats, args.cfg_scale)

@@ -22,7 +22,6 @@ both on the same weights in the engine's dtype, and the ratios.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import math
 import statistics
@@ -34,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import detailflow_engine  # noqa: E402,F401 - first: its OpenMP wait policy must precede torch's libgomp
 import torch  # noqa: E402
 
-from benchmarks._timing import bench  # noqa: E402
+from benchmarks._timing import bench, run_model_bench  # noqa: E402
 from detailflow_engine.linear import DecodeLinear  # noqa: E402
 from detailflow_engine.ops import _dispatch, decode_layer as dl, prior_step as ps  # noqa: E402
 
@@ -217,23 +216,9 @@ def interleaved(sides: dict, repeats: int, what: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", action="store_true", help="also time the embedded model end to end")
-    ap.add_argument("--detailflow16", action="store_true",
-                    help="also time DetailFlow-16 size prior tokens (random weights), fused vs per-op")
-    ap.add_argument("--skip-layers", action="store_true")
-    ap.add_argument("--repeats", type=int, default=5, help="--model: interleaved runs per side")
-    ap.add_argument("--cfg-scale", type=float, default=1.45)
-    ap.add_argument("--target-s", type=float, default=0.3, help="per-layer timing: seconds per measurement")
-    args = ap.parse_args()
-    print(f"# cpu x{torch.get_num_threads()}, decode_layer CPU kernel: "
-          f"{'yes' if hasattr(_dispatch.extension(), 'decode_layer') else 'NO (composition only)'}")
-    if not args.skip_layers:
-        bench_layers(args.target_s)
-    if args.model:
-        bench_model(args.repeats, args.cfg_scale)
-    if args.detailflow16:
-        bench_detailflow16(args.repeats, args.cfg_scale)
+    built = hasattr(_dispatch.extension(), "decode_layer")
+    run_model_bench(__doc__, "layer", f"decode_layer CPU kernel: {'yes' if built else 'NO (composition only)'}",
+                    bench_layers, bench_model, bench_detailflow16)
 
 
 if __name__ == "__main__":

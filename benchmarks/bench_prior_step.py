@@ -16,7 +16,6 @@ DetailFlow-16 size with random weights, fp32.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import detailflow_engine  # noqa: E402,F401 - first: its OpenMP wait policy must precede torch's libgomp
 import torch  # noqa: E402
 
-from benchmarks._timing import bench  # noqa: E402
+from benchmarks._timing import bench, run_model_bench  # noqa: E402
 from benchmarks.bench_decode_layer import interleaved  # noqa: E402
 from detailflow_engine.ops import _dispatch, prior_step as ps  # noqa: E402
 
@@ -104,22 +103,8 @@ def bench_detailflow16(repeats: int, cfg_scale: float) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", action="store_true", help="also time the embedded model's generate_tokens")
-    ap.add_argument("--detailflow16", action="store_true", help="also time DetailFlow-16 size (random weights)")
-    ap.add_argument("--skip-steps", action="store_true")
-    ap.add_argument("--repeats", type=int, default=5, help="interleaved runs per side")
-    ap.add_argument("--cfg-scale", type=float, default=1.45)
-    ap.add_argument("--target-s", type=float, default=0.3, help="per-step timing: seconds per measurement")
-    args = ap.parse_args()
-    print(f"# cpu x{torch.get_num_threads()}, prior_step CPU kernel: "
-          f"{'yes' if ps._HAS_KERNEL else 'NO (composition only)'}")
-    if not args.skip_steps:
-        bench_steps(args.target_s)
-    if args.model:
-        bench_model(args.repeats, args.cfg_scale)
-    if args.detailflow16:
-        bench_detailflow16(args.repeats, args.cfg_scale)
+    run_model_bench(__doc__, "step", f"prior_step CPU kernel: {'yes' if ps._HAS_KERNEL else 'NO (composition only)'}",
+                    bench_steps, bench_model, bench_detailflow16)
 
 
 if __name__ == "__main__":
