@@ -5,6 +5,7 @@ A step of the prior is
     x = step_embeddings_ref(emb, labels, tokens, start, stop)              # (B, n, dim)
     _, y = decode_layers(x, None, stack, freqs_cis[start:stop], start, eps)  # all layers, final norm
     logits = head(y).float()                                                # (B, n, V) fp32
+    [tokens[:, start:stop] = sampler(logits, start, stop, cfg_scale)]       # optional: the draw
 
 which is `prior_step_ref`, the torch entry and the test oracle (its ops dispatch as usual, so on
 CUDA it runs their kernels). Sequence positions and what each embeds (c = causal_num,
@@ -15,15 +16,16 @@ g = group_size; prior.py's table):
     c < q < c + g      special embedding q - c - 1
     q >= c + g         tok[q - g]
 
-Backends (see `_dispatch`): CPU `_C` (csrc/cpu/prior_step.cpp: the gather, the stack's layers
-and the head in one extension call; the extension's PriorStep holds every address from the
-generation's first step, so a step passes its labels, tokens and logits only) where the
-stack's CPU kernel serves it (ops.decode_layer: every linear a DecodeLinear with a packed
-weight) and the head is a DecodeLinear with a packed weight too; CUDA and torch: the
-composition. On the embedded default model the composition's Python (token slicing, torch's
-embedding with its reshape copy, the head wrapper, the cast) took as long as the layers'
-arithmetic at batch 1; the kernel's bits are the composition's (copies, the same layer and GEMM
-kernels, an exact widening).
+Backends (see `_dispatch`): CPU `_C` (csrc/cpu/prior_step.cpp: the gather, the stack's layers,
+the head and the draw in one extension call; the extension's PriorStep holds every weight, table
+and cache address, so a step passes its labels, tokens and logits only) where the stack's CPU
+kernel serves it (ops.decode_layer: every linear a DecodeLinear with a packed weight) and the
+head is a DecodeLinear with a packed weight too; CUDA and torch: the composition. On the
+embedded default model the composition's Python (token slicing, torch's embedding with its
+reshape copy, the head wrapper, the cast, the sampler's checks, the token write) took as long
+as the layers' arithmetic at batch 1; the kernel's bits are the composition's (copies, the same
+layer, GEMM and sampling kernels, an exact widening). `StepRunner` runs a generation's steps
+with the checks and the pick done once.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from detailflow_engine.ops import _dispatch
+from detailflow_engine.ops.decode_gemm import kernel_descriptor
 from detailflow_engine.ops.decode_layer import LayerStack, _torch_sum_lanes, decode_layers
 from detailflow_engine.ops.group_sample import GroupSampler
 
@@ -95,9 +98,10 @@ class PriorStepWeights:
     output head (a callable (..., dim) -> (..., V); the CPU kernel needs a DecodeLinear), the
     fp32 rotary table (rows, head_dim / 2, 2) and the norms' epsilon.
 
-    Checked once here. Built by the prior once a generation (Prior.step_weights, with its
-    layer stack), it also holds the extension's PriorStep for the CPU kernel, bound to the
-    addresses of the tensors it holds; like the stack, it does not notice later changes.
+    Checked once here. Built by the prior with its layer stack (Prior.step_weights; both kept
+    across generations while nothing they read is replaced), it also holds the extension's
+    PriorStep for the CPU kernel, bound to the addresses of the tensors it holds; like the
+    stack, it does not notice later changes.
     """
 
     def __init__(self, embeddings: StepEmbeddings, stack: LayerStack, head: Callable[[Tensor], Tensor],
@@ -161,8 +165,6 @@ class PriorStepWeights:
         if (layers is None or head is None or not head.packed.is_contiguous()
                 or (head.N, head.K) != (emb.tok_table.shape[0], stack.like.shape[2])):
             return None
-        from detailflow_engine.ops.decode_gemm import kernel_descriptor
-
         held = tuple(t.detach().contiguous() for t in (emb.cls_table, emb.tok_table, emb.spe_table, self.freqs_cis))
         cls, tok, spe, freqs = held
         kernel = _dispatch.extension().PriorStep(
