@@ -62,20 +62,19 @@ constexpr int kP = static_cast<int>(kDecodePanel);
 constexpr int kVec = 4 * kP;              // bytes of one k4 step of one panel (one zmm)
 constexpr int kMaxRows = 12;              // rows per tile: 2 x 12 accumulators + weights fit 32 zmm
 constexpr int64_t kItemPanels = 8;        // panels per dynamically scheduled work item
+constexpr int64_t kTeamStagingRows = 8;   // fewer rows: staged by the calling thread (no barrier)
 constexpr int64_t kPrefetchBytes = 4096;  // software prefetch distance within a stream
 
 std::atomic<bool> g_force_portable{false};
 
 // ------------------------------------------------------------------ staging of x
 
-// Tile-major staging of the quantized rows (ldq = Kp bytes a row): the R rows of tile t are one
+// Tile-major staging of quantized row m (ldq = Kp bytes a row): the R rows of tile t are one
 // block of K4 x R words, xs[(t K4 + k4) R + r] = bytes 4 k4 .. 4 k4 + 3 of row t R + r.
-void stage_tiles(const uint8_t* q, int64_t M, int64_t K4, int64_t R, uint32_t* xs) {
-  for (int64_t m = 0; m < M; ++m) {
-    const uint8_t* src = q + m * K4 * 4;
-    uint32_t* dst = xs + (m / R) * K4 * R + m % R;
-    for (int64_t k4 = 0; k4 < K4; ++k4) std::memcpy(dst + k4 * R, src + 4 * k4, 4);
-  }
+void stage_tile_row(const uint8_t* q, int64_t m, int64_t K4, int64_t R, uint32_t* xs) {
+  const uint8_t* src = q + m * K4 * 4;
+  uint32_t* dst = xs + (m / R) * K4 * R + m % R;
+  for (int64_t k4 = 0; k4 < K4; ++k4) std::memcpy(dst + k4 * R, src + 4 * k4, 4);
 }
 
 // ------------------------------------------------------------------ epilogue (both variants)
@@ -205,14 +204,32 @@ void run(const X* x, int64_t M, int64_t K, int64_t ldx, const int8_t* packed, co
   q.resize(static_cast<size_t>(M * Kp));
   xs.resize(static_cast<size_t>(count * R * K4));
   sx.resize(static_cast<size_t>(count * R));
-  for (int64_t m = 0; m < M; ++m) sx[m] = int8_rows::quantize_row(x, m, ldx, K, Kp, q.data(), vnni);
-  stage_tiles(q.data(), M, K4, R, xs.data());
-  const uint32_t* xsp = xs.data();
-  const float* sxp = sx.data();
+  uint8_t* qw = q.data();
+  uint32_t* xsw = xs.data();
+  float* sxw = sx.data();
+  const uint32_t* xsp = xsw;
+  const float* sxp = sxw;
 
   const int64_t items = (panels + kItemPanels - 1) / kItemPanels;
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, items)));
-#pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
+  // Rows quantized and staged by the team before the panels (each row on its own: the same bits
+  // whoever takes it) once there are enough of them (as decode_gemm_w4a8.cpp).
+  const bool serial = M < kTeamStagingRows || nt == 1;
+  if (serial)
+    for (int64_t m = 0; m < M; ++m) {
+      sxw[m] = int8_rows::quantize_row(x, m, ldx, K, Kp, qw, vnni);
+      stage_tile_row(qw, m, K4, R, xsw);
+    }
+#pragma omp parallel num_threads(nt)
+  {
+  if (!serial) {
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < M; ++m) {
+      sxw[m] = int8_rows::quantize_row(x, m, ldx, K, Kp, qw, vnni);
+      stage_tile_row(qw, m, K4, R, xsw);
+    }
+  }
+#pragma omp for schedule(dynamic, 1)
   for (int64_t item = 0; item < items; ++item) {
     const int64_t p0 = item * kItemPanels, p1 = std::min(panels, p0 + kItemPanels);
     alignas(64) int32_t acc[kMaxRows * 2 * kP];
@@ -240,6 +257,7 @@ void run(const X* x, int64_t M, int64_t K, int64_t ldx, const int8_t* packed, co
       p += np;
     }
   }
+  }  // omp parallel
 }
 
 }  // namespace
