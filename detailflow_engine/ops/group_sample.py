@@ -233,6 +233,11 @@ def _real(name: str, v) -> float:
     return v
 
 
+def _check_cfg_scale(cfg_scale) -> None:
+    if _real("cfg_scale", cfg_scale) < 0:
+        raise ValueError(f"`cfg_scale` must be >= 0, got {cfg_scale}")
+
+
 def _validate(logits, seeds, positions, cfg_scale, temperature, top_k, top_p) -> None:
     for name, t in (("logits", logits), ("seeds", seeds), ("positions", positions)):
         if not isinstance(t, Tensor):
@@ -261,8 +266,7 @@ def _validate(logits, seeds, positions, cfg_scale, temperature, top_k, top_p) ->
         if lo < 0 or hi >= 1 << 32:
             bad = lo if lo < 0 else hi
             raise ValueError(f"`positions` values must be token positions in [0, 2^32), got {bad}")
-    if _real("cfg_scale", cfg_scale) < 0:
-        raise ValueError(f"`cfg_scale` must be >= 0, got {cfg_scale}")
+    _check_cfg_scale(cfg_scale)
     if _real("temperature", temperature) < 0:
         raise ValueError(f"`temperature` must be >= 0, got {temperature}")
     if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):
@@ -352,8 +356,7 @@ class GroupSampler:
     def settings(self, R: int, V: int, cfg_scale: float) -> _Settings:
         """The kernel's settings for logits of R rows (B, or 2B: CFG) and V tokens at `cfg_scale`
         (checked as a call checks it): what a fused caller (ops.prior_step) hands the kernel."""
-        if _real("cfg_scale", cfg_scale) < 0:
-            raise ValueError(f"`cfg_scale` must be >= 0, got {cfg_scale}")
+        _check_cfg_scale(cfg_scale)
         if not 1 <= V <= MAX_VOCAB:
             raise ValueError(f"V must be in [1, {MAX_VOCAB}], got {V}")
         return _settings(R, self.seeds.shape[0], V, cfg_scale, self.temperature, self.top_k, self.top_p)
@@ -369,8 +372,7 @@ class GroupSampler:
                              f"{stop - start}, V) on {self.seeds.device} for positions [{start}, {stop}) of "
                              f"{self.positions.shape[0]}, got "
                              f"{_dispatch.describe(logits) if isinstance(logits, Tensor) else type(logits).__name__}")
-        if _real("cfg_scale", cfg_scale) < 0:
-            raise ValueError(f"`cfg_scale` must be >= 0, got {cfg_scale}")
+        _check_cfg_scale(cfg_scale)
         positions = self.positions[start:stop]
         args = (logits, self.seeds, positions, float(cfg_scale), self.temperature, self.top_k, self.top_p)
         op = _run if _dispatch.plain_eager(logits, self.seeds, positions) else torch.ops.detailflow.group_sample.default

@@ -207,7 +207,6 @@ def _prior_step_cost(w, labels, tokens, start, stop, *a, **k) -> Tuple[float, fl
 
 
 OP_COSTS: Dict[str, Callable[..., Tuple[float, float]]] = {
-    "prior_step": _prior_step_cost,
     "decode_gemm": _decode_gemm_cost, "cache_attention": _cache_attention_cost,
     "group_sample": _group_sample_cost, "vq_lookup": _vq_lookup_cost, "code_search": _code_search_cost}
 
