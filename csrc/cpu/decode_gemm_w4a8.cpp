@@ -21,11 +21,16 @@
 // Layout (decode_gemm_w4a8.h): panels of 16 output rows; one 64-byte vector holds 8 consecutive
 // k, the low nibbles k 0-3 and the high nibbles k 4-7 of 16 rows. x is quantized once per call
 // on the calling thread into tile-major words (4 s8 of one row) and per-group corrections.
-// Inner loop per k8: NP weight loads, 3 NP unpacking ops, 2 MT broadcasts, 2 MT x NP vpdpbusd;
-// per group: MT x NP conversions, multiplies and adds into fp32 accumulators held in registers.
-// Tiles: M <= 2 one tile over 4 panels at a time (NP = 4), M <= 6 over panel pairs (NP = 2);
-// larger M tiles of <= 12 rows, one panel at a time (NP = 1), the panel's later tiles reading it
-// from L1/L2. N panels are split across threads in dynamic items of 8 panels, as decode_gemm.
+// Inner loop per k8: one weight load, 3 unpacking ops, 2 MT broadcasts, 2 MT vpdpbusd; per
+// group: MT conversions, multiplies and adds into fp32 accumulators held in registers. One panel
+// at a time, in tiles of <= 12 rows, a panel's later tiles reading it from L1/L2. N panels are
+// split across threads in dynamic items of 8 panels, as decode_gemm.
+// Prefetch: tiles of <= 6 rows are bandwidth-bound: their weights are prefetched into L2 4 KB
+// ahead and their group scales 8 groups ahead (one stream of each per thread). Measured in one
+// process, a DetailFlow-16 block's 5 matrices from DRAM, 2 threads, interleaved (2026-12-03):
+// M = 1, 2, 4, 6 took 0.80-0.87x the time of the earlier quads / pairs of panels with L1
+// prefetches of the weights only (M = 2: 21.8 GB/s vs 17.5, a plain read 25.4). At >= 7 rows
+// (compute-bound) the hints made no difference and stay as before.
 //
 // Variants (chosen at run time; the binary runs on any x86-64):
 //   - avx512-vnni  CPU with avx512f/bw/vl/dq + avx512_vnni: the loop above.
@@ -58,9 +63,9 @@ namespace {
 
 constexpr int kP = static_cast<int>(kDecodePanel);
 constexpr int kVec = 4 * kP;              // bytes of one k8 step of one panel (one zmm)
-constexpr int kQuadRows = 2;              // NP = 4: 4 x 2 int32 + 4 x 2 fp32 accumulators
-constexpr int kPairRows = 6;              // NP = 2: 2 x 6 int32 + 2 x 6 fp32 accumulators
-constexpr int kMaxRows = 12;              // NP = 1: 12 + 12 accumulators (+ 4 more zmm: fits 32)
+constexpr int kMaxRows = 12;              // rows a tile: 12 + 12 accumulators (+ 4 more zmm: fits 32)
+constexpr int kStreamRows = 6;            // tiles up to this many rows stream (see Prefetch above)
+constexpr int64_t kScaleAheadGroups = 8;  // streaming tiles: group scales prefetched this far ahead
 constexpr int64_t kItemPanels = 8;        // panels per dynamically scheduled work item
 constexpr int64_t kTeamStagingRows = 8;   // fewer rows: staged by the calling thread (no barrier)
 constexpr int64_t kPrefetchBytes = 4096;  // software prefetch distance within a stream
@@ -128,10 +133,8 @@ void portable_panel(const uint8_t* w, const float* gs, const uint32_t* xs, const
 using int8_rows::tail_mask;
 
 struct Job {
-  const uint8_t* w;      // first panel
-  int64_t pstride;       // bytes from one panel to the next (K8 * 64)
-  const float* gs;       // the first panel's group scales (ng x 16)
-  int64_t gstride;       // floats from one panel's scales to the next (ng * 16)
+  const uint8_t* w;      // the panel
+  const float* gs;       // its group scales (ng x 16)
   const uint32_t* xs;    // the tile's staged words (K4 x R)
   const int32_t* corr;   // the tile's corrections (ng x R)
   int64_t R, K8, G8, ng;
@@ -139,69 +142,49 @@ struct Job {
 };
 using MicroFn = void (*)(const Job&, float*);
 
-// MT rows x NP panels, the whole K: out[(m NP + p) 16 + j] = f of the formula.
-template <int MT, int NP>
+// MT rows x one panel, the whole K: out[m 16 + j] = f of the formula.
+template <int MT>
 DF_VNNI void micro(const Job& j, float* out) {
-  __m512 f[MT][NP];
+  constexpr bool stream = MT <= kStreamRows;
+  __m512 f[MT];
 #pragma GCC unroll 12
-  for (int m = 0; m < MT; ++m)
-#pragma GCC unroll 4
-    for (int p = 0; p < NP; ++p) f[m][p] = _mm512_setzero_ps();
+  for (int m = 0; m < MT; ++m) f[m] = _mm512_setzero_ps();
   const __m512i nib = _mm512_set1_epi8(0x0f);
   for (int64_t g = 0; g < j.ng; ++g) {
-    __m512i acc[MT][NP];
+    if (stream) _mm_prefetch(reinterpret_cast<const char*>(j.gs + (g + kScaleAheadGroups) * kP), _MM_HINT_T1);
+    __m512i acc[MT];
 #pragma GCC unroll 12
-    for (int m = 0; m < MT; ++m) {
-      const __m512i c = _mm512_set1_epi32(j.corr[g * j.R + m]);
-#pragma GCC unroll 4
-      for (int p = 0; p < NP; ++p) acc[m][p] = c;
-    }
+    for (int m = 0; m < MT; ++m) acc[m] = _mm512_set1_epi32(j.corr[g * j.R + m]);
     const int64_t e = std::min(j.K8, (g + 1) * j.G8);
     for (int64_t k8 = g * j.G8; k8 < e; ++k8) {
-      __m512i lo[NP], hi[NP];
-#pragma GCC unroll 4
-      for (int p = 0; p < NP; ++p) {
-        const uint8_t* wp = j.w + p * j.pstride + k8 * kVec;
-        _mm_prefetch(reinterpret_cast<const char*>(wp) + j.prefetch, _MM_HINT_T0);
-        const __m512i v = _mm512_loadu_si512(wp);
-        lo[p] = _mm512_and_si512(v, nib);
-        hi[p] = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
-      }
+      const uint8_t* wp = j.w + k8 * kVec;
+      _mm_prefetch(reinterpret_cast<const char*>(wp) + j.prefetch, stream ? _MM_HINT_T1 : _MM_HINT_T0);
+      const __m512i v = _mm512_loadu_si512(wp);
+      const __m512i lo = _mm512_and_si512(v, nib), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
       const uint32_t* x0 = j.xs + 2 * k8 * j.R;
       const uint32_t* x1 = x0 + j.R;
 #pragma GCC unroll 12
       for (int m = 0; m < MT; ++m) {
-        const __m512i b0 = _mm512_set1_epi32(static_cast<int>(x0[m]));
-#pragma GCC unroll 4
-        for (int p = 0; p < NP; ++p) acc[m][p] = _mm512_dpbusd_epi32(acc[m][p], lo[p], b0);
-        const __m512i b1 = _mm512_set1_epi32(static_cast<int>(x1[m]));
-#pragma GCC unroll 4
-        for (int p = 0; p < NP; ++p) acc[m][p] = _mm512_dpbusd_epi32(acc[m][p], hi[p], b1);
+        acc[m] = _mm512_dpbusd_epi32(acc[m], lo, _mm512_set1_epi32(static_cast<int>(x0[m])));
+        acc[m] = _mm512_dpbusd_epi32(acc[m], hi, _mm512_set1_epi32(static_cast<int>(x1[m])));
       }
     }
-#pragma GCC unroll 4
-    for (int p = 0; p < NP; ++p) {
-      const __m512 s = _mm512_loadu_ps(j.gs + p * j.gstride + g * kP);
+    const __m512 s = _mm512_loadu_ps(j.gs + g * kP);
 #pragma GCC unroll 12
-      for (int m = 0; m < MT; ++m) f[m][p] = _mm512_add_ps(f[m][p], _mm512_mul_ps(_mm512_cvtepi32_ps(acc[m][p]), s));
-    }
+    for (int m = 0; m < MT; ++m) f[m] = _mm512_add_ps(f[m], _mm512_mul_ps(_mm512_cvtepi32_ps(acc[m]), s));
   }
 #pragma GCC unroll 12
-  for (int m = 0; m < MT; ++m)
-#pragma GCC unroll 4
-    for (int p = 0; p < NP; ++p) _mm512_storeu_ps(out + (m * NP + p) * kP, f[m][p]);
+  for (int m = 0; m < MT; ++m) _mm512_storeu_ps(out + m * kP, f[m]);
 }
 
-template <int NP, size_t... I>
-constexpr std::array<MicroFn, sizeof...(I)> micro_row(std::index_sequence<I...>) {
-  return {{&micro<static_cast<int>(I) + 1, NP>...}};
+template <size_t... I>
+constexpr std::array<MicroFn, sizeof...(I)> micro_table(std::index_sequence<I...>) {
+  return {{&micro<static_cast<int>(I) + 1>...}};
 }
 
-MicroFn micro_for(int np, int mt) {
-  static constexpr auto r1 = micro_row<1>(std::make_index_sequence<kMaxRows>());
-  static constexpr auto r2 = micro_row<2>(std::make_index_sequence<kPairRows>());
-  static constexpr auto r4 = micro_row<4>(std::make_index_sequence<kQuadRows>());
-  return np == 4 ? r4[mt - 1] : np == 2 ? r2[mt - 1] : r1[mt - 1];
+MicroFn micro_for(int mt) {
+  static constexpr auto table = micro_table(std::make_index_sequence<kMaxRows>());
+  return table[mt - 1];
 }
 
 // y = f * s_x, 16 columns at a time (the portable finish's multiply and rounding).
@@ -234,10 +217,8 @@ void run(const X* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* packed, c
   const int64_t ng = (K + group - 1) / group;
   const int64_t pstride = K8 * kVec, gstride = ng * kP;
   const int64_t panels = (N + kP - 1) / kP;
-  // Few rows: one tile over panel quads (M <= 2) or pairs; more: tiles of <= 12 rows, one panel at a time
-  // (M = 16 -> 2 x 8, M = 128 -> 11 x 12).
-  const bool pairs = M <= kPairRows;
-  const int64_t count = pairs ? 1 : (M + kMaxRows - 1) / kMaxRows;
+  // Tiles of <= 12 rows (M = 16 -> 2 x 8, M = 128 -> 11 x 12).
+  const int64_t count = (M + kMaxRows - 1) / kMaxRows;
   const int64_t R = (M + count - 1) / count;
 
   thread_local std::vector<uint8_t> u;      // (M, Kp) u8 codes, row-major
@@ -277,10 +258,9 @@ void run(const X* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* packed, c
 #pragma omp for schedule(dynamic, 1)
   for (int64_t item = 0; item < items; ++item) {
     const int64_t p0 = item * kItemPanels, p1 = std::min(panels, p0 + kItemPanels);
-    alignas(64) float f[kMaxRows * kP];  // >= 4 x kQuadRows and 2 x kPairRows tiles too
-    for (int64_t p = p0; p < p1;) {
-      const int np = !vnni || !pairs ? 1 : M <= kQuadRows && p + 3 < p1 ? 4 : p + 1 < p1 ? 2 : 1;
-      const int64_t ncols = std::min<int64_t>(np * kP, N - p * kP);
+    alignas(64) float f[kMaxRows * kP];
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t ncols = std::min<int64_t>(kP, N - p * kP);
       for (int64_t ti = 0; ti < count; ++ti) {
         const int64_t m0 = ti * R, rows = std::min(R, M - m0);
         const uint32_t* tile = st.xs + ti * R * K4;
@@ -290,17 +270,16 @@ void run(const X* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* packed, c
           // Several tiles: only the first pass over a panel comes from DRAM; the last one
           // prefetches the next panel, the others stay in their stream.
           const bool next = count > 1 && ti + 1 == count;
-          const Job job{packed + p * pstride, pstride, gscales + p * gstride, gstride, tile, tcorr,
-                        R, K8, G8, ng, next ? np * pstride : kPrefetchBytes};
-          micro_for(np, static_cast<int>(rows))(job, f);
-          finish_tile_vnni(f, rows, np * kP, ncols, st.sx + m0, y + m0 * ldy + p * kP, ldy);
+          const Job job{packed + p * pstride, gscales + p * gstride, tile, tcorr,
+                        R, K8, G8, ng, next ? pstride : kPrefetchBytes};
+          micro_for(static_cast<int>(rows))(job, f);
+          finish_tile_vnni(f, rows, kP, ncols, st.sx + m0, y + m0 * ldy + p * kP, ldy);
           continue;
         }
 #endif
         portable_panel(packed + p * pstride, gscales + p * gstride, tile, tcorr, R, K8, G8, ng, rows, f);
         finish_tile(f, rows, kP, ncols, st.sx + m0, y + m0 * ldy + p * kP, ldy);
       }
-      p += np;
     }
   }
   }  // omp parallel

@@ -25,7 +25,10 @@
 // a tile-major staging of 32-bit words (4 u8 of one row) so a micro-kernel's broadcasts of one
 // k4 are adjacent. Inner loop per k4: NP 64-byte weight loads, MT broadcasts, MT x NP vpdpbusd
 // into MT x NP int32 accumulators; then one epilogue per tile (int32 -> fp32, two multiplies).
-// N panels are split across threads in dynamic items of 8 panels, as decode_gemm.
+// N panels are split across threads in dynamic items of 8 panels, as decode_gemm. Tiles of
+// <= 6 rows are bandwidth-bound: one panel at a time, weights prefetched into L2 4 KB ahead
+// (measured in one process, a DetailFlow-16 block's 5 matrices from DRAM, 2 threads, 2026-12-03:
+// M = 1..6 took 0.86-0.88x the time of panel pairs with L1 prefetches; M = 8, 16 unchanged).
 //
 // Variants (chosen at run time; the binary runs on any x86-64):
 //   - avx512-vnni  CPU with avx512f/bw/vl + avx512_vnni: the loop above.
@@ -61,6 +64,7 @@ namespace {
 constexpr int kP = static_cast<int>(kDecodePanel);
 constexpr int kVec = 4 * kP;              // bytes of one k4 step of one panel (one zmm)
 constexpr int kMaxRows = 12;              // rows per tile: 2 x 12 accumulators + weights fit 32 zmm
+constexpr int kStreamRows = 6;            // tiles up to this many rows stream: one panel, L2 prefetches
 constexpr int64_t kItemPanels = 8;        // panels per dynamically scheduled work item
 constexpr int64_t kTeamStagingRows = 8;   // fewer rows: staged by the calling thread (no barrier)
 constexpr int64_t kPrefetchBytes = 4096;  // software prefetch distance within a stream
@@ -126,6 +130,7 @@ using MicroFn = void (*)(const Job&, int32_t*);
 // MT rows x NP panels, the whole K: out[m][p * 16 + j] (ldout = NP * 16) = sum_k u[m, k] Q[16 p + j, k].
 template <int MT, int NP>
 DF_VNNI void micro(const Job& j, int32_t* out) {
+  constexpr bool stream = MT <= kStreamRows;
   __m512i acc[MT][NP];
 #pragma GCC unroll 16
   for (int m = 0; m < MT; ++m)
@@ -136,7 +141,7 @@ DF_VNNI void micro(const Job& j, int32_t* out) {
 #pragma GCC unroll 4
     for (int p = 0; p < NP; ++p) {
       const int8_t* wp = j.w + p * j.pstride + k4 * kVec;
-      _mm_prefetch(reinterpret_cast<const char*>(wp) + j.prefetch, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(wp) + j.prefetch, stream ? _MM_HINT_T1 : _MM_HINT_T0);
       wv[p] = _mm512_loadu_si512(wp);
     }
     const uint32_t* xk = j.xs + k4 * j.R;
@@ -234,7 +239,7 @@ void run(const X* x, int64_t M, int64_t K, int64_t ldx, const int8_t* packed, co
     const int64_t p0 = item * kItemPanels, p1 = std::min(panels, p0 + kItemPanels);
     alignas(64) int32_t acc[kMaxRows * 2 * kP];
     for (int64_t p = p0; p < p1;) {
-      const int np = vnni && p + 1 < p1 ? 2 : 1;
+      const int np = vnni && R > kStreamRows && p + 1 < p1 ? 2 : 1;
       const int64_t ncols = std::min<int64_t>(np * kP, N - p * kP);
       for (int64_t ti = 0; ti < count; ++ti) {
         const int64_t m0 = ti * R, rows = std::min(R, M - m0);

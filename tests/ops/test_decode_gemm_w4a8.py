@@ -114,8 +114,8 @@ def test_edge_cases(variant):
 @needs_kernel
 @pytest.mark.parametrize("x_dtype", [F32, BF16], ids=["fp32", "bf16"])
 def test_rows_do_not_depend_on_the_batch(x_dtype, variant):
-    """A row's bits alone equal its bits among 2..1000 rows (each tiling: panel quads, pairs,
-    tiles of up to 12), and with 1 or 2 threads."""
+    """A row's bits alone equal its bits among 2..1000 rows (each tiling: one streaming tile of
+    <= 6 rows, one tile of up to 12, several tiles), and with 1 or 2 threads."""
     x, w = make(1000, 75, 130, x_dtype, seed=3)
     p = pack_w4a8(w, 32)
     alone = torch.cat([decode_gemm_w4a8(x[i:i + 1], p) for i in range(0, 1000, 37)])
