@@ -45,7 +45,10 @@
 // Tiling, from measurements on one Zen 5 core at M = 1..64 (NP in {1, 2}, MT <= 16): NP = 2
 // panels (2 weight streams, each x broadcast feeds 2 FMAs) and MT <= 12 rows a tile (24
 // accumulators); e.g. M = 2: 1 tile; M = 16: 2 tiles of 8; M = 64: 6 tiles of <= 11. A lone
-// last panel of a thread's range runs with NP = 1.
+// last panel of a thread's range runs with NP = 1. Bandwidth-bound sizes, measured in one
+// process on a DetailFlow-16 block's 5 matrices from DRAM, 2 threads (Zen 4, 2026-12-03): M <= 2
+// runs NP = 1 (one stream a thread: 0.88-0.95x the time, fp32 / bf16 / int8), M = 3..6
+// prefetches into L2 (0.78-0.97x; see prefetch_ahead).
 //
 // Test:  python -m pytest tests/ops/test_decode_gemm.py -q
 // Bench: python benchmarks/bench_decode_gemm.py   (GB/s of weights vs F.linear and a plain read)
@@ -73,6 +76,8 @@ namespace {
 
 constexpr int kP = static_cast<int>(kDecodePanel);
 constexpr int64_t kPrefetchBytes = 4096;  // see prefetch_ahead
+constexpr int64_t kOneStreamRows = 2;     // M up to this: one panel a call (Tiles::np = 1)
+constexpr int64_t kL2PrefetchRows = 6;    // M above kOneStreamRows up to this: L2 prefetches
 // Blocked summation: each block of kBlock k sums into zeroed registers, then into a total
 // kept in L1 (MT x NP x 64 bytes, touched once a block). One long fp32 chain per output over
 // K = 2816 would err ~5x more than torch's sgemm; in blocks of 64 it is ~1x (measured).
@@ -95,6 +100,7 @@ struct Job {
   const float* scale;   // int8 W: per-output-row scales at the group's first column; else null
   const float* gscale;  // int4 W: group scales (Np, K / G, 16) at the group's first panel; else null
   int64_t gstride;      // int4: floats of group scales per panel (K / G * 16)
+  bool l2;              // prefetch into L2, not L1 (see prefetch_ahead)
 };
 using MicroFn = void (*)(const Job&);
 
@@ -187,10 +193,15 @@ void portable_panel(const Wt* w, const float* xs, int64_t M, int64_t R, int64_t 
 // (M <= 12): 4 KB ahead in the same contiguous stream (+15-20% over the hardware prefetcher
 // alone, one Zen 5 core). Several row tiles: only the first pass over a panel group comes
 // from DRAM, so the last pass prefetches the same line of the *next* group instead, and DRAM
-// keeps streaming while the later passes compute from cache (+13% at M = 16).
+// keeps streaming while the later passes compute from cache (+13% at M = 16). Tiles of 3..6
+// rows prefetch into L2 instead of L1 (`Job::l2`).
 template <typename T>
 DF_AVX512 DF_INLINE void prefetch_ahead(const T* p, const Job& j) {
-  _mm_prefetch(reinterpret_cast<const char*>(p) + j.prefetch, _MM_HINT_T0);
+  if (j.l2) {
+    _mm_prefetch(reinterpret_cast<const char*>(p) + j.prefetch, _MM_HINT_T1);
+  } else {
+    _mm_prefetch(reinterpret_cast<const char*>(p) + j.prefetch, _MM_HINT_T0);
+  }
 }
 
 // store16 (float / bf16 rounded like torch): avx512_store.h
@@ -479,8 +490,9 @@ struct Tiles {
   int64_t chunk;        // tiles per chunk: a thread runs all its panels over one chunk, then the next
 };
 
-// Two panels per call always (each x broadcast feeds 2 FMAs; 2 streams for the prefetcher);
-// at most 12 rows a tile. M = 16 -> 2 tiles of 8, M = 64 -> 6 tiles of 11 (the last 9).
+// Two panels per call (each x broadcast feeds 2 FMAs; 2 streams for the prefetcher), except
+// at M <= kOneStreamRows, where one stream a thread streams faster (see the header); at most
+// 12 rows a tile. M = 16 -> 2 tiles of 8, M = 64 -> 6 tiles of 11 (the last 9).
 // Large M is cut into chunks of ~kChunkRows rows so that a chunk's staged x stays in L2 while
 // every panel group of the thread's range passes over it (one chunk re-streams the weights:
 // >= 192 FMAs per weight, compute-bound). bf16, N = 3072, K = 1024, M = 3200, 2 threads: 202
@@ -495,7 +507,7 @@ constexpr int64_t kItemPanels = 8;
 Tiles plan_tiles(int64_t M) {
   const int64_t count = (M + kMaxRows - 1) / kMaxRows;
   const int64_t rows = (M + count - 1) / count;
-  return {2, count, rows, std::max<int64_t>(1, kChunkRows / rows)};
+  return {M <= kOneStreamRows ? 1 : 2, count, rows, std::max<int64_t>(1, kChunkRows / rows)};
 }
 
 // The shared driver; `group` > 0 only for int4 (then `scales` are its group scales).
@@ -567,7 +579,8 @@ void run_gemm(const X* x, int64_t M, int64_t K, int64_t ldx, const Wt* packed, c
         const int np = static_cast<int>(std::min<int64_t>(tiles.np, p1 - p));
         Job job{packed + p * pstride, pstride, nullptr, R, ksteps, block, K / 2, nullptr, ldy, N - p * kP,
                 kPrefetchBytes, row_scale ? row_scale + p * kP : nullptr,
-                group_scale ? group_scale + p * gstride : nullptr, gstride};
+                group_scale ? group_scale + p * gstride : nullptr, gstride,
+                M > kOneStreamRows && M <= kL2PrefetchRows};
         Variant v = variant;
         if (predecode) {
           decoded.resize(static_cast<size_t>(np * ksteps * 2 * kP));
