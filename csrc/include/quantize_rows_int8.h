@@ -10,6 +10,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "dispatch.h"
@@ -64,30 +65,49 @@ DF_INT8_ROWS_INLINE __m512 load16(const bf16* p, __mmask16 mk) {
   const __m256i h = _mm256_maskz_loadu_epi16(mk, p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));  // exact
 }
+DF_INT8_ROWS_INLINE __m512 load16(const float* p) { return _mm512_loadu_ps(p); }  // whole vectors
+DF_INT8_ROWS_INLINE __m512 load16(const bf16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
 
 // quantize_row_portable with 16 lanes: the same divisions, clamps and ties-to-even rounding.
+// max |x| is taken on the bit patterns (for x >= 0 their unsigned order is the float order,
+// and inf / NaN lie above FLT_MAX's), in 4 independent chains over whole vectors; whole vectors
+// load and store unmasked, only the tail is masked. (Masked loads / stores and one max chain
+// made this ~1.6x slower on Zen 4: 4.4 vs 2.8 us for 16 rows of 1024 bf16, 2026-12-03.)
+DF_INT8_ROWS_INLINE __m512i abs_bits(__m512 v) {
+  return _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fffffff));
+}
+// u = q + 128 of 16 values (t = clamp(v / safe)), as 16 bytes.
+DF_INT8_ROWS_INLINE __m128i codes16(__m512 v, __m512 safe) {
+  const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(v, safe), _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
+  return _mm512_cvtepi32_epi8(
+      _mm512_add_epi32(_mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), _mm512_set1_epi32(128)));
+}
 template <typename X>
 DF_INT8_ROWS_VNNI float quantize_row_vnni(const X* row, int64_t K, int64_t Kp, uint8_t* q_row) {
-  __m512 vmax = _mm512_setzero_ps();
-  __mmask16 bad = 0;
-  const __m512 big = _mm512_set1_ps(FLT_MAX);
-  for (int64_t k = 0; k < K; k += kLanes) {
-    const __m512 a = _mm512_abs_ps(load16(row + k, tail_mask(K - k)));
-    bad |= _mm512_cmp_ps_mask(a, big, _CMP_NLE_UQ);  // inf or NaN
-    vmax = _mm512_max_ps(vmax, a);
+  __m512i vmax[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+  const int64_t K64 = K / (4 * kLanes) * (4 * kLanes), K16 = K / kLanes * kLanes;
+  int64_t k = 0;
+  for (; k < K64; k += 4 * kLanes)
+    for (int i = 0; i < 4; ++i) vmax[i] = _mm512_max_epu32(vmax[i], abs_bits(load16(row + k + i * kLanes)));
+  for (; k < K; k += kLanes) vmax[0] = _mm512_max_epu32(vmax[0], abs_bits(load16(row + k, tail_mask(K - k))));
+  const uint32_t amax_bits = _mm512_reduce_max_epu32(
+      _mm512_max_epu32(_mm512_max_epu32(vmax[0], vmax[1]), _mm512_max_epu32(vmax[2], vmax[3])));
+  const bool finite = amax_bits <= 0x7f7fffffu;  // FLT_MAX's bits
+  float amax;
+  std::memcpy(&amax, &amax_bits, sizeof(amax));
+  const float s = row_scale(amax, finite);
+  if (!finite) {
+    std::memset(q_row, 128, static_cast<size_t>(Kp));  // q = 0
+    return s;
   }
-  const bool finite = bad == 0;
-  const float s = row_scale(_mm512_reduce_max_ps(vmax), finite);
   const __m512 safe = _mm512_set1_ps(s > 0.0f ? s : 1.0f);
-  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
-  const __m512i bias = _mm512_set1_epi32(128);
-  for (int64_t k = 0; k < Kp; k += kLanes) {
-    const __mmask16 mk = tail_mask(Kp - k);
-    const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(load16(row + k, tail_mask(K - k)), safe), lo), hi);
-    __m512i u = _mm512_add_epi32(_mm512_cvt_roundps_epi32(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), bias);
-    if (!finite) u = bias;
-    _mm_mask_storeu_epi8(q_row + k, mk, _mm512_cvtepi32_epi8(u));  // k >= K loaded 0: u = 128
-  }
+  for (k = 0; k < K16; k += kLanes)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q_row + k), codes16(load16(row + k), safe));
+  for (; k < Kp; k += kLanes)  // k >= K loads 0: u = 128
+    _mm_mask_storeu_epi8(q_row + k, tail_mask(Kp - k), codes16(load16(row + k, tail_mask(K - k)), safe));
   return s;
 }
 #undef DF_INT8_ROWS_VNNI
