@@ -12,7 +12,14 @@ run (before and after; the lower is used, which favours the floor); bytes as hel
 (profiling.analysis.streamed_weight_bytes: packed panels, scales, column sums).
 
     python benchmarks/bench_weight_modes.py                         # DetailFlow-16 size, bf16, batch 1
-    python benchmarks/bench_weight_modes.py --preset tiny --dtype fp32 --modes native w8a8
+    python benchmarks/bench_weight_modes.py --dtype fp32 --modes native w8a8
+    python benchmarks/bench_weight_modes.py --steps --skip-peer     # + one step of each kind per mode
+
+--steps: where a mode's ratio comes from. After the table, one single step (the first after the
+class step: M = 2 rows at batch 1 with CFG, bandwidth-bound) and one group step (the last of the
+plan: M = 16, compute-bound) of each mode's prior, each a `prior_step` call (embeddings, layers,
+head; no draw), round-robin over modes and kinds for `--repeats` x 5 rounds (medians), with the
+step counts of the plan, so that steps x time shows each kind's share of a generation.
 """
 from __future__ import annotations
 
@@ -25,6 +32,7 @@ import torch
 from detailflow_engine.device_dtype import WEIGHT_MODES
 from detailflow_engine.loading import prepare_prior
 from detailflow_engine.pipeline import DetailFlowPipeline
+from detailflow_engine.ops import prior_step as ps
 from detailflow_engine.presets import preset_configs, randomize_
 from detailflow_engine.prior import Prior
 from detailflow_engine.profiling.analysis import streamed_weight_bytes
@@ -46,6 +54,7 @@ def main() -> None:
     ap.add_argument("--cfg-scale", type=float, default=1.45)
     ap.add_argument("--repeats", type=int, default=3, help="round-robin rounds (median per side)")
     ap.add_argument("--skip-peer", action="store_true")
+    ap.add_argument("--steps", action="store_true", help="also time one single and one group step per mode")
     args = ap.parse_args()
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
@@ -101,6 +110,49 @@ def main() -> None:
         equal = (tokens[s] == tokens["native"]).float().mean().item() * 100 if "native" in tokens else float("nan")
         print(f"| {s} | {med[s] * 1e3:.1f} | {vs_native} | {vs_peer} | {equal:.1f}% | {nbytes / 1e6:.0f} "
               f"| {floor * 1e3:.1f} | {med[s] / floor:.2f} |", flush=True)
+    if args.steps:
+        step_table({m: p.prior for m, p in pipes.items()}, len(labels), 5 * args.repeats)
+
+
+def step_table(priors: dict, batch: int, rounds: int) -> None:
+    """One single and one group step of each prior (--steps in the module docstring)."""
+    pcfg = next(iter(priors.values())).config
+    plan = pcfg.generation_plan()
+    kinds = {"single": plan[1], "group": plan[-1]}
+    counts = {"single": sum(1 for st in plan[1:] if st.stop - st.start == 1),
+              "group": sum(1 for st in plan[1:] if st.stop - st.start > 1)}
+    gen = torch.Generator().manual_seed(0)
+    runs, times = {}, {}
+    with torch.inference_mode():
+        for m, prior in priors.items():
+            prior.setup_caches(2 * batch)
+            labels = torch.tensor([3] * batch + [prior.null_class] * batch)
+            tokens = torch.randint(0, pcfg.vocab_size, (2 * batch, pcfg.block_size), generator=gen)
+            for kind, st in kinds.items():
+                w = prior.step_weights(st.start)
+                runs[m, kind] = lambda w=w, st=st, labels=labels, tokens=tokens: ps.prior_step(
+                    w, labels, tokens, st.start, st.stop)
+        for fn in runs.values():
+            fn()  # warm-up
+        for _ in range(rounds):
+            for key, fn in runs.items():
+                t0 = time.perf_counter()
+                fn()
+                times.setdefault(key, []).append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rows = 2 * batch
+    print(f"\n# one step of each kind, prior_step (no draw), {rounds} round-robin rounds, medians; the plan has "
+          f"{counts['single']} single steps ({rows} rows) and {counts['group']} group steps "
+          f"({rows * (kinds['group'].stop - kinds['group'].start)} rows) after the class step")
+    print("| weights | single step ms | vs native | group step ms | vs native | singles + groups ms | vs native |")
+    print("|---|---|---|---|---|---|---|")
+    total = {m: counts["single"] * med[m, "single"] + counts["group"] * med[m, "group"] for m in priors}
+    for m in priors:
+        ratio = (lambda a, b: f"{a / b:.2f}x") if "native" in priors else (lambda a, b: "-")
+        nat = (lambda kind: med["native", kind]) if "native" in priors else (lambda kind: float("nan"))
+        print(f"| {m} | {med[m, 'single'] * 1e3:.2f} | {ratio(nat('single'), med[m, 'single'])} | "
+              f"{med[m, 'group'] * 1e3:.2f} | {ratio(nat('group'), med[m, 'group'])} | {total[m] * 1e3:.1f} | "
+              f"{ratio(total['native'] if 'native' in total else 1.0, total[m])} |", flush=True)
 
 
 if __name__ == "__main__":
