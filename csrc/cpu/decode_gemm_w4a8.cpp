@@ -20,17 +20,18 @@
 //
 // Layout (decode_gemm_w4a8.h): panels of 16 output rows; one 64-byte vector holds 8 consecutive
 // k, the low nibbles k 0-3 and the high nibbles k 4-7 of 16 rows. x is quantized once per call
-// on the calling thread into tile-major words (4 s8 of one row) and per-group corrections.
+// (by the calling thread, or by the team at >= 8 rows) into tile-major words (4 s8 of one row)
+// and per-group corrections.
 // Inner loop per k8: one weight load, 3 unpacking ops, 2 MT broadcasts, 2 MT vpdpbusd; per
 // group: MT conversions, multiplies and adds into fp32 accumulators held in registers. One panel
 // at a time, in tiles of <= 12 rows, a panel's later tiles reading it from L1/L2. N panels are
 // split across threads in dynamic items of 8 panels, as decode_gemm.
 // Prefetch: tiles of <= 6 rows are bandwidth-bound: their weights are prefetched into L2 4 KB
 // ahead and their group scales 8 groups ahead (one stream of each per thread). Measured in one
-// process, a DetailFlow-16 block's 5 matrices from DRAM, 2 threads, interleaved (2026-12-03):
-// M = 1, 2, 4, 6 took 0.80-0.87x the time of the earlier quads / pairs of panels with L1
-// prefetches of the weights only (M = 2: 21.8 GB/s vs 17.5, a plain read 25.4). At >= 7 rows
-// (compute-bound) the hints made no difference and stay as before.
+// process pair (old build vs new, alternately), a DetailFlow-16 block's 5 matrices from DRAM, 2
+// threads (2026-12-03): M = 1, 2, 4, 6 took 0.78-0.80x the time of the earlier quads / pairs of
+// panels with L1 prefetches of the weights only (M = 2: 21.8 GB/s vs 17.5, a plain read 25.4).
+// At >= 7 rows (compute-bound) L2 hints were 2-4% slower and stay L1.
 //
 // Variants (chosen at run time; the binary runs on any x86-64):
 //   - avx512-vnni  CPU with avx512f/bw/vl/dq + avx512_vnni: the loop above.
