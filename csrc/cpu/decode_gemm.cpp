@@ -193,8 +193,8 @@ void portable_panel(const Wt* w, const float* xs, int64_t M, int64_t R, int64_t 
 // (M <= 12): 4 KB ahead in the same contiguous stream (+15-20% over the hardware prefetcher
 // alone, one Zen 5 core). Several row tiles: only the first pass over a panel group comes
 // from DRAM, so the last pass prefetches the same line of the *next* group instead, and DRAM
-// keeps streaming while the later passes compute from cache (+13% at M = 16). Tiles of 3..6
-// rows prefetch into L2 instead of L1 (`Job::l2`).
+// keeps streaming while the later passes compute from cache (+13% at M = 16); that next group
+// goes to L2, not L1 (see run_gemm). Tiles of 3..6 rows prefetch into L2 too (`Job::l2`).
 template <typename T>
 DF_AVX512 DF_INLINE void prefetch_ahead(const T* p, const Job& j) {
   if (j.l2) {
@@ -600,6 +600,11 @@ void run_gemm(const X* x, int64_t M, int64_t K, int64_t ldx, const Wt* packed, c
           job.xs = xs + ti * R * stage_steps;
           job.y = y + m0 * ldy + p * kP;
           job.prefetch = next_group ? np * pstride * static_cast<int64_t>(sizeof(Wt)) : kPrefetchBytes;
+          // The next group goes to L2: two bf16 panels are 64 KB at K = 1024 (fp32: 128 KB), so into
+          // L1 it evicted the group being read (A/B in one process pair, a DetailFlow-16 block
+          // from DRAM, 2 threads, 2026-12-03: bf16 M = 16 0.94-0.95x the time, M = 64 0.96x,
+          // fp32 M = 16 0.94x; M = 24, 32 unchanged).
+          job.l2 = (M > kOneStreamRows && M <= kL2PrefetchRows) || next_group;
           micro_for<X>(v, np, mt)(job);
         }
       }
