@@ -529,6 +529,7 @@ void run_gemm(const X* x, int64_t M, int64_t K, int64_t ldx, const Wt* packed, c
   const float* group_scale = kIsInt4<Wt> ? scales : nullptr;
   const int64_t gstride = kIsInt4<Wt> ? (K + group - 1) / group * kP : 0;  // the last group may be short
   const Tiles tiles = plan_tiles(M);
+  const bool l2_stream = M > kOneStreamRows && M <= kL2PrefetchRows;  // prefetch into L2 (prefetch_ahead)
   const int64_t R = tiles.rows;
 
   // Staged x, tile-major (see stage_float): float (k, r) or uint32 pairs (k2, r) blocks of R
@@ -579,8 +580,7 @@ void run_gemm(const X* x, int64_t M, int64_t K, int64_t ldx, const Wt* packed, c
         const int np = static_cast<int>(std::min<int64_t>(tiles.np, p1 - p));
         Job job{packed + p * pstride, pstride, nullptr, R, ksteps, block, K / 2, nullptr, ldy, N - p * kP,
                 kPrefetchBytes, row_scale ? row_scale + p * kP : nullptr,
-                group_scale ? group_scale + p * gstride : nullptr, gstride,
-                M > kOneStreamRows && M <= kL2PrefetchRows};
+                group_scale ? group_scale + p * gstride : nullptr, gstride, false};
         Variant v = variant;
         if (predecode) {
           decoded.resize(static_cast<size_t>(np * ksteps * 2 * kP));
@@ -604,7 +604,7 @@ void run_gemm(const X* x, int64_t M, int64_t K, int64_t ldx, const Wt* packed, c
           // L1 it evicted the group being read (A/B in one process pair, a DetailFlow-16 block
           // from DRAM, 2 threads, 2026-12-03: bf16 M = 16 0.94-0.95x the time, M = 64 0.96x,
           // fp32 M = 16 0.94x; M = 24, 32 unchanged).
-          job.l2 = (M > kOneStreamRows && M <= kL2PrefetchRows) || next_group;
+          job.l2 = l2_stream || next_group;
           micro_for<X>(v, np, mt)(job);
         }
       }

@@ -230,11 +230,16 @@ void run(const X* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* packed, c
   xs.resize(static_cast<size_t>(count * R * K4));
   corr.assign(static_cast<size_t>(count * R * ng), 0);
   sx.resize(static_cast<size_t>(count * R));
+  // Plain pointers: inside the parallel region a thread_local name is each thread's own vector.
   uint8_t* uw = u.data();
   uint32_t* xsw = xs.data();
   int32_t* corrw = corr.data();
   float* sxw = sx.data();
   const Staged st{xsw, corrw, sxw};
+  auto stage = [&](int64_t m) {
+    sxw[m] = int8_rows::quantize_row(x, m, ldx, K, Kp, uw, vnni);
+    stage_row(uw, m, K8, R, group, ng, xsw, corrw);
+  };
 
   const int64_t items = (panels + kItemPanels - 1) / kItemPanels;
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, items)));
@@ -243,18 +248,12 @@ void run(const X* x, int64_t M, int64_t K, int64_t ldx, const uint8_t* packed, c
   // 10-15% of the layers' GEMMs; an interleaved A/B in one process put group steps 1-3% faster.
   const bool serial = M < kTeamStagingRows || nt == 1;
   if (serial)
-    for (int64_t m = 0; m < M; ++m) {
-      sxw[m] = int8_rows::quantize_row(x, m, ldx, K, Kp, uw, vnni);
-      stage_row(uw, m, K8, R, group, ng, xsw, corrw);
-    }
+    for (int64_t m = 0; m < M; ++m) stage(m);
 #pragma omp parallel num_threads(nt)
   {
   if (!serial) {
 #pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; ++m) {
-      sxw[m] = int8_rows::quantize_row(x, m, ldx, K, Kp, uw, vnni);
-      stage_row(uw, m, K8, R, group, ng, xsw, corrw);
-    }
+    for (int64_t m = 0; m < M; ++m) stage(m);
   }
 #pragma omp for schedule(dynamic, 1)
   for (int64_t item = 0; item < items; ++item) {

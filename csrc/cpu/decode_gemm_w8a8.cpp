@@ -124,14 +124,13 @@ struct Job {
   int64_t R;           // words per k4 step in the staging (the tile height)
   int64_t K4;
   int64_t prefetch;    // bytes from each weight load to the line prefetched with it
-  bool next_in_l2;     // the prefetches fetch the next panel pair: into L2 (see run)
+  bool l2;             // prefetch into L2, not L1: streaming tiles, and the next panel pair (see run)
 };
 using MicroFn = void (*)(const Job&, int32_t*);
 
 // MT rows x NP panels, the whole K: out[m][p * 16 + j] (ldout = NP * 16) = sum_k u[m, k] Q[16 p + j, k].
 template <int MT, int NP>
 DF_VNNI void micro(const Job& j, int32_t* out) {
-  const bool l2 = MT <= kStreamRows || j.next_in_l2;
   __m512i acc[MT][NP];
 #pragma GCC unroll 16
   for (int m = 0; m < MT; ++m)
@@ -142,7 +141,7 @@ DF_VNNI void micro(const Job& j, int32_t* out) {
 #pragma GCC unroll 4
     for (int p = 0; p < NP; ++p) {
       const int8_t* wp = j.w + p * j.pstride + k4 * kVec;
-      if (l2) {
+      if (j.l2) {
         _mm_prefetch(reinterpret_cast<const char*>(wp) + j.prefetch, _MM_HINT_T1);
       } else {
         _mm_prefetch(reinterpret_cast<const char*>(wp) + j.prefetch, _MM_HINT_T0);
@@ -214,11 +213,14 @@ void run(const X* x, int64_t M, int64_t K, int64_t ldx, const int8_t* packed, co
   q.resize(static_cast<size_t>(M * Kp));
   xs.resize(static_cast<size_t>(count * R * K4));
   sx.resize(static_cast<size_t>(count * R));
+  // Plain pointers: inside the parallel region a thread_local name is each thread's own vector.
   uint8_t* qw = q.data();
   uint32_t* xsw = xs.data();
   float* sxw = sx.data();
-  const uint32_t* xsp = xsw;
-  const float* sxp = sxw;
+  auto stage = [&](int64_t m) {
+    sxw[m] = int8_rows::quantize_row(x, m, ldx, K, Kp, qw, vnni);
+    stage_tile_row(qw, m, K4, R, xsw);
+  };
 
   const int64_t items = (panels + kItemPanels - 1) / kItemPanels;
   const int nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, items)));
@@ -226,18 +228,12 @@ void run(const X* x, int64_t M, int64_t K, int64_t ldx, const int8_t* packed, co
   // whoever takes it) once there are enough of them (as decode_gemm_w4a8.cpp).
   const bool serial = M < kTeamStagingRows || nt == 1;
   if (serial)
-    for (int64_t m = 0; m < M; ++m) {
-      sxw[m] = int8_rows::quantize_row(x, m, ldx, K, Kp, qw, vnni);
-      stage_tile_row(qw, m, K4, R, xsw);
-    }
+    for (int64_t m = 0; m < M; ++m) stage(m);
 #pragma omp parallel num_threads(nt)
   {
   if (!serial) {
 #pragma omp for schedule(static)
-    for (int64_t m = 0; m < M; ++m) {
-      sxw[m] = int8_rows::quantize_row(x, m, ldx, K, Kp, qw, vnni);
-      stage_tile_row(qw, m, K4, R, xsw);
-    }
+    for (int64_t m = 0; m < M; ++m) stage(m);
   }
 #pragma omp for schedule(dynamic, 1)
   for (int64_t item = 0; item < items; ++item) {
@@ -248,7 +244,7 @@ void run(const X* x, int64_t M, int64_t K, int64_t ldx, const int8_t* packed, co
       const int64_t ncols = std::min<int64_t>(np * kP, N - p * kP);
       for (int64_t ti = 0; ti < count; ++ti) {
         const int64_t m0 = ti * R, rows = std::min(R, M - m0);
-        const uint32_t* tile = xsp + ti * R * K4;
+        const uint32_t* tile = xsw + ti * R * K4;
 #if defined(__x86_64__)
         if (vnni) {
           // Several tiles: only the first pass over a panel pair comes from DRAM; the last one
@@ -258,15 +254,15 @@ void run(const X* x, int64_t M, int64_t K, int64_t ldx, const int8_t* packed, co
           // threads, 2026-12-03: M = 16 0.91-0.94x the time, M = 32 0.97x, M = 128 0.98x).
           const bool next_pair = count > 1 && ti + 1 == count;
           const Job job{packed + p * pstride, pstride, tile, R, K4, next_pair ? np * pstride : kPrefetchBytes,
-                        next_pair};
+                        R <= kStreamRows || next_pair};
           micro_for(np, static_cast<int>(rows))(job, acc);
-          finish_tile_vnni(acc, rows, np * kP, ncols, colsum + p * kP, scales + p * kP, sxp + m0,
+          finish_tile_vnni(acc, rows, np * kP, ncols, colsum + p * kP, scales + p * kP, sxw + m0,
                            y + m0 * ldy + p * kP, ldy);
           continue;
         }
 #endif
         portable_panel(packed + p * pstride, tile, R, K4, rows, acc, kP);
-        finish_tile(acc, rows, kP, ncols, colsum + p * kP, scales + p * kP, sxp + m0, y + m0 * ldy + p * kP, ldy);
+        finish_tile(acc, rows, kP, ncols, colsum + p * kP, scales + p * kP, sxw + m0, y + m0 * ldy + p * kP, ldy);
       }
       p += np;
     }
