@@ -146,13 +146,16 @@ def step_table(priors: dict, batch: int, rounds: int) -> None:
           f"({rows * (kinds['group'].stop - kinds['group'].start)} rows) after the class step")
     print("| weights | single step ms | vs native | group step ms | vs native | singles + groups ms | vs native |")
     print("|---|---|---|---|---|---|---|")
-    total = {m: counts["single"] * med[m, "single"] + counts["group"] * med[m, "group"] for m in priors}
-    for m in priors:
-        ratio = (lambda a, b: f"{a / b:.2f}x") if "native" in priors else (lambda a, b: "-")
-        nat = (lambda kind: med["native", kind]) if "native" in priors else (lambda kind: float("nan"))
-        print(f"| {m} | {med[m, 'single'] * 1e3:.2f} | {ratio(nat('single'), med[m, 'single'])} | "
-              f"{med[m, 'group'] * 1e3:.2f} | {ratio(nat('group'), med[m, 'group'])} | {total[m] * 1e3:.1f} | "
-              f"{ratio(total['native'] if 'native' in total else 1.0, total[m])} |", flush=True)
+    per = {m: {"single": med[m, "single"], "group": med[m, "group"],
+               "total": counts["single"] * med[m, "single"] + counts["group"] * med[m, "group"]} for m in priors}
+    base = per.get("native")
+
+    def vs(m: str, kind: str) -> str:
+        return f"{base[kind] / per[m][kind]:.2f}x" if base else "-"
+
+    for m, t in per.items():
+        print(f"| {m} | {t['single'] * 1e3:.2f} | {vs(m, 'single')} | {t['group'] * 1e3:.2f} | {vs(m, 'group')} | "
+              f"{t['total'] * 1e3:.1f} | {vs(m, 'total')} |", flush=True)
 
 
 if __name__ == "__main__":
